@@ -1,0 +1,44 @@
+"""What every encoder yields, and the registry encoders and fusion heads are built from by name."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Tokens:
+    """x: [B, N, output_dim]; mask: [B, N], True where a token is real. A patient without this
+    modality has an all-False row, which is how fusion learns and predicts with it absent."""
+
+    x: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def present(self) -> torch.Tensor:
+        return self.mask.any(dim=1)
+
+
+class Registry:
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, Callable] = {}
+
+    def register(self, name: str):
+        def deco(cls):
+            self._items[name] = cls
+            cls.registry_name = name
+            return cls
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def create(self, name: str, **kwargs):
+        if name not in self._items:
+            raise ValueError(f"unknown {self.kind} '{name}' (known: {', '.join(self.names())})")
+        return self._items[name](**kwargs)
+
+
+ENCODERS = Registry("encoder")

@@ -1,0 +1,1 @@
+"""Attributions and explanation reports (issue #3)."""

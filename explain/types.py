@@ -1,0 +1,41 @@
+"""What an explanation of one patient holds: the contract between attribution methods and reports."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass
+class PatientExplanation:
+    id: str
+    target: str
+    """Class the attributions explain (binary: the positive class unless asked otherwise)."""
+    probs: dict[str, float] = field(default_factory=dict)
+    pred: Optional[str] = None
+    method: str = "ig"
+    images: list[np.ndarray] = field(default_factory=list)
+    """Model-input images in display space, [H, W] or [H, W, 3] in [0, 1]."""
+    image_maps: list[np.ndarray] = field(default_factory=list)
+    """One signed attribution map [H, W] per image (positive = pushes towards `target`)."""
+    words: list[str] = field(default_factory=list)
+    word_scores: list[float] = field(default_factory=list)
+    """Per word of the report (tokens merged back to words), signed."""
+    features: list[str] = field(default_factory=list)
+    feature_values: list[str] = field(default_factory=list)
+    feature_scores: list[float] = field(default_factory=list)
+    modality_share: dict[str, float] = field(default_factory=dict)
+    """Share of total absolute attribution per modality (sums to 1 over present modalities)."""
+    modality_ablation: dict[str, float] = field(default_factory=dict)
+    """Target probability drop when the modality is removed through the fusion's missing-modality path."""
+    attention: dict[str, float] = field(default_factory=dict)
+    """Fusion CLS-token attention mass per modality (last block), a cheaper second view."""
+    convergence_delta: Optional[float] = None
+    error: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["images"] = [list(np.shape(a)) for a in self.images]  # shapes only; pixels live in the report
+        d["image_maps"] = [np.asarray(m, dtype=np.float32).round(6).tolist() for m in self.image_maps]
+        return d

@@ -1,0 +1,122 @@
+"""The research API: DiagnosisModel.from_config(...).fit(...).predict(...) / evaluate / save / load."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import artifact
+from .build import build_network
+from .config import Config, config_from_dict, load_config
+from .data import RecordDataset
+from .errors import UserError
+from .inference import amp_dtype, resolve_device, run_inference
+from .metrics import compute_metrics
+from .preprocess import Preprocessing
+from .records import Records, load_records
+from .train import fit as train_fit
+from .train import holdout_split, labelled, make_loader
+
+RecordsLike = Union[str, Path, pd.DataFrame, Records]
+
+
+class DiagnosisModel:
+    def __init__(self, config: Config, prep: Optional[Preprocessing] = None, net=None,
+                 metrics: Optional[dict] = None):
+        self.config, self.prep, self.net, self.metrics = config, prep, net, metrics or {}
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Union[Config, dict, str, Path], **overrides) -> "DiagnosisModel":
+        """`overrides` use dotted keys as on the CLI, e.g. from_config("c.yaml", **{"train.epochs": 3})."""
+        if isinstance(config, Config):
+            config = config.model_dump(mode="json")
+        cfg = config_from_dict(config, overrides) if isinstance(config, dict) else load_config(config, overrides)
+        return cls(cfg)
+
+    @classmethod
+    def load(cls, model_dir: Union[str, Path], device: Optional[str] = None) -> "DiagnosisModel":
+        cfg, prep, net, metrics = artifact.load(model_dir, resolve_device(device or "auto"))
+        return cls(cfg, prep, net, metrics)
+
+    def save(self, model_dir: Union[str, Path]) -> Path:
+        self._require_trained()
+        return artifact.save(model_dir, self.config, self.prep, self.net, self.metrics)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.prep.labels.classes
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def records(self, obj: RecordsLike, labels: bool = False) -> Records:
+        return obj if isinstance(obj, Records) else load_records(obj, self.config, labels=labels)
+
+    def _require_trained(self) -> None:
+        if self.net is None:
+            raise UserError("model is not trained: call fit() or DiagnosisModel.load()")
+
+    # -- training -------------------------------------------------------------------------------
+    def fit(self, train: RecordsLike, val: Optional[RecordsLike] = None, progress: bool = True) -> "DiagnosisModel":
+        train_rec = self.records(train, labels=True)
+        if val is None:
+            train_rec, val_rec = holdout_split(train_rec, self.config)
+        else:
+            val_rec = self.records(val, labels=True)
+        self.prep = Preprocessing.fit(self.config, train_rec)
+        self.net = build_network(self.config, self.prep)
+        summary = train_fit(self.net, self.prep, self.config, train_rec, val_rec, progress=progress)
+        self.metrics = {"training": summary, "validation": self.evaluate(val_rec, n_boot=200)}
+        return self
+
+    # -- inference ------------------------------------------------------------------------------
+    def _infer(self, rec: Records, batch_size: int, workers: int, progress: bool, absent=None) -> dict:
+        self._require_trained()
+        ds = RecordDataset(rec, self.prep, self.config.modalities, self.config)
+        dl = make_loader(ds, self.config, self.prep, False, self.device, batch_size, workers=workers)
+        return run_inference(self.net, dl, self.device, self.config.task.type,
+                             amp_dtype(self.device, self.config.train.amp), progress=progress, absent=absent)
+
+    def predict(self, records: RecordsLike, batch_size: int = 64, workers: int = 0, progress: bool = False,
+                absent: Optional[list[str]] = None) -> pd.DataFrame:
+        """One row per input record, in input order: id, prob_<class>..., pred, status, error.
+
+        `absent` hides modalities for every patient (missing-modality robustness checks)."""
+        rec = self.records(records)
+        out = self._infer(rec, batch_size, workers, progress, absent)
+        return self._frame(rec, out)
+
+    def _frame(self, rec: Records, out: dict) -> pd.DataFrame:
+        task, classes, P = self.config.task.type, self.classes, out["probs"]
+        df = pd.DataFrame({"id": rec.df[self.config.data.id].to_numpy()})
+        if task == "binary":
+            P = np.stack([1 - P, P], 1)
+        for j, c in enumerate(classes):
+            df[f"prob_{c}"] = P[:, j]
+        ok = ~np.isnan(P).any(1)
+        if task == "multilabel":
+            pred = [";".join(c for c, p in zip(classes, row) if p >= 0.5) for row in P]
+        else:
+            pred = [classes[int(i)] for i in np.nan_to_num(P, nan=-1).argmax(1)]
+        df["pred"] = np.where(ok, pred, None)
+        df["status"] = np.where(ok, "ok", "error")
+        df["error"] = [e if e else (None if k else "prediction failed") for e, k in zip(out["errors"], ok)]
+        return df
+
+    def evaluate(self, records: RecordsLike, n_boot: int = 1000, batch_size: int = 64, workers: int = 0,
+                 progress: bool = False, absent: Optional[list[str]] = None) -> dict:
+        rec, y = labelled(self.records(records, labels=True), self.prep)
+        out = self._infer(rec, batch_size, workers, progress, absent)
+        P = out["probs"]
+        ok = ~np.isnan(P).any(1) if P.ndim == 2 else ~np.isnan(P)
+        if ok.sum() < 2:
+            raise UserError(f"{rec.source}: fewer than 2 records could be scored")
+        m = compute_metrics(y[ok], P[ok], self.config.task.type, self.classes, n_boot=n_boot,
+                            seed=self.config.train.seed)
+        m["n_errors"] = int((~ok).sum())
+        return m

@@ -1,0 +1,51 @@
+"""Config + fitted preprocessing → DiagnosisNet. The only place config becomes modules."""
+from __future__ import annotations
+
+from typing import Optional
+
+import encoders  # noqa: F401  (registers encoders)
+import fusion  # noqa: F401  (registers fusion heads)
+from encoders.base import ENCODERS
+from fusion.base import FUSION_HEADS
+
+from .config import Config
+from .errors import UserError
+from .network import DiagnosisNet
+from .preprocess import Preprocessing
+
+
+def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: Optional[dict] = None,
+                  weights_follow: bool = False):
+    """`weights_follow`: the weights come from a model directory next, so skip hub/checkpoint loading."""
+    if modality == "image":
+        ic = cfg.image
+        return ENCODERS.create("timm", model_name=ic.encoder, in_chans=ic.in_chans, image_size=ic.size,
+                               token_grid=ic.token_grid, pretrained=ic.pretrained and not weights_follow,
+                               checkpoint_path=None if weights_follow else ic.checkpoint)
+    if modality == "text":
+        tc = cfg.text
+        if tc.encoder == "lstm":
+            return ENCODERS.create("lstm", vocab_size=prep.text.vocab_size, embed_dim=tc.embed_dim,
+                                   hidden_dim=tc.hidden_dim, layers=tc.layers, pad_id=prep.text.pad_id)
+        if text_config is not None:
+            return ENCODERS.create("hf", config=text_config)
+        if tc.pretrained:
+            return ENCODERS.create("hf", pretrained=tc.pretrained)
+        return ENCODERS.create("hf", config={**tc.hf_config, "vocab_size": prep.text.vocab_size,
+                                             "pad_token_id": prep.text.pad_id})
+    t = prep.tabular
+    return ENCODERS.create("tabular", n_numeric=len(t.numeric), cardinalities=t.cardinalities,
+                           dim=cfg.tabular.embed_dim)
+
+
+def build_network(cfg: Config, prep: Preprocessing, text_config: Optional[dict] = None,
+                  weights_follow: bool = False) -> DiagnosisNet:
+    try:
+        encs = {m: build_encoder(cfg, m, prep, text_config, weights_follow) for m in cfg.modalities}
+        fc = cfg.fusion
+        head = FUSION_HEADS.create(fc.type, input_dims={m: e.output_dim for m, e in encs.items()},
+                                   num_outputs=prep.labels.num_outputs, dim=fc.dim, layers=fc.layers,
+                                   heads=fc.heads, dropout=fc.dropout, modality_dropout=fc.modality_dropout)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UserError(f"cannot build model: {' '.join(str(e).split())[:250]}") from None
+    return DiagnosisNet(encs, head, prep.labels.num_outputs)

@@ -1,0 +1,146 @@
+"""`mmdx` command line: train, predict, evaluate, synth, demo. User mistakes exit 2 with one line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _train(a) -> None:
+    from .api import DiagnosisModel
+    from .config import load_config, parse_overrides
+    from .metrics import format_table
+
+    cfg = load_config(a.config, parse_overrides(a.overrides))
+    if a.image_root:
+        cfg.data.image_root = a.image_root
+    model = DiagnosisModel(cfg).fit(a.records, a.val, progress=not a.quiet)
+    model.save(a.out)
+    t = model.metrics["training"]
+    print(f"trained {cfg.name} ({'+'.join(cfg.modalities)}, {cfg.fusion.type} fusion) on {t['n_train']} records "
+          f"in {t['train_seconds']:.0f}s on {t['device']}; best epoch {t['best_epoch']}")
+    print("validation:\n" + format_table(model.metrics["validation"]))
+    print(f"model saved to {a.out}")
+
+
+def _load(a):
+    from .api import DiagnosisModel
+
+    model = DiagnosisModel.load(a.model, device=a.device)
+    if a.image_root:
+        model.config.data.image_root = a.image_root
+    return model
+
+
+def _predict(a) -> None:
+    from .output import write_table
+
+    model = _load(a)
+    df = model.predict(a.records, batch_size=a.batch_size, workers=a.workers, progress=not a.quiet)
+    write_table(df, a.out)
+    n_err = int((df["status"] == "error").sum())
+    print(f"wrote {len(df)} rows to {a.out} ({len(df) - n_err} ok, {n_err} errors)")
+
+
+def _evaluate(a) -> None:
+    from .metrics import format_table
+    from .output import write_json
+
+    model = _load(a)
+    m = model.evaluate(a.records, n_boot=a.n_boot, batch_size=a.batch_size, workers=a.workers, progress=not a.quiet)
+    print(format_table(m))
+    if m["n_errors"]:
+        print(f"{m['n_errors']} records could not be scored and are not in these metrics")
+    if a.out:
+        write_json(m, a.out)
+        print(f"metrics written to {a.out}")
+    else:
+        print(json.dumps(m["overall"]))
+
+
+def _synth(a) -> None:
+    from .synth import make_cohort
+
+    paths = make_cohort(a.out, n=a.n, seed=a.seed)
+    print(f"synthetic cohort of {a.n} patients in {paths['dir']}: " +
+          ", ".join(f"{k}={Path(v).name}" for k, v in paths.items() if k in ("train", "val", "test", "truth")))
+
+
+def _demo(a) -> None:
+    from .demo import run_demo
+
+    run_demo(a.out, n=a.n, epochs=a.epochs, seed=a.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmdx", description="Multimodal diagnosis: images + clinical text + tabular.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, model=True):
+        if model:
+            sp.add_argument("--model", required=True, help="model directory written by `mmdx train`")
+            sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+        sp.add_argument("--records", required=True, help="CSV or Parquet, one row per patient")
+        sp.add_argument("--image-root", default=None, help="folder relative image paths resolve against")
+        sp.add_argument("--batch-size", type=int, default=64)
+        sp.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    t = sub.add_parser("train", help="train a model and write its directory")
+    t.add_argument("--config", required=True)
+    t.add_argument("--records", required=True)
+    t.add_argument("--val", default=None, help="validation records (default: a stratified hold-out)")
+    t.add_argument("--out", required=True, help="model directory to write")
+    t.add_argument("--image-root", default=None)
+    t.add_argument("--quiet", action="store_true")
+    t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=5 modalities=image,text")
+    t.set_defaults(fn=_train)
+
+    pr = sub.add_parser("predict", help="batch predictions, one output row per input row")
+    common(pr)
+    pr.add_argument("--out", required=True, help="predictions .csv or .parquet")
+    pr.set_defaults(fn=_predict)
+
+    ev = sub.add_parser("evaluate", help="AUROC/AUPRC/accuracy/F1 with 95%% bootstrap CIs")
+    common(ev)
+    ev.add_argument("--out", default=None, help="write metrics JSON here")
+    ev.add_argument("--n-boot", type=int, default=1000)
+    ev.set_defaults(fn=_evaluate)
+
+    sy = sub.add_parser("synth", help="write the synthetic demo cohort")
+    sy.add_argument("--out", required=True)
+    sy.add_argument("--n", type=int, default=600)
+    sy.add_argument("--seed", type=int, default=0)
+    sy.set_defaults(fn=_synth)
+
+    de = sub.add_parser("demo", help="synth → train fusion + single-modality models → evaluate → predict")
+    de.add_argument("--out", default="mmdx-demo")
+    de.add_argument("--n", type=int, default=600)
+    de.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    de.add_argument("--seed", type=int, default=0)
+    de.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="mmdx: %(levelname)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except UserError as e:
+        print(f"mmdx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmdx: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Typed, validated config: the YAML a user writes, and the JSON a model directory keeps.
+
+Everything the engine builds is described here; `multimodal.build` turns it into objects.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+MODALITIES = ("image", "text", "tabular")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TaskConfig(_Strict):
+    type: Literal["binary", "multiclass", "multilabel"] = "binary"
+    label: Union[str, list[str]]
+    """One column; for multilabel either several 0/1 columns or one column of ';'-joined labels."""
+    classes: Optional[list[str]] = None
+    """Class order; for binary the second class is the positive one. Inferred from training labels if unset."""
+
+
+class DataConfig(_Strict):
+    id: str = "patient_id"
+    image_root: Optional[str] = None
+    """Folder that relative image paths resolve against; default: the records file's folder."""
+
+
+class AugmentConfig(_Strict):
+    hflip: bool = True
+    degrees: float = 10.0
+    scale: tuple[float, float] = (0.85, 1.0)
+    intensity: float = 0.1
+    """Random brightness/contrast jitter, as a fraction."""
+
+
+class ImageConfig(_Strict):
+    columns: list[str] = ["image_path"]
+    encoder: str = "resnet10t"
+    """Any timm model name."""
+    pretrained: bool = False
+    """timm hub weights (needs network on first use)."""
+    checkpoint: Optional[str] = None
+    """Local weights file (.safetensors/.pth) for the timm model."""
+    in_chans: Literal[1, 3] = 1
+    size: int = Field(128, ge=16)
+    token_grid: int = Field(4, ge=1)
+    """Feature maps larger than this are average-pooled to token_grid x token_grid tokens per image."""
+    max_images: int = Field(4, ge=1)
+    window: Union[Literal["auto", "none"], tuple[float, float]] = "auto"
+    frames: Union[Literal["all", "first", "middle"], int] = "all"
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    """Normalisation; default: the pretrained weights' own, else 0.5/0.5."""
+    augment: Optional[AugmentConfig] = AugmentConfig()
+    cache: bool = True
+    """Keep decoded, resized training images in memory (augmentation still runs each epoch)."""
+
+
+class TextConfig(_Strict):
+    column: str = "report_text"
+    encoder: Literal["lstm", "hf"] = "lstm"
+    pretrained: Optional[str] = None
+    """hf: local folder or hub name for AutoModel/AutoTokenizer.from_pretrained."""
+    hf_config: dict[str, Any] = Field(default_factory=lambda: {
+        "model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 128, "max_position_embeddings": 512})
+    """hf without `pretrained`: random init from this config (vocab size comes from the trained tokenizer)."""
+    vocab_size: int = Field(2000, ge=50)
+    """WordPiece vocabulary trained on the training reports (lstm, or hf without `pretrained`)."""
+    max_length: int = Field(64, ge=4)
+    lowercase: bool = True
+    embed_dim: int = 64
+    hidden_dim: int = 64
+    layers: int = 1
+
+
+class TabularConfig(_Strict):
+    numeric: list[str] = []
+    categorical: list[str] = []
+    embed_dim: int = 32
+
+    @model_validator(mode="after")
+    def _some(self):
+        if not self.numeric and not self.categorical:
+            raise ValueError("tabular needs at least one numeric or categorical column")
+        return self
+
+
+class FusionConfig(_Strict):
+    type: str = "attention"
+    """attention | concat (or any registered fusion head)."""
+    dim: int = 64
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    modality_dropout: float = 0.15
+    """Per patient and modality, the chance a modality is hidden during training."""
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = 1e-3
+    encoder_lr: Optional[dict[str, float]] = None
+    """Per-modality learning rate overrides, e.g. {image: 3e-4}."""
+    weight_decay: float = 0.01
+    warmup: float = Field(0.05, ge=0, lt=1)
+    """Fraction of all steps spent in linear warmup, before cosine decay."""
+    grad_clip: float = 1.0
+    loss: Literal["bce", "focal"] = "bce"
+    """bce means cross-entropy for multiclass."""
+    class_weights: bool = True
+    patience: int = 5
+    """Epochs without validation AUROC gain before stopping."""
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    """Used when no validation records are given: a stratified, seeded split of the training records."""
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+
+
+class Config(_Strict):
+    name: str = "model"
+    task: TaskConfig
+    data: DataConfig = DataConfig()
+    modalities: list[Literal["image", "text", "tabular"]] = list(MODALITIES)
+    image: Optional[ImageConfig] = None
+    text: Optional[TextConfig] = None
+    tabular: Optional[TabularConfig] = None
+    fusion: FusionConfig = FusionConfig()
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _split(cls, v):
+        return [m.strip() for m in v.split(",") if m.strip()] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not self.modalities:
+            raise ValueError("modalities is empty")
+        for m in self.modalities:
+            if getattr(self, m) is None:
+                raise ValueError(f"modality '{m}' is enabled but the config has no '{m}:' section")
+        return self
+
+    def columns(self) -> list[str]:
+        """Every input column the enabled modalities read."""
+        cols = []
+        if "image" in self.modalities:
+            cols += self.image.columns
+        if "text" in self.modalities:
+            cols.append(self.text.column)
+        if "tabular" in self.modalities:
+            cols += self.tabular.numeric + self.tabular.categorical
+        return cols
+
+    def label_columns(self) -> list[str]:
+        return [self.task.label] if isinstance(self.task.label, str) else list(self.task.label)
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise UserError(f"override '{key}': '{p}' is not a section")
+    d[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key.sub=value` strings; values are parsed as YAML so numbers, lists and booleans work."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not key=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = raw if key.strip() == "modalities" else yaml.safe_load(raw)
+    return out
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {where}: {first['msg']}{more}"
+
+
+def config_from_dict(raw: dict, overrides: Optional[dict[str, Any]] = None, source: str = "config") -> Config:
+    raw = dict(raw or {})
+    for k, v in (overrides or {}).items():
+        _set_dotted(raw, k, v)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format_validation(e, source)) from None
+
+
+def load_config(path: Union[str, Path], overrides: Optional[dict[str, Any]] = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return config_from_dict(raw, overrides, source=str(path))

@@ -1,0 +1,98 @@
+"""Records → batches. Each record is loaded independently; any failure becomes that row's error,
+so one bad file never stops a batch job or shifts other rows."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import RecordError
+from .preprocess import Preprocessing
+from .preprocess.text import clean
+from .records import Records
+
+
+def one_line(e: BaseException) -> str:
+    if isinstance(e, RecordError):
+        msg = str(e)
+    else:
+        msg = f"{type(e).__name__}: {e}"
+    return " ".join(msg.split())[:300]
+
+
+class RecordDataset(Dataset):
+    def __init__(self, records: Records, prep: Preprocessing, modalities: list[str], cfg,
+                 labels: Optional[np.ndarray] = None, train: bool = False):
+        self.records, self.prep, self.mods, self.cfg = records, prep, modalities, cfg
+        self.labels, self.train = labels, train
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _images(self, i: int, row) -> torch.Tensor:
+        if i in self.cache:
+            return self.cache[i]
+        x = self.prep.image.load([row[c] for c in self.cfg.image.columns], self.records.root)
+        if self.train and self.cfg.image.cache:
+            self.cache[i] = x
+        return x
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.records.df.iloc[i]
+        item = {"index": i, "error": None, "text": ""}
+        try:
+            if "image" in self.mods:
+                x = self._images(i, row)
+                item["image"] = self.prep.image.normalize(self.prep.image.augment(x) if self.train else x)
+            if "text" in self.mods:
+                item["text"] = clean(row[self.cfg.text.column])
+            if "tabular" in self.mods:
+                item.update(self.prep.tabular.transform(row))
+        except Exception as e:  # noqa: BLE001 — any failure is this record's, reported per row
+            item = {"index": i, "error": one_line(e), "text": ""}
+        if self.labels is not None:
+            item["y"] = self.labels[i]
+        return item
+
+
+class Collate:
+    """Pads views and tokens to the batch maximum; rows with errors carry empty modalities and ok=False."""
+
+    def __init__(self, prep: Preprocessing, modalities: list[str], cfg):
+        self.prep, self.mods, self.cfg = prep, modalities, cfg
+
+    def __call__(self, items: list[dict]) -> dict:
+        B = len(items)
+        ok = [it["error"] is None for it in items]
+        batch = {"index": torch.tensor([it["index"] for it in items]), "ok": torch.tensor(ok),
+                 "error": [it["error"] for it in items]}
+        if "image" in self.mods:
+            ic = self.cfg.image
+            imgs = [it.get("image") for it in items]
+            V = max([1] + [len(x) for x in imgs if x is not None])
+            image = torch.zeros(B, V, ic.in_chans, ic.size, ic.size)
+            mask = torch.zeros(B, V, dtype=torch.bool)
+            for b, x in enumerate(imgs):
+                if x is not None and len(x):
+                    image[b, : len(x)] = x
+                    mask[b, : len(x)] = True
+            batch["image"], batch["image_mask"] = image, mask
+        if "text" in self.mods:
+            batch["text_ids"], batch["text_mask"], batch["text_encodings"] = self.prep.text([it["text"] for it in items])
+        if "tabular" in self.mods:
+            t = self.prep.tabular
+            nn_, nc = len(t.numeric), len(t.categorical)
+            batch["num"] = torch.tensor(np.stack([it.get("num", np.zeros(nn_, np.float32)) for it in items]))
+            batch["num_missing"] = torch.tensor(np.stack([it.get("num_missing", np.ones(nn_, np.float32)) for it in items]))
+            batch["cat"] = torch.tensor(np.stack([it.get("cat", np.zeros(nc, np.int64)) for it in items]))
+        if "y" in items[0]:
+            batch["y"] = torch.tensor(np.stack([it["y"] for it in items]))
+        return batch
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    nb = device.type == "cuda"
+    return {k: v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,0 +1,321 @@
+"""Read an image file (DICOM, PNG, JPEG, ...) into display-space float32 arrays.
+
+"Display space" means what a radiologist would see on a viewer: the DICOM
+modality LUT and VOI window are applied, MONOCHROME1 is inverted (bright is
+always high attenuation / high signal) and colour is RGB. Values are in [0, 1].
+Resizing and model normalisation belong to another module, not here.
+
+All LUT and windowing maths is pydicom's (``pydicom.pixels``); this module only
+chooses which step to run and maps the result to [0, 1]. Every failure is a
+``RecordError`` with one line naming the file; messages never carry DICOM
+header values other than technical ones (transfer syntax, photometric
+interpretation, frame count).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from multimodal.errors import RecordError
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Free-text value representations that can hold identifying data; used to
+# scrub header values out of third-party exception text before we show it.
+_TEXT_VRS = {"AE", "AS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT"}
+
+
+def read_image(path, *, window="auto", frames="all") -> list[np.ndarray]:
+    """Return one float32 image in [0, 1] per selected frame: (H, W) or (H, W, 3).
+
+    window (DICOM grayscale only): "auto" uses the file's VOI LUT Sequence or
+    first Window Center/Width, else min-max; "none" is min-max of the
+    modality-LUT output; (center, width) is that window (linear, DICOM PS3.3
+    C.11.2.1.2; LINEAR_EXACT when width < 1). frames: "all", "first",
+    "middle" (index n // 2) or an int index (negative counts from the end).
+    Non-DICOM files count as one frame and ignore `window`.
+    """
+    window = _check_window(window)
+    if not (isinstance(frames, str) and frames in ("all", "first", "middle")) and (
+        isinstance(frames, bool) or not isinstance(frames, (int, np.integer))
+    ):
+        raise ValueError(f"frames must be 'all', 'first', 'middle' or an int, got {frames!r}")
+    name = os.fspath(path).replace("\n", "\\n").replace("\r", "\\r")
+    p = Path(path)
+    if not p.exists():
+        raise RecordError(f"image not found: {name}")
+    if not p.is_file():
+        raise RecordError(f"not an image: {name} (not a regular file)")
+    try:
+        with p.open("rb") as f:
+            head = f.read(132)
+    except OSError as e:
+        raise RecordError(f"cannot read {name}: {_reason(e)}") from None
+    has_preamble = head[128:132] == b"DICM"
+    if has_preamble or p.suffix.lower() == ".dcm":
+        return _read_dicom(p, name, has_preamble, window, frames)
+    _frame_index(frames, 1, name)
+    return [_read_pil(p, name)]
+
+
+def _check_window(window):
+    """Validate `window` early: a bad argument is a caller bug (ValueError), not a bad record."""
+    if isinstance(window, str):
+        if window in ("auto", "none"):
+            return window
+    else:
+        try:
+            center, width = (float(v) for v in window)
+        except (TypeError, ValueError):
+            pass
+        else:
+            if math.isfinite(center) and math.isfinite(width) and width > 0:
+                return center, width
+    raise ValueError(f"window must be 'auto', 'none' or (center, width > 0), got {window!r}")
+
+
+def _frame_index(frames, n, name):
+    """Map `frames` to a 0-based index for pydicom (None = all frames)."""
+    if frames == "all":
+        return None
+    if frames == "first":
+        return 0
+    if frames == "middle":
+        return n // 2
+    i = int(frames) + n if frames < 0 else int(frames)
+    if not 0 <= i < n:
+        raise RecordError(f"frame {frames} out of range: {name} has {n} frame(s)")
+    return i
+
+
+def _reason(exc, ds=None):
+    """Underlying error text as one short line, with any header text values scrubbed out."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for secret in _header_strings(ds):
+        text = text.replace(secret, "<redacted>")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _header_strings(ds):
+    """Free-text header values (names, IDs, dates...) that must never reach a message."""
+    found = set()
+    if ds is None:
+        return found
+    try:
+        for elem in ds.iterall():
+            if elem.VR in _TEXT_VRS and elem.value:
+                values = elem.value if elem.VM > 1 else [elem.value]
+                for v in values:
+                    s = str(v)
+                    found.update(x for x in [s, *s.split("^")] if len(x.strip()) >= 3)
+    except Exception:  # a header too broken to walk cannot be scrubbed value by value
+        pass
+    return sorted(found, key=len, reverse=True)
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _read_dicom(p, name, has_preamble, window, frames):
+    """Decode with pydicom, then run the modality -> VOI -> [0, 1] pipeline per frame."""
+    import pydicom
+    from pydicom import pixels
+
+    try:
+        # force=True only for '.dcm' files without preamble (raw ACR-NEMA style)
+        ds = pydicom.dcmread(p, force=not has_preamble)
+    except Exception as e:
+        raise RecordError(f"cannot read DICOM {name}: {_reason(e)}") from None
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        if _has_pixel_tag(p):
+            raise RecordError(f"cannot read pixel data of DICOM {name}: file truncated or malformed")
+        raise RecordError(f"DICOM {name} has no pixel data")
+    _ensure_transfer_syntax(ds)
+    ts = ds.file_meta.TransferSyntaxUID
+    try:
+        n = max(int(ds.get("NumberOfFrames") or 1), 1)
+    except (TypeError, ValueError):
+        n = 1
+    index = _frame_index(frames, n, name)
+    try:
+        # What ds.pixel_array does internally, but it also returns the *output*
+        # photometric interpretation (YBR is usually already converted to RGB by
+        # pydicom or the JPEG plugin) and decodes only the selected frame.
+        arr, meta = pixels.get_decoder(ts).as_array(
+            ds, index=index, raw=False, **pixels.as_pixel_options(ds)
+        )
+    except Exception as e:
+        raise RecordError(f"cannot decode DICOM {name} (transfer syntax {ts.name}): {_reason(e, ds)}") from None
+    stack = arr if index is None and n > 1 else arr[None]
+    pi = str(meta.get("photometric_interpretation") or ds.get("PhotometricInterpretation") or "MONOCHROME2")
+    try:
+        if stack.ndim == 3 and pi != "PALETTE COLOR":
+            out = _dicom_gray(stack, ds, pi, window)
+        else:
+            out = _dicom_colour(stack, ds, pi)
+    except Exception as e:
+        raise RecordError(f"cannot convert DICOM {name} ({pi}): {_reason(e, ds)}") from None
+    return [np.ascontiguousarray(f, dtype=np.float32) for f in out]
+
+
+def _has_pixel_tag(p):
+    """Pixel Data tag in the bytes but not in the dataset: pydicom stopped early (EOF, bad element)."""
+    try:
+        data = p.read_bytes()
+    except OSError:
+        return False
+    return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
+
+
+def _ensure_transfer_syntax(ds):
+    """Files read with force=True may lack file meta; pydicom needs a transfer syntax to decode."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian
+            if implicit or implicit is None
+            else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+
+
+def _dicom_gray(stack, ds, pi, window):
+    """(F, H, W) stored values -> modality LUT -> VOI -> [0, 1], MONOCHROME1 inverted."""
+    from pydicom import pixels
+
+    x = pixels.apply_modality_lut(stack, ds)
+    out = None
+    if isinstance(window, tuple):
+        center, width = window
+        ds.WindowCenter, ds.WindowWidth = center, width  # ds is our private copy
+        ds.VOILUTFunction = "LINEAR" if width >= 1 else "LINEAR_EXACT"
+        ds.PhotometricInterpretation = "MONOCHROME2"  # pydicom only windows MONOCHROME*; we invert below
+        out = _windowed(x, ds)
+    elif window == "auto" and pi in ("MONOCHROME1", "MONOCHROME2"):
+        try:
+            out = _header_voi(x, ds)
+        except Exception:  # unusable header VOI (e.g. width < 1): min-max is a sane display
+            out = None
+    if out is None:
+        out = _minmax(x)
+    return 1.0 - out if pi == "MONOCHROME1" else out
+
+
+def _header_voi(x, ds):
+    """Apply the file's own VOI (LUT Sequence preferred, as pydicom's apply_voi_lut does)."""
+    from pydicom import pixels
+
+    seq = ds.get("VOILUTSequence")
+    if seq and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]:
+        # VOI LUT output range is 0 .. 2**bits - 1 (LUT Descriptor 3rd value, PS3.3 C.11.2.1.1)
+        lut_in = np.rint(x).astype(np.int64) if x.dtype.kind == "f" else x
+        return _scale(pixels.apply_voi(lut_in, ds), 0, 2 ** int(seq[0].LUTDescriptor[2]) - 1)
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        return _windowed(x, ds)
+    return None
+
+
+def _windowed(x, ds):
+    """pydicom windowing scaled by its own output range.
+
+    apply_windowing maps to [y_min, y_max] = the stored-value range from Bits
+    Stored / Pixel Representation (0 .. 2**n - 1 under a Modality LUT
+    Sequence), passed through Rescale Slope/Intercept. Rather than copy that
+    rule, we push -inf/+inf through the same call to read y_min/y_max back.
+    """
+    from pydicom import pixels
+
+    with np.errstate(over="ignore"):
+        y_min, y_max = pixels.apply_windowing(np.array([-np.inf, np.inf]), ds)
+    return _scale(pixels.apply_windowing(x, ds), y_min, y_max)
+
+
+def _scale(v, lo, hi):
+    """Map [lo, hi] to [0, 1] (works for lo > hi too, e.g. negative rescale slope)."""
+    if hi == lo:
+        return np.zeros(v.shape)
+    return np.clip((np.asarray(v, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _minmax(x):
+    """Per-frame (x - min) / (max - min); a constant frame becomes zeros; NaN becomes 0."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros(x.shape)
+    for i, f in enumerate(x):
+        lo, hi = np.nanmin(f), np.nanmax(f)
+        if hi > lo:
+            out[i] = (f - lo) / (hi - lo)
+    return np.nan_to_num(out, nan=0.0)
+
+
+def _dicom_colour(stack, ds, pi):
+    """RGB / YBR / PALETTE COLOR -> (F, H, W, 3) RGB scaled by the bit depth's max."""
+    from pydicom import pixels
+
+    if pi == "PALETTE COLOR":
+        _palette_lut_to_native_order(ds)
+        rgb = pixels.apply_color_lut(stack, ds)[..., :3]  # drop an alpha LUT if any
+        top = np.iinfo(rgb.dtype).max  # 255 or 65535, from the LUT data's depth
+    else:
+        if pi in ("YBR_FULL", "YBR_FULL_422"):  # only if the decoder left it as YCbCr
+            stack = pixels.convert_color_space(stack, pi, "RGB")
+        elif pi != "RGB":
+            raise ValueError("unsupported photometric interpretation")
+        rgb = stack
+        top = 2 ** int(ds.get("BitsStored") or rgb.dtype.itemsize * 8) - 1
+    return np.clip(rgb.astype(np.float64) / top, 0.0, 1.0)
+
+
+def _palette_lut_to_native_order(ds):
+    """Work around pydicom 3.0: apply_color_lut reads plain (non-segmented) 16-bit
+    palette LUT data in machine byte order even under Explicit VR Big Endian,
+    which turns e.g. 0xFF00 into 0x00FF (a black image). Byte-swap it first."""
+    if ds.file_meta.TransferSyntaxUID.is_little_endian:
+        return
+    entries = ds.RedPaletteColorLookupTableDescriptor[0] or 2**16
+    for colour in ("Red", "Green", "Blue", "Alpha"):
+        elem = ds.get(f"{colour}PaletteColorLookupTableData")
+        if elem is not None and len(elem) == 2 * entries:
+            ds[f"{colour}PaletteColorLookupTableData"].value = (
+                np.frombuffer(elem, dtype=">u2").astype(np.uint16).tobytes()
+            )
+
+
+# --------------------------------------------------------------------------- PIL
+
+
+def _read_pil(p, name):
+    """PNG/JPEG/...: 8-bit -> /255, 16-bit -> /65535; alpha dropped; first frame only."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            im = ImageOps.exif_transpose(im)  # phone photos: show them upright, as viewers do
+            mode = im.mode
+            if mode.startswith("I;16"):
+                out = np.asarray(im).astype(np.float64) / 65535
+            elif mode in ("I", "F"):
+                out = np.asarray(im).astype(np.float64)
+                # 'I' holding 16-bit data (some encoders) keeps the 16-bit scale;
+                # a float image already in [0, 1] is kept; anything else is min-max.
+                if mode == "I" and out.size and out.min() >= 0 and out.max() <= 65535:
+                    out /= 65535
+                elif not (out.size and np.nanmin(out) >= 0 and np.nanmax(out) <= 1):
+                    out = _minmax(out[None])[0]
+            elif mode in ("1", "L", "LA", "La"):
+                out = np.asarray(im.convert("L")).astype(np.float64) / 255
+            else:  # RGB, RGBA, P, PA, CMYK, YCbCr, ...: colour
+                out = np.asarray(im.convert("RGB")).astype(np.float64) / 255
+    except UnidentifiedImageError:
+        raise RecordError(f"not an image: {name}") from None
+    except Exception as e:
+        raise RecordError(f"cannot decode image {name}: {_reason(e)}") from None
+    return np.ascontiguousarray(np.nan_to_num(out, nan=0.0), dtype=np.float32)

@@ -1,0 +1,73 @@
+"""Device/AMP choice and the batched forward pass shared by validation, predict and evaluate."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import to_device
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return dev
+
+
+def amp_dtype(device: torch.device, enabled: bool = True) -> Optional[torch.dtype]:
+    """bf16 where the GPU supports it (no loss scaling needed), else fp16; None (fp32) on CPU."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Binary → [N] positive-class probability; multiclass → softmax; multilabel → sigmoid."""
+    logits = logits.float()
+    if task == "binary":
+        return torch.sigmoid(logits[:, 0])
+    return torch.softmax(logits, 1) if task == "multiclass" else torch.sigmoid(logits)
+
+
+@torch.no_grad()
+def run_inference(net, loader: DataLoader, device: torch.device, task: str, amp: Optional[torch.dtype] = None,
+                  progress: bool = False, desc: str = "predict", absent=None) -> dict:
+    """Probabilities for every record the loader yields, in dataset order; error rows get NaN."""
+    net.eval()
+    n = len(loader.dataset)
+    probs, errors = None, [None] * n
+    t_model, t0 = 0.0, time.perf_counter()
+    bar = tqdm(total=n, desc=desc, unit="rec", disable=not progress, dynamic_ncols=True)
+    for batch in loader:
+        idx = batch["index"].numpy()
+        for i, e in zip(idx, batch["error"]):
+            errors[i] = e
+        ok = batch["ok"]
+        if ok.any():
+            b = to_device(batch, device)
+            t1 = time.perf_counter()
+            with autocast(device, amp):
+                p = probabilities(net(b, absent=absent), task)
+            p = p.cpu().numpy()
+            t_model += time.perf_counter() - t1
+            if probs is None:
+                probs = np.full((n,) + p.shape[1:], np.nan, np.float64)
+            probs[idx[ok.numpy()]] = p[ok.numpy()]
+        bar.update(len(idx))
+        bar.set_postfix(rec_per_s=f"{bar.n / max(time.perf_counter() - t0, 1e-9):.0f}")
+    bar.close()
+    if probs is None:  # every record failed
+        probs = np.full((n,), np.nan) if task == "binary" else np.full((n, net.num_outputs), np.nan)
+    return {"probs": probs, "errors": errors, "seconds": time.perf_counter() - t0, "model_seconds": t_model}

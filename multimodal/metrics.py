@@ -1,0 +1,79 @@
+"""Classification metrics (scikit-learn) with percentile bootstrap 95% CIs over patients."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
+
+
+def prob_matrix(probs: np.ndarray, task: str) -> np.ndarray:
+    """Binary positive-class probabilities → [N, 2]; others unchanged."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return np.stack([1 - probs, probs], 1) if task == "binary" and probs.ndim == 1 else probs
+
+
+def onehot(y: np.ndarray, task: str, k: int) -> np.ndarray:
+    return y.astype(int) if task == "multilabel" else np.eye(k, dtype=int)[y.astype(int)]
+
+
+def point_metrics(Y: np.ndarray, P: np.ndarray, task: str) -> dict[str, float]:
+    """Y: [N, K] 0/1 truth, P: [N, K] probabilities → flat metric dict (NaN where undefined)."""
+    out: dict[str, float] = {}
+    pred = (P >= 0.5).astype(int) if task == "multilabel" else np.eye(P.shape[1], dtype=int)[P.argmax(1)]
+    for j in range(P.shape[1]):
+        both = 0 < Y[:, j].sum() < len(Y)
+        out[f"auroc/{j}"] = roc_auc_score(Y[:, j], P[:, j]) if both else np.nan
+        out[f"auprc/{j}"] = average_precision_score(Y[:, j], P[:, j]) if both else np.nan
+        out[f"f1/{j}"] = f1_score(Y[:, j], pred[:, j], zero_division=0)
+    out["accuracy"] = accuracy_score(Y, pred) if task == "multilabel" else accuracy_score(Y.argmax(1), pred.argmax(1))
+    k = P.shape[1]
+    pos = [k - 1] if task == "binary" else range(k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for m in ("auroc", "auprc", "f1"):
+            out[m] = float(np.nanmean([out[f"{m}/{j}"] for j in pos]))
+    return out
+
+
+def compute_metrics(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str],
+                    n_boot: int = 1000, seed: int = 0) -> dict:
+    """Binary: AUROC/AUPRC/F1 of the positive (second) class. Multiclass/multilabel: macro over classes.
+    CIs resample patients with replacement; a resample where a metric is undefined is skipped for it."""
+    P = prob_matrix(probs, task)
+    Y = onehot(np.asarray(y), task, P.shape[1])
+    point = point_metrics(Y, P, task)
+    rng = np.random.default_rng(seed)
+    boots = {k: [] for k in point}
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(Y), len(Y))
+        for k, v in point_metrics(Y[idx], P[idx], task).items():
+            if np.isfinite(v):
+                boots[k].append(v)
+
+    def stat(k):
+        b = boots[k]
+        ci = [float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))] if len(b) >= 10 else [np.nan, np.nan]
+        return {"value": float(point[k]), "ci95": ci}
+
+    overall = {m: stat(m) for m in ("auroc", "auprc", "accuracy", "f1")}
+    per_class = {c: {m: stat(f"{m}/{j}") for m in ("auroc", "auprc", "f1")} | {"support": int(Y[:, j].sum())}
+                 for j, c in enumerate(classes)}
+    return {"n": int(len(Y)), "task": task, "overall": overall, "per_class": per_class, "n_bootstrap": n_boot}
+
+
+def _fmt(s: dict) -> str:
+    lo, hi = s["ci95"]
+    return f"{s['value']:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else f"{s['value']:.3f} [n/a]"
+
+
+def format_table(metrics: dict) -> str:
+    """A readable table: overall metrics, then per class (value [95% CI])."""
+    lines = [f"n = {metrics['n']} ({metrics['task']}); 95% bootstrap CIs over {metrics['n_bootstrap']} resamples",
+             f"{'':24s}{'AUROC':>24s}{'AUPRC':>24s}{'F1':>24s}{'accuracy':>24s}"]
+    o = metrics["overall"]
+    lines.append(f"{'overall':24s}{_fmt(o['auroc']):>24s}{_fmt(o['auprc']):>24s}{_fmt(o['f1']):>24s}{_fmt(o['accuracy']):>24s}")
+    for c, s in metrics["per_class"].items():
+        name = f"{c} (n={s['support']})"[:23]
+        lines.append(f"{name:24s}{_fmt(s['auroc']):>24s}{_fmt(s['auprc']):>24s}{_fmt(s['f1']):>24s}")
+    return "\n".join(lines)

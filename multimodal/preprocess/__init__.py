@@ -1,0 +1,65 @@
+"""Preprocessing keyed by modality, fitted on training records and saved as JSON with the model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config import Config
+from ..records import Records
+from .image import ImagePreprocessor
+from .labels import LabelEncoder
+from .tabular import TabularPreprocessor
+from .text import TextPreprocessor
+
+
+def _image_stats(cfg: Config) -> tuple[list[float], list[float]]:
+    ic = cfg.image
+    if ic.mean and ic.std:
+        return ic.mean, ic.std
+    if ic.pretrained or ic.checkpoint:
+        from encoders.image import pretrained_stats
+
+        stats = pretrained_stats(ic.encoder, ic.in_chans)
+        if stats:
+            return stats
+    return [0.5] * ic.in_chans, [0.5] * ic.in_chans
+
+
+@dataclass
+class Preprocessing:
+    labels: LabelEncoder
+    image: Optional[ImagePreprocessor] = None
+    text: Optional[TextPreprocessor] = None
+    tabular: Optional[TabularPreprocessor] = None
+
+    @classmethod
+    def fit(cls, cfg: Config, records: Records) -> "Preprocessing":
+        df, mods = records.df, cfg.modalities
+        prep = cls(labels=LabelEncoder(cfg.task).fit(df, records.source))
+        if "image" in mods:
+            prep.image = ImagePreprocessor(cfg.image, *_image_stats(cfg))
+        if "text" in mods:
+            tc = cfg.text
+            prep.text = (TextPreprocessor.from_pretrained(tc.pretrained, tc) if tc.encoder == "hf" and tc.pretrained
+                         else TextPreprocessor.train(df[tc.column].tolist(), tc))
+        if "tabular" in mods:
+            prep.tabular = TabularPreprocessor(cfg.tabular).fit(df)
+        return prep
+
+    def state(self) -> dict:
+        """JSON-able state; the tokenizer is kept apart (tokenizer.json)."""
+        return {"labels": self.labels.state(),
+                "image": self.image.state() if self.image else None,
+                "tabular": self.tabular.state() if self.tabular else None}
+
+    @classmethod
+    def from_state(cls, cfg: Config, state: dict, tokenizer_json: Optional[str]) -> "Preprocessing":
+        prep = cls(labels=LabelEncoder(cfg.task, state["labels"]["classes"]))
+        if "image" in cfg.modalities:
+            prep.image = ImagePreprocessor(cfg.image, state["image"]["mean"], state["image"]["std"])
+        if "text" in cfg.modalities:
+            prep.text = TextPreprocessor.from_json(tokenizer_json, cfg.text.max_length)
+        if "tabular" in cfg.modalities:
+            t = state["tabular"]
+            prep.tabular = TabularPreprocessor(cfg.tabular, t["mean"], t["std"], t["vocab"])
+        return prep

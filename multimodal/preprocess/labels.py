@@ -1,0 +1,89 @@
+"""Label encoding for binary, multiclass and multilabel tasks; class names travel with the model."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..config import TaskConfig
+from ..errors import UserError
+
+
+def _as_str(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return str(v).strip()
+
+
+def _sort_key(s: str):
+    try:
+        return (0, float(s), s)
+    except ValueError:
+        return (1, 0.0, s.lower())
+
+
+class LabelEncoder:
+    def __init__(self, task: TaskConfig, classes: list[str] | None = None):
+        self.task = task
+        self.classes = list(classes or task.classes or [])
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.task.label] if isinstance(self.task.label, str) else list(self.task.label)
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.task.type == "binary" else len(self.classes)
+
+    def _multilabel_split(self, df: pd.DataFrame):
+        if len(self.columns) > 1:  # several 0/1 columns: the column names are the labels
+            return None
+        return df[self.columns[0]].map(lambda v: [] if pd.isna(v) else [t.strip() for t in str(v).split(";") if t.strip()])
+
+    def fit(self, df: pd.DataFrame, source: str = "records") -> "LabelEncoder":
+        if self.classes:
+            return self
+        t = self.task.type
+        if t == "multilabel":
+            split = self._multilabel_split(df)
+            self.classes = list(self.columns) if split is None else sorted({x for xs in split for x in xs}, key=_sort_key)
+        else:
+            values = sorted({_as_str(v) for v in df[self.columns[0]].dropna()}, key=_sort_key)
+            if t == "binary" and len(values) != 2:
+                raise UserError(f"{source}: label column '{self.columns[0]}' has {len(values)} distinct values "
+                                f"({', '.join(values[:6])}); task type binary needs exactly 2 (use multiclass?)")
+            if t == "multiclass" and len(values) < 2:
+                raise UserError(f"{source}: label column '{self.columns[0]}' has fewer than 2 classes")
+            self.classes = values
+        if len(self.classes) < (1 if t == "multilabel" else 2):
+            raise UserError(f"{source}: no label values found in '{self.columns[0]}'")
+        return self
+
+    def encode(self, df: pd.DataFrame) -> np.ndarray:
+        """Binary/multiclass: class index per row (-1 where unlabeled). Multilabel: multi-hot (NaN row where unlabeled)."""
+        if self.task.type == "multilabel":
+            out = np.zeros((len(df), len(self.classes)), np.float32)
+            split = self._multilabel_split(df)
+            if split is None:
+                for j, c in enumerate(self.columns):
+                    out[:, j] = pd.to_numeric(df[c], errors="coerce").to_numpy(np.float32)
+            else:
+                index = {c: j for j, c in enumerate(self.classes)}
+                for i, xs in enumerate(split):
+                    for x in xs:
+                        if x in index:
+                            out[i, index[x]] = 1.0
+                out[df[self.columns[0]].isna().to_numpy()] = np.nan
+            return out
+        index = {c: j for j, c in enumerate(self.classes)}
+        col = df[self.columns[0]]
+        return np.array([-1 if pd.isna(v) else index.get(_as_str(v), -2) for v in col], np.int64)
+
+    def check(self, df: pd.DataFrame, y: np.ndarray, source: str) -> None:
+        """Unknown label values are a user mistake in training/evaluation data, not a per-row skip."""
+        if self.task.type != "multilabel" and (y == -2).any():
+            bad = sorted({_as_str(v) for v in df[self.columns[0]][y == -2]})[:5]
+            raise UserError(f"{source}: label column '{self.columns[0]}' has values {bad} "
+                            f"not among the model's classes {self.classes}")
+
+    def state(self) -> dict:
+        return {"classes": self.classes}

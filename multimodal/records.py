@@ -1,0 +1,67 @@
+"""Patient records: one row per patient (or study), read from CSV or Parquet and checked against the config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import pandas as pd
+
+from .config import Config
+from .errors import UserError
+
+
+@dataclass
+class Records:
+    """A records table plus the folder its relative image paths resolve against."""
+
+    df: pd.DataFrame
+    root: Path
+    source: str = "records"
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def subset(self, idx) -> "Records":
+        return Records(self.df.iloc[idx].reset_index(drop=True), self.root, self.source)
+
+
+def read_table(path: Union[str, Path]) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"records file not found: {path}")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        else:
+            # Strings stay strings: ids like 007 and free text must not be coerced.
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: file is empty") from None
+    except Exception as e:  # parser errors carry multi-line messages
+        raise UserError(f"{path}: cannot read records ({str(e).splitlines()[0][:150]})") from None
+    if df.empty:
+        raise UserError(f"{path}: no records (header only)")
+    return df
+
+
+def load_records(path: Union[str, Path, pd.DataFrame], config: Config, *, labels: bool = False,
+                 image_root: Optional[Union[str, Path]] = None) -> Records:
+    """Read and check a records file. `labels=True` also requires the label column(s)."""
+    if isinstance(path, pd.DataFrame):
+        df, source, folder = path.reset_index(drop=True), "records", Path.cwd()
+    else:
+        df, source, folder = read_table(path), str(path), Path(path).resolve().parent
+    root = Path(image_root or config.data.image_root or folder)
+    if not root.is_absolute():
+        root = folder / root
+    need = [config.data.id] + config.columns() + (config.label_columns() if labels else [])
+    missing = [c for c in dict.fromkeys(need) if c not in df.columns]
+    if missing:
+        raise UserError(f"{source}: unknown column{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(repr(c) for c in missing)} (file has: {', '.join(map(str, df.columns[:12]))})")
+    if labels:
+        cols = config.label_columns()
+        if df[cols].isna().all(axis=None):
+            raise UserError(f"{source}: label column {', '.join(map(repr, cols))} is empty")
+    return Records(df, root, source)

@@ -1,0 +1,205 @@
+"""Training: AdamW, warmup + cosine, clipping, class weights or focal loss, AMP on CUDA,
+early stopping on validation AUROC with the best weights restored. Seeded and reproducible."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import Config
+from .data import Collate, RecordDataset, to_device
+from .errors import UserError
+from .inference import amp_dtype, autocast, resolve_device, run_inference
+from .metrics import onehot, point_metrics, prob_matrix
+from .preprocess import Preprocessing
+from .records import Records
+
+log = logging.getLogger("mmdx")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def labelled(records: Records, prep: Preprocessing) -> tuple[Records, np.ndarray]:
+    """Encode labels and drop unlabelled rows (training/evaluation need a target)."""
+    y = prep.labels.encode(records.df)
+    prep.labels.check(records.df, y, records.source)
+    keep = ~np.isnan(y).all(1) if y.ndim == 2 else y >= 0
+    if not keep.all():
+        log.warning("%s: %d records without a label are skipped", records.source, int((~keep).sum()))
+    return records.subset(np.flatnonzero(keep)), y[keep]
+
+
+def class_balance(y: np.ndarray, task: str, k: int) -> np.ndarray:
+    """Per-output positive fraction (binary/multilabel) or class frequency (multiclass)."""
+    if task == "multiclass":
+        return np.bincount(y, minlength=k) / len(y)
+    Y = y[:, None] if task == "binary" else np.nan_to_num(y)
+    return Y.mean(0)
+
+
+class Loss:
+    """BCE (binary, multilabel) or cross-entropy (multiclass), optionally class-weighted or focal."""
+
+    def __init__(self, task: str, freq: np.ndarray, weighted: bool, focal: bool, gamma: float = 2.0):
+        self.task, self.focal, self.gamma = task, focal, gamma
+        freq = np.clip(freq, 1e-3, 1 - 1e-3)
+        if task == "multiclass":
+            w = (1 / freq) / (1 / freq).sum() * len(freq)
+        else:
+            w = (1 - freq) / freq  # pos_weight: balances positives against negatives
+        self.weight = torch.tensor(w, dtype=torch.float32) if weighted else None
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        w = self.weight.to(logits.device) if self.weight is not None else None
+        if self.task == "multiclass":
+            ce = F.cross_entropy(logits, y, weight=w, reduction="none")
+            if self.focal:
+                pt = torch.softmax(logits, 1).gather(1, y[:, None])[:, 0].detach()
+                ce = ce * (1 - pt) ** self.gamma
+            return ce.mean()
+        target = y.float().reshape(logits.shape)
+        valid = ~torch.isnan(target)
+        target = torch.nan_to_num(target)
+        bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=w, reduction="none")
+        if self.focal:
+            p = torch.sigmoid(logits).detach()
+            bce = bce * ((1 - p) * target + p * (1 - target)) ** self.gamma
+        return (bce * valid).sum() / valid.sum().clamp(min=1)
+
+
+def warmup_cosine(total_steps: int, warmup_frac: float):
+    warm = max(1, int(total_steps * warmup_frac))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+    return f
+
+
+def param_groups(net, cfg: Config) -> list[dict]:
+    overrides = cfg.train.encoder_lr or {}
+    groups, seen = [], set()
+    for m, lr in overrides.items():
+        if m not in net.encoders:
+            raise UserError(f"train.encoder_lr: '{m}' is not an enabled modality ({', '.join(net.encoders)})")
+        params = list(net.encoders[m].parameters())
+        seen |= {id(p) for p in params}
+        groups.append({"params": params, "lr": lr})
+    groups.append({"params": [p for p in net.parameters() if id(p) not in seen], "lr": cfg.train.lr})
+    return groups
+
+
+def holdout_split(records: Records, cfg: Config) -> tuple[Records, Records]:
+    """Stratified, seeded validation hold-out when the user gives no validation records. Split before
+    preprocessing is fitted, so vocabulary and scaler statistics never see validation patients."""
+    from sklearn.model_selection import train_test_split
+
+    col = cfg.label_columns()[0]
+    strata = records.df[col].astype(str) if cfg.task.type != "multilabel" else None
+    if strata is not None and strata.value_counts().min() < 2:
+        strata = None
+    tr, va = train_test_split(np.arange(len(records)), test_size=cfg.train.val_fraction,
+                              random_state=cfg.train.seed, stratify=strata)
+    return records.subset(np.sort(tr)), records.subset(np.sort(va))
+
+
+def make_loader(ds, cfg: Config, prep: Preprocessing, shuffle: bool, device: torch.device, batch_size: int,
+                seed: int = 0, workers: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
+                      collate_fn=Collate(prep, cfg.modalities, cfg), pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0)
+
+
+def validation_score(y: np.ndarray, probs: np.ndarray, task: str) -> float:
+    ok = ~np.isnan(probs).any(1) if probs.ndim == 2 else ~np.isnan(probs)
+    if ok.sum() < 2:
+        return float("nan")
+    P = prob_matrix(probs[ok], task)
+    return point_metrics(onehot(y[ok], task, P.shape[1]), P, task)["auroc"]
+
+
+def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
+        progress: bool = True) -> dict:
+    tc, task = cfg.train, cfg.task.type
+    seed_everything(tc.seed)
+    device = resolve_device(tc.device)
+    amp = amp_dtype(device, tc.amp)
+    train, y_tr = labelled(train, prep)
+    val, y_va = labelled(val, prep)
+    net.to(device)
+    train_ds = RecordDataset(train, prep, cfg.modalities, cfg, y_tr, train=True)
+    val_ds = RecordDataset(val, prep, cfg.modalities, cfg, y_va)
+    train_dl = make_loader(train_ds, cfg, prep, True, device, tc.batch_size, tc.seed, tc.num_workers)
+    val_dl = make_loader(val_ds, cfg, prep, False, device, tc.batch_size * 2, workers=tc.num_workers)
+
+    loss_fn = Loss(task, class_balance(y_tr, task, prep.labels.num_outputs), tc.class_weights, tc.loss == "focal")
+    opt = torch.optim.AdamW(param_groups(net, cfg), weight_decay=tc.weight_decay)
+    total = tc.epochs * len(train_dl)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, tc.warmup))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+    best = {"score": -math.inf, "epoch": -1, "state": None}
+    history, bad_rows, stale = [], set(), 0
+    t_start = time.perf_counter()
+    for epoch in range(tc.epochs):
+        net.train()
+        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+        bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", disable=not progress,
+                   dynamic_ncols=True, leave=False)
+        for batch in bar:
+            ok = batch["ok"]
+            bad_rows |= {int(i) for i in batch["index"][~ok]}
+            if ok.sum() < 1:
+                continue
+            b = to_device({k: (v[ok] if isinstance(v, torch.Tensor) and len(v) == len(ok) else v)
+                           for k, v in batch.items()}, device)
+            with autocast(device, amp):
+                logits = net(b)
+            loss = loss_fn(logits, b["y"])
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            n = int(ok.sum())
+            seen += n
+            loss_sum += loss.item() * n
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", pat_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        out = run_inference(net, val_dl, device, task, amp)
+        score = validation_score(y_va, out["probs"], task)
+        rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_auroc": score,
+               "patients_per_s": seen / (time.perf_counter() - t0)}
+        history.append(rec)
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}/{tc.epochs}  loss {rec['train_loss']:.4f}  val AUROC {score:.4f}  "
+                       f"({rec['patients_per_s']:.0f} patients/s)")
+        if not math.isfinite(score) or score > best["score"]:
+            best = {"score": score, "epoch": epoch + 1, "state": copy.deepcopy(net.state_dict())}
+            stale = 0
+        else:
+            stale += 1
+            if stale >= tc.patience:
+                break
+    if bad_rows:
+        log.warning("%d training records could not be loaded and were skipped", len(bad_rows))
+    net.load_state_dict(best["state"])
+    return {"history": history, "best_epoch": best["epoch"], "best_val_auroc": best["score"],
+            "train_seconds": time.perf_counter() - t_start, "n_train": len(train), "n_val": len(val),
+            "skipped_records": len(bad_rows), "device": str(device), "amp": str(amp).replace("torch.", "")}
