@@ -14,8 +14,11 @@ interpretation, frame count).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +59,8 @@ def read_image(path, *, window="auto", frames="all") -> list[np.ndarray]:
         raise RecordError(f"cannot read {name}: {_reason(e)}") from None
     has_preamble = head[128:132] == b"DICM"
     if has_preamble or p.suffix.lower() == ".dcm":
-        return _read_dicom(p, name, has_preamble, window, frames)
+        with _quiet_pydicom():
+            return _read_dicom(p, name, has_preamble, window, frames)
     _frame_index(frames, 1, name)
     return [_read_pil(p, name)]
 
@@ -117,6 +121,20 @@ def _header_strings(ds):
 
 
 # --------------------------------------------------------------------------- DICOM
+
+
+@contextlib.contextmanager
+def _quiet_pydicom():
+    """pydicom's warnings and log lines can quote header values (names, dates): keep them out of logs."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _read_dicom(p, name, has_preamble, window, frames):

@@ -546,9 +546,8 @@ def test_truncated_png(tmp_path):
 
 def test_shared_truncated_jpeg2000_dicom():
     path = shared("emri_small_jpeg_2k_lossless_too_short.dcm")
-    with pytest.warns(UserWarning):  # pydicom warns that it hit EOF inside Pixel Data
-        with pytest.raises(RecordError, match="truncated") as e:
-            read_image(path)
+    with pytest.raises(RecordError, match="truncated") as e:  # pydicom's EOF warning is kept out of logs
+        read_image(path)
     assert_one_line_naming(e, path)
 
 
@@ -634,3 +633,28 @@ def test_long_underlying_errors_are_truncated(tmp_path, monkeypatch):
     with pytest.raises(RecordError) as e:
         read_image(path)
     assert len(assert_one_line_naming(e, path)) < 400
+
+
+def test_reading_broken_dicom_emits_no_warnings_or_logs(tmp_path, caplog):
+    """pydicom warns and logs while reading broken files, and such lines may quote header values;
+    reading must keep every one of them out of the user's logs."""
+    import logging
+    import warnings
+
+    import pydicom
+
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("MR_small_jp2klossless.dcm"))
+    ds.PatientName = "Doe^Jane"
+    full = tmp_path / "full.dcm"
+    ds.save_as(full)
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(full.read_bytes()[:-300])  # EOF inside encapsulated Pixel Data: pydicom warns
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RecordError) as e:
+            read_image(path)
+    assert not caught, [str(w.message) for w in caught]
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")]
+    assert "Doe" not in str(e.value)

@@ -1,0 +1,514 @@
+"""Explanation reports: one self-contained HTML page per patient, an index, and machine-readable attributions.
+
+    write_reports(explanations, out_dir, model_info={...}) -> {relative path: Path}
+
+Layout of `out_dir`:
+
+    index.html                     every patient in input order; failed records as rows with their error
+    patient_<safe id>.html         one page per patient without `error` (no network access needed: images are
+                                   base64 PNG data URIs, CSS is inline, a Content-Security-Policy forbids any fetch
+                                   or script)
+    attributions/<safe id>.json    PatientExplanation.to_dict() as strict JSON (NaN/inf -> null), every patient
+    attributions.parquet           one row per patient (only when pyarrow is installed)
+
+Colours mean the same thing everywhere: red pushes the model towards the explained class (`target`), blue pushes
+away from it. Report text and ids are data: templates autoescape everything.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import math
+import re
+import unicodedata
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import numpy as np
+
+from .types import PatientExplanation
+
+MODALITIES = ("image", "text", "tabular")
+MODALITY_LABELS = {"image": "Images", "text": "Report text", "tabular": "Tabular data"}
+MODALITY_COLOURS = {"image": "#0f766e", "text": "#b45309", "tabular": "#6d28d9"}
+_EXTRA_COLOURS = ("#475569", "#be185d", "#15803d", "#a16207")
+
+METHOD_NAMES = {
+    "ig": "Integrated Gradients",
+    "integrated_gradients": "Integrated Gradients",
+    "saliency": "Saliency (input gradients)",
+    "input_x_gradient": "Input × Gradient",
+    "gradient_shap": "GradientSHAP",
+    "gradshap": "GradientSHAP",
+    "deeplift": "DeepLIFT",
+    "occlusion": "Occlusion",
+    "attention": "Attention weights",
+    "gradcam": "Grad-CAM for images, Integrated Gradients for text and tabular",
+}
+
+MAX_IMAGES = 16
+"""Images rendered per patient (multi-frame studies can have many); the rest are listed as omitted."""
+MAX_FEATURE_BARS = 20
+"""Bars in the tabular chart; every feature is still listed in the table below it."""
+OUTLIER_PERCENTILE = 99.0
+"""Heatmap colour limits are ±(this percentile of |attribution|), so one extreme pixel cannot wash out the rest."""
+POS_RGB = (220, 38, 38)   # towards target
+NEG_RGB = (37, 99, 235)   # against target
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
+
+# -- public entry point -------------------------------------------------------------------------------------------
+def write_reports(explanations: list[PatientExplanation], out_dir: Union[str, Path], *,
+                  model_info: dict) -> dict[str, Path]:
+    """Write the reports for `explanations` into `out_dir` (created if needed).
+
+    `model_info` describes where the explanations came from, e.g. {"name", "model_dir", "classes", "versions",
+    "created", "modalities"}; every key is optional and extra scalar keys are shown as they are. "modalities"
+    (the modalities the model uses) decides which sections a page has; without it all three are shown.
+
+    Returns every file written, keyed by its path relative to `out_dir` in POSIX form: "index.html",
+    "patient_<safe id>.html", "attributions/<safe id>.json", "attributions.parquet". Use `safe_name(id)` for the
+    name a given patient gets.
+    """
+    out = Path(out_dir)
+    (out / "attributions").mkdir(parents=True, exist_ok=True)
+    model_info = dict(model_info or {})
+    modalities = _model_modalities(model_info)
+    env = _environment()
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    model = _model_context(model_info)
+    written: dict[str, Path] = {}
+
+    names = _unique_names(e.id for e in explanations)
+    rows = []
+    for i, (e, name) in enumerate(zip(explanations, names)):
+        rel_json = f"attributions/{name}.json"
+        _write_text(out / rel_json, strict_json(e.to_dict()))
+        written[rel_json] = out / rel_json
+        pred, pred_prob = _prediction(e)
+        row = {"n": i + 1, "id": str(e.id), "pred": pred, "pred_prob": _fmt_prob(pred_prob),
+               "target": e.target, "method": _method_name(e.method), "error": e.error, "href": None}
+        if e.error is None:
+            rel = f"patient_{name}.html"
+            ctx = _patient_context(e, modalities)
+            page = env.get_template("patient.html.j2").render(
+                p=ctx, model=model, generated=generated, csp=CSP, title=f"Patient {e.id}")
+            _write_text(out / rel, page)
+            written[rel] = out / rel
+            row["href"] = rel
+        rows.append(row)
+
+    parquet = _write_parquet(explanations, names, out / "attributions.parquet")
+    if parquet is not None:
+        written["attributions.parquet"] = parquet
+
+    n_err = sum(r["error"] is not None for r in rows)
+    index = env.get_template("index.html.j2").render(
+        rows=rows, n_patients=len(rows), n_errors=n_err, n_reports=len(rows) - n_err, model=model,
+        parquet=parquet is not None, generated=generated, csp=CSP, title="Explanation reports")
+    _write_text(out / "index.html", index)
+    written["index.html"] = out / "index.html"
+    return written
+
+
+# -- names and JSON -----------------------------------------------------------------------------------------------
+def safe_name(patient_id: Any, max_len: int = 40) -> str:
+    """A file-name-safe, unique stem for any id: ASCII slug (lower case, [a-z0-9._-]) + 8 hex chars of SHA-1.
+
+    The hash is of the exact id, so ids that slugify alike ("a/b", "a b", "A B") still get different names, also
+    on case-insensitive file systems.
+    """
+    text = str(patient_id)
+    ascii_ = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9._-]+", "-", ascii_.lower()).strip("-._")[:max_len].strip("-._") or "patient"
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+    return f"{slug}-{digest}"
+
+
+def _unique_names(ids: Iterable[Any]) -> list[str]:
+    """safe_name per id; a repeated id gets "-2", "-3"... so no record overwrites another's files."""
+    seen: dict[str, int] = {}
+    out = []
+    for pid in ids:
+        base = safe_name(pid)
+        seen[base] = seen.get(base, 0) + 1
+        out.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return out
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain Python for json: numpy scalars/arrays -> Python, NaN/inf -> None, tuples -> lists, Paths -> str."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def strict_json(obj: Any) -> str:
+    return json.dumps(to_jsonable(obj), allow_nan=False, ensure_ascii=False, indent=1) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+# -- Jinja --------------------------------------------------------------------------------------------------------
+def _environment():
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    # autoescape=True for every template (select_autoescape would not match the ".html.j2" names): ids and report
+    # text are data, never markup.
+    env = Environment(loader=PackageLoader(__package__ or "explain", "templates"), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["signed"] = _fmt_signed
+    env.filters["num"] = _fmt_num
+    env.filters["pct"] = _fmt_pct
+    return env
+
+
+def _fmt_num(x: Any, digits: int = 3) -> str:
+    f = _finite(x)
+    if f is None:
+        return "n/a"
+    if f != 0 and (abs(f) < 10 ** -digits or abs(f) >= 1e5):
+        return f"{f:.{max(digits - 1, 1)}e}"
+    return f"{f:.{digits}f}"
+
+
+def _fmt_signed(x: Any, digits: int = 3) -> str:
+    f = _finite(x)
+    if f is None:
+        return "n/a"
+    s = _fmt_num(f, digits)
+    return s if s.startswith("-") else "+" + s
+
+
+def _fmt_pct(x: Any, digits: int = 1) -> str:
+    f = _finite(x)
+    return "n/a" if f is None else f"{100 * f:.{digits}f}%"
+
+
+def _fmt_prob(x: Any) -> Optional[str]:
+    f = _finite(x)
+    return None if f is None else f"{f:.3f}"
+
+
+def _finite(x: Any) -> Optional[float]:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+# -- page contexts ------------------------------------------------------------------------------------------------
+def _model_modalities(model_info: dict) -> list[str]:
+    mods = model_info.get("modalities")
+    if not mods:
+        return list(MODALITIES)
+    return [str(m) for m in mods]
+
+
+def _model_context(info: dict) -> dict:
+    known = ("name", "model_dir", "classes", "versions", "created", "modalities")
+    versions = info.get("versions") or {}
+    extra = {str(k): v for k, v in info.items() if k not in known and isinstance(v, (str, int, float, bool))}
+    return {
+        "name": str(info.get("name") or "unnamed model"),
+        "model_dir": None if info.get("model_dir") is None else str(info["model_dir"]),
+        "classes": [str(c) for c in info.get("classes") or []],
+        "created": None if info.get("created") is None else str(info["created"]),
+        "versions": {str(k): str(v) for k, v in versions.items()} if isinstance(versions, dict) else {},
+        "extra": extra,
+    }
+
+
+def _method_name(method: Optional[str]) -> str:
+    m = str(method or "unknown")
+    full = METHOD_NAMES.get(m.lower())
+    return f"{full} ({m})" if full else m
+
+
+def _prediction(e: PatientExplanation) -> tuple[Optional[str], Optional[float]]:
+    """(predicted class, its probability); the class falls back to the most probable one when `pred` is unset."""
+    probs = {k: _finite(v) for k, v in (e.probs or {}).items()}
+    pred = e.pred
+    if pred is None:
+        finite = {k: v for k, v in probs.items() if v is not None}
+        pred = max(finite, key=finite.get) if finite else None
+    return pred, probs.get(pred) if pred is not None else None
+
+
+def _patient_context(e: PatientExplanation, modalities: list[str]) -> dict:
+    pred, pred_prob = _prediction(e)
+    probs = []
+    for cls, p in (e.probs or {}).items():
+        f = _finite(p)
+        probs.append({"cls": str(cls), "p": f, "width": 0.0 if f is None else round(100 * min(max(f, 0.0), 1.0), 1),
+                      "is_pred": str(cls) == str(pred), "is_target": str(cls) == str(e.target)})
+    present = {"image": len(e.images) > 0, "text": len(e.words) > 0, "tabular": len(e.features) > 0}
+    mods = list(modalities)
+    for m in list(e.modality_share) + list(e.modality_ablation) + list(e.attention):
+        if m not in mods:
+            mods.append(m)
+    # A modality with a share but no data in this record (e.g. a future modality) counts as present.
+    for m in mods:
+        present.setdefault(m, m in e.modality_share)
+
+    return {
+        "id": str(e.id),
+        "target": str(e.target),
+        "pred": pred,
+        "pred_prob": pred_prob,
+        "probs": probs,
+        "method": _method_name(e.method),
+        "method_key": str(e.method or "").lower(),
+        "convergence_delta": _finite(e.convergence_delta),
+        "has_delta": e.convergence_delta is not None,
+        "modalities": mods,
+        "labels": {m: MODALITY_LABELS.get(m, m.capitalize()) for m in mods},
+        "present": present,
+        "modality": _modality_context(e, mods, present),
+        "images": _images_context(e) if "image" in mods and present["image"] else None,
+        "text": _text_context(e) if "text" in mods and present["text"] else None,
+        "tabular": _tabular_context(e) if "tabular" in mods and present["tabular"] else None,
+        "pos_rgb": "rgb(%d, %d, %d)" % POS_RGB,
+        "neg_rgb": "rgb(%d, %d, %d)" % NEG_RGB,
+    }
+
+
+def _modality_context(e: PatientExplanation, mods: list[str], present: dict) -> dict:
+    colours = dict(MODALITY_COLOURS)
+    extra = iter(_EXTRA_COLOURS * 4)
+    for m in mods:
+        colours.setdefault(m, next(extra))
+    rows = []
+    for m in mods:
+        rows.append({"m": m, "label": MODALITY_LABELS.get(m, m.capitalize()), "colour": colours[m],
+                     "present": present.get(m, False),
+                     "share": _finite(e.modality_share.get(m)),
+                     "ablation": _finite(e.modality_ablation.get(m)),
+                     "attention": _finite(e.attention.get(m))})
+
+    def segments(key: str) -> list[dict]:
+        vals = [(r, r[key]) for r in rows if r["present"] and r[key] is not None and r[key] > 0]
+        total = sum(v for _, v in vals)
+        if total <= 0:
+            return []
+        return [{"m": r["m"], "label": r["label"], "colour": r["colour"], "value": v,
+                 "width": round(100 * v / total, 2)} for r, v in vals]
+
+    return {"rows": rows, "share_bar": segments("share"), "attention_bar": segments("attention"),
+            "has_ablation": any(r["ablation"] is not None for r in rows),
+            "has_attention": any(r["attention"] is not None for r in rows),
+            "has_share": any(r["share"] is not None for r in rows)}
+
+
+def _text_context(e: PatientExplanation) -> dict:
+    scores = [_finite(s) for s in e.word_scores]
+    scores += [None] * (len(e.words) - len(scores))
+    finite = [abs(s) for s in scores if s is not None]
+    vmax = max(finite) if finite else 0.0
+    words = []
+    for w, s in zip(e.words, scores):
+        if s is None or vmax == 0:
+            words.append({"w": str(w), "style": "", "title": "attribution: n/a" if s is None else "attribution: 0",
+                          "sign": "none", "alpha": 0.0})
+            continue
+        alpha = round(abs(s) / vmax, 3)
+        rgb = POS_RGB if s > 0 else NEG_RGB
+        style = "background-color: rgba(%d, %d, %d, %.3f)" % (*rgb, alpha * 0.85)
+        if alpha > 0.6:
+            style += "; color: #fff"
+        words.append({"w": str(w), "style": style, "title": f"attribution: {_fmt_signed(s, 4)}",
+                      "sign": "pos" if s > 0 else ("neg" if s < 0 else "none"), "alpha": alpha})
+    top = sorted((i for i, s in enumerate(scores) if s is not None and s != 0), key=lambda i: -abs(scores[i]))[:5]
+    return {"words": words, "vmax": vmax, "mismatch": len(e.word_scores) != len(e.words),
+            "top": [{"w": str(e.words[i]), "score": scores[i]} for i in top]}
+
+
+def _tabular_context(e: PatientExplanation) -> dict:
+    n = len(e.features)
+    values = [str(v) for v in e.feature_values] + ["n/a"] * (n - len(e.feature_values))
+    scores = [_finite(s) for s in e.feature_scores] + [None] * (n - len(e.feature_scores))
+    order = sorted(range(n), key=lambda i: -abs(scores[i]) if scores[i] is not None else 1.0)
+    rows = [{"feature": str(e.features[i]), "value": values[i], "score": scores[i],
+             "sign": "pos" if (scores[i] or 0) > 0 else ("neg" if (scores[i] or 0) < 0 else "none")}
+            for i in order]
+    shown = [r for r in rows if r["score"] is not None][:MAX_FEATURE_BARS]
+    chart = _feature_chart(shown) if shown and any(r["score"] != 0 for r in shown) else None
+    return {"rows": rows, "chart": chart, "n_omitted": max(0, sum(r["score"] is not None for r in rows) - len(shown))}
+
+
+def _images_context(e: PatientExplanation) -> dict:
+    items = []
+    for i, img in enumerate(e.images[:MAX_IMAGES]):
+        amap = e.image_maps[i] if i < len(e.image_maps) else None
+        png, note = _image_figure(np.asarray(img), None if amap is None else np.asarray(amap, dtype=np.float64))
+        items.append({"n": i + 1, "png": png, "note": note, "shape": "×".join(str(s) for s in np.shape(img))})
+    return {"figures": items, "n_omitted": max(0, len(e.images) - MAX_IMAGES)}
+
+
+# -- figures ------------------------------------------------------------------------------------------------------
+def _png_data_uri(fig) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight", pad_inches=0.05, facecolor="white")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _display_image(img: np.ndarray) -> np.ndarray:
+    a = np.asarray(img, dtype=np.float64)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 3 and a.shape[-1] == 4:
+        a = a[..., :3]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] != 3):
+        raise ValueError(f"image must be [H, W] or [H, W, 3], got shape {a.shape}")
+    return np.clip(np.nan_to_num(a, nan=0.0), 0.0, 1.0)
+
+
+def _image_figure(img: np.ndarray, amap: Optional[np.ndarray]) -> tuple[str, Optional[str]]:
+    """Image | image with the signed map overlaid (RdBu_r, symmetric limits, opacity grows with |attribution| so
+    unimportant areas stay readable) + colour bar. Returns (PNG data URI, note for the caption or None).
+
+    Uses matplotlib's object API with an Agg canvas: no pyplot, no global backend switch, nothing left open.
+    """
+    import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    disp = _display_image(img)
+    h, w = disp.shape[:2]
+    extent = (0, w, h, 0)
+    note = None
+    if amap is not None:
+        amap = np.squeeze(amap)
+        if amap.ndim != 2:
+            note, amap = f"attribution map has shape {amap.shape}, expected [H, W]: not shown", None
+    lim = 0.0
+    if amap is not None:
+        mag = np.abs(amap[np.isfinite(amap)])
+        if mag.size:
+            lim = float(np.percentile(mag, OUTLIER_PERCENTILE)) or float(mag.max())
+        if lim <= 0:
+            note, amap = "attribution map is zero everywhere", None
+    elif note is None:
+        note = "no attribution map for this image"
+
+    aspect = h / max(w, 1)
+    panel = 2.6
+    fig = Figure(figsize=(2 * panel + 0.7, panel * aspect + 0.45), dpi=100)
+    gs = fig.add_gridspec(1, 3, width_ratios=[1, 1, 0.06], wspace=0.08)
+    ax0, ax1, cax = fig.add_subplot(gs[0]), fig.add_subplot(gs[1]), fig.add_subplot(gs[2])
+    kw = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if disp.ndim == 2 else {}
+    ax0.imshow(disp, extent=extent, interpolation="antialiased", **kw)
+    ax0.set_title("image", fontsize=9)
+    ax1.imshow(disp, extent=extent, interpolation="antialiased", **kw)
+    cmap = matplotlib.colormaps["RdBu_r"]
+    norm = Normalize(vmin=-lim, vmax=lim) if lim else None
+    if amap is not None:
+        m = np.nan_to_num(amap, nan=0.0)
+        rgba = cmap(norm(np.clip(m, -lim, lim)))
+        rgba[..., 3] = 0.75 * np.clip(np.abs(m) / lim, 0.0, 1.0) ** 0.7
+        # The map may be at a different resolution than the image: the shared extent lines them up.
+        ax1.imshow(rgba, extent=extent, interpolation="bilinear")
+        ax1.set_title("attribution overlay", fontsize=9)
+    for ax in (ax0, ax1):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+    if amap is None:
+        ax1.images[0].set_alpha(0.25)
+        ax1.text(0.5, 0.5, "no attribution\nmap", transform=ax1.transAxes, ha="center", va="center",
+                 fontsize=9, color="#334155")
+        cax.set_visible(False)
+        return _png_data_uri(fig), note
+    cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax)
+    cb.ax.tick_params(labelsize=7)
+    cb.set_ticks([-lim, 0, lim])
+    cb.set_ticklabels([_fmt_signed(-lim, 2), "0", _fmt_signed(lim, 2)])
+    return _png_data_uri(fig), note
+
+
+def _feature_chart(rows: list[dict]) -> str:
+    """Horizontal bars, largest |attribution| on top, labelled "feature = value"."""
+    from matplotlib.figure import Figure
+
+    labels = [_clip_label(f"{r['feature']} = {r['value']}") for r in rows][::-1]
+    scores = [r["score"] for r in rows][::-1]
+    colours = ["#%02x%02x%02x" % (POS_RGB if s > 0 else NEG_RGB) for s in scores]
+    fig = Figure(figsize=(6.4, 0.32 * len(rows) + 0.9), dpi=100)
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))
+    ax.barh(y, scores, color=colours, height=0.65)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.axvline(0, color="#334155", lw=0.8)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_xlabel("attribution (→ towards target, ← against)", fontsize=8)
+    lim = max(abs(s) for s in scores) * 1.15
+    ax.set_xlim(-lim, lim)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return _png_data_uri(fig)
+
+
+def _clip_label(s: str, n: int = 42) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+# -- parquet ------------------------------------------------------------------------------------------------------
+def _write_parquet(explanations: list[PatientExplanation], names: list[str], path: Path) -> Optional[Path]:
+    try:
+        import pandas as pd
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return None
+    mods = list(MODALITIES)
+    for e in explanations:
+        for m in list(e.modality_share) + list(e.modality_ablation) + list(e.attention):
+            if m not in mods:
+                mods.append(m)
+    rows = []
+    for e, name in zip(explanations, names):
+        pred, pred_prob = _prediction(e)
+        row = {"id": str(e.id), "file": name, "target": str(e.target), "pred": pred, "pred_prob": pred_prob,
+               "probs": json.dumps(to_jsonable(e.probs), allow_nan=False), "method": e.method,
+               "convergence_delta": _finite(e.convergence_delta), "error": e.error,
+               "n_images": len(e.images), "n_words": len(e.words), "n_features": len(e.features)}
+        for m in mods:
+            row[f"share_{m}"] = _finite(e.modality_share.get(m))
+            row[f"ablation_{m}"] = _finite(e.modality_ablation.get(m))
+            row[f"attention_{m}"] = _finite(e.attention.get(m))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in df.columns:
+        if col.startswith(("share_", "ablation_", "attention_")) or col in ("pred_prob", "convergence_delta"):
+            df[col] = df[col].astype("float64")
+    df.to_parquet(path, index=False)
+    return path
+
+
+__all__ = ["write_reports", "safe_name", "strict_json", "to_jsonable"]

@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny synthetic cohort and one tiny trained model per test session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+# Small enough to train in seconds on 2 CPU cores; the real settings are in configs/synthetic.yaml.
+TINY = {"image.size": 32, "image.token_grid": 1, "image.augment": None, "text.vocab_size": 200,
+        "train.epochs": 2, "train.batch_size": 16, "fusion.layers": 1}
+
+
+def shared(*parts) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"../shared/data/{'/'.join(parts)} not present")
+    return p
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory):
+    from multimodal.synth import make_cohort
+
+    return make_cohort(tmp_path_factory.mktemp("cohort"), n=120, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cohort):
+    from multimodal import DiagnosisModel
+
+    return DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY).fit(
+        cohort["train"], cohort["val"], progress=False)

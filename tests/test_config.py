@@ -1,0 +1,35 @@
+import pytest
+
+from multimodal.config import config_from_dict, load_config, parse_overrides
+from multimodal.errors import UserError
+
+from conftest import REPO
+
+
+def test_synthetic_config_loads_with_all_modalities():
+    cfg = load_config(REPO / "configs" / "synthetic.yaml")
+    assert cfg.modalities == ["image", "text", "tabular"]
+    assert "crp" in cfg.columns() and cfg.label_columns() == ["label"]
+
+
+def test_modalities_override_selects_subset():
+    cfg = load_config(REPO / "configs" / "synthetic.yaml", parse_overrides(["modalities=image,text", "train.epochs=3"]))
+    assert cfg.modalities == ["image", "text"] and cfg.train.epochs == 3
+    assert "crp" not in cfg.columns()
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"task": {"type": "regression", "label": "y"}}, "task.type"),
+    ({"task": {"label": "y"}, "modalities": ["image"]}, "no 'image:' section"),
+    ({"task": {"label": "y"}, "trian": {}}, "trian"),
+    ({"task": {"label": "y"}, "modalities": ["text"], "text": {"max_length": 1}}, "text.max_length"),
+])
+def test_bad_config_is_one_line_naming_the_problem(raw, needle):
+    with pytest.raises(UserError) as e:
+        config_from_dict(raw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(UserError, match="not key=value"):
+        parse_overrides(["epochs"])

@@ -1,0 +1,117 @@
+"""Encoders declare token dims and masks; fusion ignores what the mask says is absent."""
+import pytest
+import torch
+
+from encoders import ENCODERS, Tokens
+from fusion import FUSION_HEADS, drop_modalities
+
+
+def test_timm_encoder_tokens_per_view_and_view_mask():
+    enc = ENCODERS.create("timm", model_name="test_resnet", in_chans=1, image_size=64, token_grid=2).eval()
+    images = torch.randn(3, 2, 1, 64, 64)
+    mask = torch.tensor([[True, True], [True, False], [False, False]])
+    t = enc(images, mask)
+    T = enc.tokens_per_image
+    assert T == 4 and t.x.shape == (3, 2 * T, enc.output_dim)
+    assert t.mask.tolist() == [[True] * 2 * T, [True] * T + [False] * T, [False] * 2 * T]
+    assert torch.all(t.x[2] == 0) and torch.all(t.x[1, T:] == 0)
+    # a view's tokens depend only on that view
+    images2 = images.clone()
+    images2[0, 1] += 1
+    assert torch.allclose(enc(images2, mask).x[0, :T], t.x[0, :T])
+
+
+def test_timm_encoder_loads_local_checkpoint(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    src = timm.create_model("test_resnet", in_chans=1, num_classes=0, global_pool="")
+    save_file(src.state_dict(), tmp_path / "w.safetensors")
+    enc = ENCODERS.create("timm", model_name="test_resnet", in_chans=1, image_size=32,
+                          checkpoint_path=str(tmp_path / "w.safetensors"))
+    for k, v in src.state_dict().items():
+        assert torch.equal(enc.backbone.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("lstm", {"vocab_size": 50, "embed_dim": 8, "hidden_dim": 6}),
+    ("hf", {"config": {"model_type": "bert", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "intermediate_size": 32}}),
+])
+def test_text_encoders_shape_and_mask(name, kw):
+    enc = ENCODERS.create(name, **kw).eval()
+    ids = torch.randint(1, 50, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2] = False  # empty report
+    t = enc(ids, mask)
+    assert t.x.shape == (3, 7, enc.output_dim) and torch.equal(t.mask, mask)
+    assert torch.isfinite(t.x).all() and t.present.tolist() == [True, True, False]
+
+
+def test_hf_encoder_from_local_pretrained_folder(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    enc = ENCODERS.create("hf", pretrained=str(tmp_path / "bert")).eval()
+    ref = BertModel.from_pretrained(tmp_path / "bert").eval()
+    ids = torch.randint(1, 40, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert torch.allclose(enc(ids, mask).x, ref(input_ids=ids).last_hidden_state, atol=1e-6)
+
+
+def test_tabular_one_token_per_feature_and_absent_when_all_missing():
+    enc = ENCODERS.create("tabular", n_numeric=2, cardinalities=[3, 4], dim=8)
+    num = torch.tensor([[0.5, -1.0], [0.0, 0.0]])
+    missing = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    cat = torch.tensor([[1, 0], [0, 0]])
+    t = enc(num, missing, cat)
+    assert t.x.shape == (2, 4, 8) and t.present.tolist() == [True, False]
+
+
+def _tokens(B=4):
+    torch.manual_seed(0)
+    return {"image": Tokens(torch.randn(B, 6, 10), torch.ones(B, 6, dtype=torch.bool)),
+            "text": Tokens(torch.randn(B, 5, 12), torch.ones(B, 5, dtype=torch.bool)),
+            "tabular": Tokens(torch.randn(B, 3, 8), torch.ones(B, 3, dtype=torch.bool))}
+
+
+@pytest.mark.parametrize("head", ["attention", "concat"])
+@pytest.mark.parametrize("missing", ["image", "text", "tabular"])
+def test_fusion_ignores_absent_modality(head, missing):
+    toks = _tokens()
+    f = FUSION_HEADS.create(head, input_dims={m: t.x.shape[-1] for m, t in toks.items()}, num_outputs=2,
+                            dim=16, layers=1, heads=2).eval()
+    toks[missing] = Tokens(toks[missing].x, torch.zeros_like(toks[missing].mask))
+    out = f(toks)
+    garbage = dict(toks)
+    garbage[missing] = Tokens(torch.randn_like(toks[missing].x) * 100, toks[missing].mask)
+    assert torch.isfinite(out).all() and out.shape == (4, 2)
+    assert torch.allclose(f(garbage), out, atol=1e-5)
+    # while a present modality does change the output
+    other = next(m for m in toks if m != missing)
+    changed = dict(toks)
+    changed[other] = Tokens(toks[other].x + 1, toks[other].mask)
+    assert not torch.allclose(f(changed), out)
+
+
+def test_attention_fusion_all_modalities_absent_still_finite_and_attention_split():
+    toks = {m: Tokens(t.x, torch.zeros_like(t.mask)) for m, t in _tokens().items()}
+    f = FUSION_HEADS.create("attention", input_dims={m: t.x.shape[-1] for m, t in toks.items()},
+                            num_outputs=1, dim=16, layers=2, heads=2).eval()
+    assert torch.isfinite(f(toks)).all()
+    f(_tokens(), return_attention=True)
+    att = f.last_attention
+    assert {m: a.shape[1] for m, a in att.items()} == {"image": 6, "text": 5, "tabular": 3}
+    total = sum(a.sum(1) for a in att.values())
+    assert torch.all(total < 1.0 + 1e-5)  # the rest goes to CLS itself
+
+
+def test_modality_dropout_keeps_one_present_modality():
+    toks = _tokens(B=500)
+    toks["text"] = Tokens(toks["text"].x, torch.zeros_like(toks["text"].mask))  # nobody has text
+    out = drop_modalities(toks, p=0.9)
+    present = torch.stack([t.present for t in out.values()], 1)
+    assert present.any(1).all() and not present[:, 1].any()
+    assert 0.05 < present.float().mean() < 0.6
