@@ -18,7 +18,7 @@ from .metrics import compute_metrics
 from .preprocess import Preprocessing
 from .records import Records, load_records
 from .train import fit as train_fit
-from .train import holdout_split, labelled, make_loader
+from .train import holdout_split, labelled, make_loader, seed_everything
 
 RecordsLike = Union[str, Path, pd.DataFrame, Records]
 
@@ -62,13 +62,21 @@ class DiagnosisModel:
             raise UserError("model is not trained: call fit() or DiagnosisModel.load()")
 
     # -- training -------------------------------------------------------------------------------
-    def fit(self, train: RecordsLike, val: Optional[RecordsLike] = None, progress: bool = True) -> "DiagnosisModel":
+    def fit(self, train: RecordsLike, val: Optional[RecordsLike] = None, progress: bool = True,
+            reuse_preprocessing: bool = False) -> "DiagnosisModel":
+        """Fit preprocessing (vocabulary, scalers, label names) on `train`, then train from scratch.
+
+        `reuse_preprocessing=True` keeps the already fitted preprocessing: the WordPiece trainer in
+        `tokenizers` can break count ties differently between runs (huggingface/tokenizers#1794), so
+        bit-identical retraining needs the same fitted vocabulary."""
         train_rec = self.records(train, labels=True)
         if val is None:
             train_rec, val_rec = holdout_split(train_rec, self.config)
         else:
             val_rec = self.records(val, labels=True)
-        self.prep = Preprocessing.fit(self.config, train_rec)
+        if not (reuse_preprocessing and self.prep is not None):
+            self.prep = Preprocessing.fit(self.config, train_rec)
+        seed_everything(self.config.train.seed)  # weight init is part of what the seed fixes
         self.net = build_network(self.config, self.prep)
         summary = train_fit(self.net, self.prep, self.config, train_rec, val_rec, progress=progress)
         self.metrics = {"training": summary, "validation": self.evaluate(val_rec, n_boot=200)}

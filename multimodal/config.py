@@ -61,7 +61,7 @@ class ImageConfig(_Strict):
     """Normalisation; default: the pretrained weights' own, else 0.5/0.5."""
     augment: Optional[AugmentConfig] = AugmentConfig()
     cache: bool = True
-    """Keep decoded, resized training images in memory (augmentation still runs each epoch)."""
+    """Keep decoded, resized training/validation images in memory while training (augmentation still runs each epoch)."""
 
 
 class TextConfig(_Strict):

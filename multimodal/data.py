@@ -24,9 +24,10 @@ def one_line(e: BaseException) -> str:
 
 class RecordDataset(Dataset):
     def __init__(self, records: Records, prep: Preprocessing, modalities: list[str], cfg,
-                 labels: Optional[np.ndarray] = None, train: bool = False):
+                 labels: Optional[np.ndarray] = None, train: bool = False, cache: bool = False):
+        """`train`: augment images. `cache`: keep decoded, resized images in memory across epochs."""
         self.records, self.prep, self.mods, self.cfg = records, prep, modalities, cfg
-        self.labels, self.train = labels, train
+        self.labels, self.train, self.use_cache = labels, train, cache
         self.cache: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -36,7 +37,7 @@ class RecordDataset(Dataset):
         if i in self.cache:
             return self.cache[i]
         x = self.prep.image.load([row[c] for c in self.cfg.image.columns], self.records.root)
-        if self.train and self.cfg.image.cache:
+        if self.use_cache:
             self.cache[i] = x
         return x
 

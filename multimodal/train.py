@@ -142,8 +142,9 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
     train, y_tr = labelled(train, prep)
     val, y_va = labelled(val, prep)
     net.to(device)
-    train_ds = RecordDataset(train, prep, cfg.modalities, cfg, y_tr, train=True)
-    val_ds = RecordDataset(val, prep, cfg.modalities, cfg, y_va)
+    cache = "image" in cfg.modalities and cfg.image.cache
+    train_ds = RecordDataset(train, prep, cfg.modalities, cfg, y_tr, train=True, cache=cache)
+    val_ds = RecordDataset(val, prep, cfg.modalities, cfg, y_va, cache=cache)
     train_dl = make_loader(train_ds, cfg, prep, True, device, tc.batch_size, tc.seed, tc.num_workers)
     val_dl = make_loader(val_ds, cfg, prep, False, device, tc.batch_size * 2, workers=tc.num_workers)
 

@@ -88,3 +88,12 @@ def test_missing_modalities_still_predict(tiny_model, cohort):
     assert (out.status == "ok").all()
     full = tiny_model.predict(cohort["test"])
     assert not np.allclose(out.prob_1, full.prob_1)
+
+
+def test_same_seed_same_model(tiny_model, cohort):
+    """Given the same fitted preprocessing, a seed fixes weight init, shuffling, augmentation and
+    modality dropout: retraining gives the identical model."""
+    again = DiagnosisModel(tiny_model.config, prep=tiny_model.prep).fit(
+        cohort["train"], cohort["val"], progress=False, reuse_preprocessing=True)
+    np.testing.assert_array_equal(tiny_model.predict(cohort["test"]).prob_1.to_numpy(),
+                                  again.predict(cohort["test"]).prob_1.to_numpy())

@@ -43,9 +43,13 @@ class TextPreprocessor:
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         trainer = trainers.WordPieceTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIALS, min_frequency=2)
         tok.train_from_iterator([t for t in map(clean, texts) if t] or ["empty"], trainer=trainer)
+        # The trainer numbers tokens in hash order, differently on every run: renumber so the same
+        # reports and seed give the same model.
+        ordered = SPECIALS + sorted(t for t in tok.get_vocab() if t not in SPECIALS)
+        tok.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")),
-                                                    ("[SEP]", tok.token_to_id("[SEP]"))])
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", SPECIALS.index("[CLS]")),
+                                                    ("[SEP]", SPECIALS.index("[SEP]"))])
         tok.decoder = decoders.WordPiece()
         return cls(tok, cfg.max_length)
 

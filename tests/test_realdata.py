@@ -1,0 +1,32 @@
+"""Real patients from ../shared/data (skipped when absent): configs/medpix2.yaml end to end, small."""
+import pandas as pd
+
+from multimodal import DiagnosisModel, load_config, load_records
+
+from conftest import REPO, shared
+
+FAST = {"image.size": 48, "image.token_grid": 1, "image.max_images": 2, "image.augment": None,
+        "train.epochs": 1, "text.vocab_size": 300, "fusion.layers": 1}
+
+
+def test_medpix2_config_reads_real_records():
+    d = shared("medpix2")
+    cfg = load_config(REPO / "configs" / "medpix2.yaml")
+    rec = load_records(d / "records_train.csv", cfg, labels=True)
+    assert len(rec) == 535 and rec.root == d
+
+
+def test_medpix2_train_predict_subset(tmp_path):
+    d = shared("medpix2")
+    train = pd.read_csv(d / "records_train.csv", dtype=str).iloc[:80]
+    sub = tmp_path / "train.csv"
+    train.assign(image_path=train.image_path.str.split(";").map(
+        lambda ps: ";".join(str(d / p) for p in ps))).to_csv(sub, index=False)  # absolute paths: CSV lives elsewhere
+    model = DiagnosisModel.from_config(REPO / "configs" / "medpix2.yaml", **FAST)
+    model.fit(sub, d / "records_val.csv", progress=False)
+    model.save(tmp_path / "m")
+    out = DiagnosisModel.load(tmp_path / "m").predict(d / "records_val.csv")
+    val = pd.read_csv(d / "records_val.csv", dtype=str)
+    assert list(out.id) == list(val.patient_id)
+    assert (out.status == "ok").all(), out[out.status != "ok"].error.tolist()[:3]
+    assert out.prob_1.between(0, 1).all()
