@@ -42,12 +42,14 @@ class ImagePreprocessor:
     def load(self, cells: list, root: Path) -> torch.Tensor:
         """All images of one record as [V, C, H, W] in [0, 1] (V may be 0), capped at max_images."""
         out = []
-        for cell in cells:
-            for rel in split_paths(cell):
-                path = Path(rel) if Path(rel).is_absolute() else root / rel
-                if not path.exists():
-                    raise RecordError(f"image not found: {rel}")
-                out += [self._to_tensor(a) for a in read_image(path, window=self.cfg.window, frames=self.cfg.frames)]
+        paths = [p for cell in cells for p in split_paths(cell)]
+        for rel in paths:
+            if len(out) >= self.cfg.max_images:  # the rest would be dropped: don't decode them
+                break
+            path = Path(rel) if Path(rel).is_absolute() else root / rel
+            if not path.exists():
+                raise RecordError(f"image not found: {path}")
+            out += [self._to_tensor(a) for a in read_image(path, window=self.cfg.window, frames=self.cfg.frames)]
         if not out:
             return torch.zeros(0, self.cfg.in_chans, self.cfg.size, self.cfg.size)
         return torch.stack(out[: self.cfg.max_images])
