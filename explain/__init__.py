@@ -1,1 +1,40 @@
-"""Attributions and explanation reports (issue #3)."""
+"""Per-patient explanations across image, text and tabular inputs, and self-contained HTML reports.
+
+    exps = model.explain("records.csv")        # Captum: joint Integrated Gradients (or Grad-CAM)
+    exps[0].image_maps, exps[0].word_scores, exps[0].feature_scores, exps[0].modality_share
+    exps.to_html("reports/")                   # one page per patient + index.html + JSON
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .types import PatientExplanation
+
+
+class Explanations(list):
+    """A list of PatientExplanation (one per record, in order) that knows the model it came from."""
+
+    def __init__(self, items, model_info: dict):
+        super().__init__(items)
+        self.model_info = model_info
+
+    def to_html(self, out_dir) -> Path:
+        """Write the reports; returns the path of index.html."""
+        from .report import write_reports
+
+        write_reports(list(self), out_dir, model_info=self.model_info)
+        return Path(out_dir) / "index.html"
+
+
+def model_info(model, model_dir=None) -> dict:
+    """What a report says about the model: never anything from the patients' DICOM headers."""
+    from multimodal.artifact import library_versions
+
+    return {"name": model.config.name, "model_dir": str(model_dir) if model_dir else None,
+            "classes": list(model.classes), "modalities": list(model.config.modalities),
+            "fusion": model.config.fusion.type, "versions": library_versions(),
+            "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+__all__ = ["Explanations", "PatientExplanation", "model_info"]

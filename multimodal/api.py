@@ -27,6 +27,7 @@ class DiagnosisModel:
     def __init__(self, config: Config, prep: Optional[Preprocessing] = None, net=None,
                  metrics: Optional[dict] = None):
         self.config, self.prep, self.net, self.metrics = config, prep, net, metrics or {}
+        self.model_dir: Optional[Path] = None
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -40,7 +41,9 @@ class DiagnosisModel:
     @classmethod
     def load(cls, model_dir: Union[str, Path], device: Optional[str] = None) -> "DiagnosisModel":
         cfg, prep, net, metrics = artifact.load(model_dir, resolve_device(device or "auto"))
-        return cls(cfg, prep, net, metrics)
+        model = cls(cfg, prep, net, metrics)
+        model.model_dir = Path(model_dir)
+        return model
 
     def save(self, model_dir: Union[str, Path]) -> Path:
         self._require_trained()
@@ -128,3 +131,21 @@ class DiagnosisModel:
                             seed=self.config.train.seed)
         m["n_errors"] = int((~ok).sum())
         return m
+
+    # -- explanations ---------------------------------------------------------------------------
+    def explain(self, records: RecordsLike, *, target=None, method: str = "ig", n_steps: int = 32,
+                internal_batch_size: Optional[int] = None, batch_size: int = 8, ablation: bool = True,
+                progress: bool = False):
+        """Per-patient attributions for every modality (see explain.attribution.explain); the result
+        is a list of PatientExplanation with `.to_html(out_dir)`."""
+        from explain import Explanations, model_info
+        from explain.attribution import explain as attribute
+
+        self._require_trained()
+        try:
+            items = attribute(self, self.records(records), target=target, method=method, n_steps=n_steps,
+                              internal_batch_size=internal_batch_size, batch_size=batch_size,
+                              ablation=ablation, progress=progress)
+        except ValueError as e:  # bad method / target: the caller's mistake
+            raise UserError(str(e)) from None
+        return Explanations(items, model_info(self, self.model_dir))

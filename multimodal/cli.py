@@ -1,4 +1,4 @@
-"""`mmdx` command line: train, predict, evaluate, synth, demo. User mistakes exit 2 with one line."""
+"""`mmdx` command line: train, predict, evaluate, explain, synth, demo. User mistakes exit 2 with one line."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +63,24 @@ def _evaluate(a) -> None:
         print(json.dumps(m["overall"]))
 
 
+def _explain(a) -> None:
+    model = _load(a)
+    rec = model.records(a.records)
+    if a.ids:
+        wanted = [i.strip() for part in a.ids for i in part.split(",") if i.strip()]
+        ids = rec.df[model.config.data.id].astype(str)
+        unknown = sorted(set(wanted) - set(ids))
+        if unknown:
+            raise UserError(f"{rec.source}: no records with id {', '.join(unknown[:5])}")
+        rec = rec.subset(ids.isin(wanted).to_numpy().nonzero()[0])
+    target = int(a.target) if a.target and a.target.isdigit() and a.target not in model.classes else a.target
+    exps = model.explain(rec, target=target, method=a.method, n_steps=a.n_steps,
+                         internal_batch_size=a.internal_batch_size, batch_size=a.batch_size, progress=not a.quiet)
+    index = exps.to_html(a.out)
+    n_err = sum(e.error is not None for e in exps)
+    print(f"explained {len(exps)} records ({len(exps) - n_err} ok, {n_err} errors) with {a.method}: {index}")
+
+
 def _synth(a) -> None:
     from .synth import make_cohort
 
@@ -111,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="write metrics JSON here")
     ev.add_argument("--n-boot", type=int, default=1000)
     ev.set_defaults(fn=_evaluate)
+
+    ex = sub.add_parser("explain", help="per-patient attributions as self-contained HTML reports")
+    common(ex)
+    ex.set_defaults(batch_size=8)
+    ex.add_argument("--out", required=True, help="report folder (index.html, one page per patient, JSON)")
+    ex.add_argument("--ids", nargs="*", default=None, help="only these patient ids (space or comma separated)")
+    ex.add_argument("--method", choices=["ig", "gradcam"], default="ig",
+                    help="ig: joint Integrated Gradients; gradcam: fast Grad-CAM image maps")
+    ex.add_argument("--target", default=None, help="class to explain (default: positive / predicted class)")
+    ex.add_argument("--n-steps", type=int, default=32, help="Integrated Gradients steps")
+    ex.add_argument("--internal-batch-size", type=int, default=None,
+                    help="cap on (step x patient) rows per forward/backward pass, to bound memory")
+    ex.set_defaults(fn=_explain)
 
     sy = sub.add_parser("synth", help="write the synthetic demo cohort")
     sy.add_argument("--out", required=True)

@@ -109,8 +109,9 @@ class TrainConfig(_Strict):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = 1e-3
-    encoder_lr: Optional[dict[str, float]] = None
-    """Per-modality learning rate overrides, e.g. {image: 3e-4}."""
+    encoder_lr: Optional[dict[Literal["image", "text", "tabular"], float]] = None
+    """Per-modality encoder learning rates, e.g. {image: 3e-4}; entries for disabled modalities are
+    ignored, so `modalities=text` baselines need no config change."""
     weight_decay: float = 0.01
     warmup: float = Field(0.05, ge=0, lt=1)
     """Fraction of all steps spent in linear warmup, before cosine decay."""

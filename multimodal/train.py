@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import Collate, RecordDataset, to_device
-from .errors import UserError
 from .inference import amp_dtype, autocast, resolve_device, run_inference
 from .metrics import onehot, point_metrics, prob_matrix
 from .preprocess import Preprocessing
@@ -91,14 +90,12 @@ def warmup_cosine(total_steps: int, warmup_frac: float):
 
 
 def param_groups(net, cfg: Config) -> list[dict]:
-    overrides = cfg.train.encoder_lr or {}
     groups, seen = [], set()
-    for m, lr in overrides.items():
-        if m not in net.encoders:
-            raise UserError(f"train.encoder_lr: '{m}' is not an enabled modality ({', '.join(net.encoders)})")
-        params = list(net.encoders[m].parameters())
-        seen |= {id(p) for p in params}
-        groups.append({"params": params, "lr": lr})
+    for m, lr in (cfg.train.encoder_lr or {}).items():
+        if m in net.encoders:
+            params = list(net.encoders[m].parameters())
+            seen |= {id(p) for p in params}
+            groups.append({"params": params, "lr": lr})
     groups.append({"params": [p for p in net.parameters() if id(p) not in seen], "lr": cfg.train.lr})
     return groups
 

@@ -23,6 +23,7 @@ def test_modalities_override_selects_subset():
     ({"task": {"label": "y"}, "modalities": ["image"]}, "no 'image:' section"),
     ({"task": {"label": "y"}, "trian": {}}, "trian"),
     ({"task": {"label": "y"}, "modalities": ["text"], "text": {"max_length": 1}}, "text.max_length"),
+    ({"task": {"label": "y"}, "train": {"encoder_lr": {"imgae": 0.1}}}, "train.encoder_lr.imgae"),
 ])
 def test_bad_config_is_one_line_naming_the_problem(raw, needle):
     with pytest.raises(UserError) as e:
