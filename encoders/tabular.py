@@ -23,11 +23,13 @@ class TabularEncoder(nn.Module):
         self.cat_embeddings = nn.ModuleList(nn.Embedding(c, dim) for c in cardinalities)
         self.feature_embed = nn.Parameter(torch.randn(n_numeric + len(cardinalities), dim) * 0.1)
         self.output_dim = dim
+        # Hook point (no parameters): its output is the [B, F, dim] feature-token tensor, for Layer IG.
+        self.tokens = nn.Identity()
 
     def forward(self, num: torch.Tensor, num_missing: torch.Tensor, cat: torch.Tensor) -> Tokens:
         parts = [num[..., None] * self.num_weight + self.num_bias + num_missing[..., None] * self.num_missing]
         if len(self.cat_embeddings):
             parts.append(torch.stack([emb(cat[:, j]) for j, emb in enumerate(self.cat_embeddings)], 1))
-        x = torch.cat(parts, 1) + self.feature_embed
+        x = self.tokens(torch.cat(parts, 1) + self.feature_embed)
         present = (num_missing < 0.5).any(1) | (cat > 0).any(1)
         return Tokens(x, present[:, None].expand(-1, x.shape[1]))

@@ -1,7 +1,8 @@
 """`mmdx demo`: the whole main job on the built-in synthetic cohort, in a few minutes on a laptop CPU.
 
 synth → train attention fusion → evaluate → batch predict, then the same config restricted to each
-single modality, so the table shows what fusion adds. Writes summary.json for scripts.
+single modality, so the table shows what fusion adds; then explanation reports for a few test
+patients and faithfulness checks against the planted signals. Writes summary.json for scripts.
 """
 from __future__ import annotations
 
@@ -23,19 +24,44 @@ def _fmt(m: dict) -> str:
     return f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
 
 
+def _explain(model, cohort: dict, out: Path, n_reports: int) -> dict:
+    """Reports for the first test patients, then the faithfulness checks on the whole test split."""
+    from explain.faithfulness import TARGETS, faithfulness
+
+    exps = model.explain(model.records(cohort["test"]).subset(range(n_reports)))
+    index = exps.to_html(out / "reports")
+    print(f"[5/5] explanations: {len(exps)} patient reports → {index}")
+    faith = faithfulness(model, cohort["test"], cohort["truth"])
+    print("      faithfulness on the held-out split (planted signals known):")
+    rows = [("pointing game (IG peak in lesion box)", "pointing_game", ">="),
+            ("pointing game, Grad-CAM", "pointing_game_gradcam", None),
+            ("planted phrase in top-3 words", "text_top3", ">="),
+            ("planted lab is top feature", "tabular_top1", ">="),
+            ("randomised-model rank correlation", "sanity_rank_corr", "<")]
+    for label, key, op in rows:
+        v = faith.get(key)
+        if isinstance(v, dict):  # per modality: report the mean
+            v = float(sum(v.values()) / max(len(v), 1))
+        goal = f"(target {op} {TARGETS[key]:.2f})" if op else ""
+        print(f"        {label:40s} {v:.3f} {goal}" if v is not None else f"        {label:40s} n/a")
+    for m, d in faith.get("deletion", {}).items():
+        print(f"        deletion, {m:8s}: top-10% drop {d['top']:+.3f} vs random {d['random']:+.3f}")
+    return faith
+
+
 def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None, seed: int = 0,
-             config: Path = CONFIG, n_boot: int = 500) -> dict:
+             config: Path = CONFIG, n_boot: int = 500, n_reports: int = 8) -> dict:
     out = Path(out)
     t0 = time.perf_counter()
     cohort = make_cohort(out / "cohort", n=n, seed=seed)
-    print(f"[1/4] synthetic cohort: {n} patients (DICOM incl. MONOCHROME1, rescale/window, multi-frame; PNG; "
+    print(f"[1/5] synthetic cohort: {n} patients (DICOM incl. MONOCHROME1, rescale/window, multi-frame; PNG; "
           f"reports; labs) → {cohort['dir']}")
     overrides = {"train.seed": seed} | ({"train.epochs": epochs} if epochs else {})
 
     results, models = {}, {}
     for name in ("fusion",) + SINGLE:
         mods = ",".join(SINGLE) if name == "fusion" else name
-        step = "[2/4] attention fusion" if name == "fusion" else f"[3/4] {name}-only baseline"
+        step = "[2/5] attention fusion" if name == "fusion" else f"[3/5] {name}-only baseline"
         print(f"{step}: training …", flush=True)
         model = DiagnosisModel.from_config(config, **overrides, modalities=mods)
         model.fit(cohort["train"], cohort["val"], progress=False)
@@ -48,7 +74,7 @@ def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None,
     fused = models["fusion"]
     preds = fused.predict(cohort["test"])
     write_table(preds, out / "predictions.csv")
-    print(f"[4/4] batch predict: {len(preds)} rows ({int((preds.status == 'ok').sum())} ok) → {out / 'predictions.csv'}")
+    print(f"[4/5] batch predict: {len(preds)} rows ({int((preds.status == 'ok').sum())} ok) → {out / 'predictions.csv'}")
     print("\nattention fusion on the held-out split:\n" + format_table(results["fusion"]))
 
     print("\nheld-out AUROC [95% CI]:")
@@ -59,7 +85,10 @@ def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None,
     gain = results["fusion"]["overall"]["auroc"]["value"] - results[best_single]["overall"]["auroc"]["value"]
     print(f"  fusion minus best single modality ({best_single}): {gain:+.3f}")
 
+    faith = _explain(fused, cohort, out, n_reports)
+
     summary = {name: results[name]["overall"]["auroc"]["value"] for name in ("fusion",) + SINGLE}
+    summary["faithfulness"] = faith
     summary |= {"auroc_ci95": {k: results[k]["overall"]["auroc"]["ci95"] for k in results},
                 "n_test": results["fusion"]["n"], "seconds": round(time.perf_counter() - t0, 1),
                 "models": {k: str(out / "models" / k) for k in results}, "predictions": str(out / "predictions.csv")}
