@@ -19,6 +19,11 @@ class Tokens:
     def present(self) -> torch.Tensor:
         return self.mask.any(dim=1)
 
+    def mean(self) -> torch.Tensor:
+        """Masked mean over real tokens → [B, output_dim]; zeros for a patient without this modality."""
+        w = self.mask.to(self.x.dtype)[..., None]
+        return (self.x * w).sum(1) / w.sum(1).clamp(min=1)
+
 
 class Registry:
     def __init__(self, kind: str):

@@ -26,8 +26,6 @@ class ConcatFusion(nn.Module):
         parts, flags = [], []
         for m in self.modalities:
             t = tokens[m]
-            w = t.mask.to(t.x.dtype)[..., None]
-            pooled = (t.x * w).sum(1) / w.sum(1).clamp(min=1)
-            parts.append(self.proj[m](pooled) * t.present[:, None])  # absent → exact zeros
+            parts.append(self.proj[m](t.mean()) * t.present[:, None])  # absent → exact zeros
             flags.append(t.present[:, None].to(t.x.dtype))
         return self.head(torch.cat(parts + flags, 1))

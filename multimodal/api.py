@@ -82,16 +82,32 @@ class DiagnosisModel:
         seed_everything(self.config.train.seed)  # weight init is part of what the seed fixes
         self.net = build_network(self.config, self.prep)
         summary = train_fit(self.net, self.prep, self.config, train_rec, val_rec, progress=progress)
+        if self.config.train.calibrate:
+            summary["temperature"] = self._calibrate(val_rec)
         self.metrics = {"training": summary, "validation": self.evaluate(val_rec, n_boot=200)}
         return self
 
+    def _calibrate(self, val: Records) -> float:
+        """Temperature scaling on the validation patients (the same ones early stopping used)."""
+        from .calibration import fit_temperature
+
+        rec, y = labelled(val, self.prep)
+        self.net.temperature.fill_(1.0)
+        z = self._infer(rec, 64, 0, False, logits=True)["logits"]
+        ok = ~np.isnan(z).any(1)
+        t = fit_temperature(z[ok], y[ok], self.config.task.type) if ok.sum() >= 2 else 1.0
+        self.net.temperature.fill_(t)
+        return t
+
     # -- inference ------------------------------------------------------------------------------
-    def _infer(self, rec: Records, batch_size: int, workers: int, progress: bool, absent=None) -> dict:
+    def _infer(self, rec: Records, batch_size: int, workers: int, progress: bool, absent=None,
+               logits: bool = False) -> dict:
         self._require_trained()
         ds = RecordDataset(rec, self.prep, self.config.modalities, self.config)
         dl = make_loader(ds, self.config, self.prep, False, self.device, batch_size, workers=workers)
         return run_inference(self.net, dl, self.device, self.config.task.type,
-                             amp_dtype(self.device, self.config.train.amp), progress=progress, absent=absent)
+                             amp_dtype(self.device, self.config.train.amp), progress=progress, absent=absent,
+                             logits=logits)
 
     def predict(self, records: RecordsLike, batch_size: int = 64, workers: int = 0, progress: bool = False,
                 absent: Optional[list[str]] = None) -> pd.DataFrame:
@@ -120,7 +136,8 @@ class DiagnosisModel:
         return df
 
     def evaluate(self, records: RecordsLike, n_boot: int = 1000, batch_size: int = 64, workers: int = 0,
-                 progress: bool = False, absent: Optional[list[str]] = None) -> dict:
+                 progress: bool = False, absent: Optional[list[str]] = None, plots_dir=None) -> dict:
+        """Metrics with 95% bootstrap CIs (incl. ECE); `plots_dir` also gets roc.png and reliability.png."""
         rec, y = labelled(self.records(records, labels=True), self.prep)
         out = self._infer(rec, batch_size, workers, progress, absent)
         P = out["probs"]
@@ -130,6 +147,10 @@ class DiagnosisModel:
         m = compute_metrics(y[ok], P[ok], self.config.task.type, self.classes, n_boot=n_boot,
                             seed=self.config.train.seed)
         m["n_errors"] = int((~ok).sum())
+        if plots_dir is not None:
+            from .plots import write_plots
+
+            m["plots"] = [str(p) for p in write_plots(y[ok], P[ok], self.config.task.type, self.classes, plots_dir)]
         return m
 
     # -- explanations ---------------------------------------------------------------------------

@@ -48,4 +48,4 @@ def build_network(cfg: Config, prep: Preprocessing, text_config: Optional[dict] 
                                    heads=fc.heads, dropout=fc.dropout, modality_dropout=fc.modality_dropout)
     except (ValueError, RuntimeError, OSError) as e:
         raise UserError(f"cannot build model: {' '.join(str(e).split())[:250]}") from None
-    return DiagnosisNet(encs, head, prep.labels.num_outputs)
+    return DiagnosisNet(encs, head, prep.labels.num_outputs, aux_heads=cfg.fusion.aux_weight > 0)

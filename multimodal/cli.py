@@ -52,10 +52,13 @@ def _evaluate(a) -> None:
     from .output import write_json
 
     model = _load(a)
-    m = model.evaluate(a.records, n_boot=a.n_boot, batch_size=a.batch_size, workers=a.workers, progress=not a.quiet)
+    m = model.evaluate(a.records, n_boot=a.n_boot, batch_size=a.batch_size, workers=a.workers, progress=not a.quiet,
+                       plots_dir=a.plots)
     print(format_table(m))
     if m["n_errors"]:
         print(f"{m['n_errors']} records could not be scored and are not in these metrics")
+    if a.plots:
+        print(f"ROC curves and reliability diagram written to {a.plots}")
     if a.out:
         write_json(m, a.out)
         print(f"metrics written to {a.out}")
@@ -124,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="predictions .csv or .parquet")
     pr.set_defaults(fn=_predict)
 
-    ev = sub.add_parser("evaluate", help="AUROC/AUPRC/accuracy/F1 with 95%% bootstrap CIs")
+    ev = sub.add_parser("evaluate", help="AUROC/AUPRC/accuracy/F1/ECE with 95%% bootstrap CIs, and plots")
     common(ev)
     ev.add_argument("--out", default=None, help="write metrics JSON here")
     ev.add_argument("--n-boot", type=int, default=1000)
+    ev.add_argument("--plots", default=None, help="folder for roc.png and reliability.png")
     ev.set_defaults(fn=_evaluate)
 
     ex = sub.add_parser("explain", help="per-patient attributions as self-contained HTML reports")

@@ -103,6 +103,10 @@ class FusionConfig(_Strict):
     dropout: float = 0.1
     modality_dropout: float = 0.15
     """Per patient and modality, the chance a modality is hidden during training."""
+    aux_weight: float = Field(0.0, ge=0)
+    """Weight of auxiliary per-modality losses: each encoder also predicts the label from its own pooled
+    tokens, so a slow learner (a CNN from scratch) still learns when other modalities already explain
+    the training cases and early stopping would otherwise freeze fusion before it matters."""
 
 
 class TrainConfig(_Strict):
@@ -121,8 +125,13 @@ class TrainConfig(_Strict):
     class_weights: bool = True
     patience: int = 5
     """Epochs without validation AUROC gain before stopping."""
+    min_epochs: int = Field(1, ge=1)
+    """Epochs before a checkpoint can be chosen or training stop: a from-scratch CNN can need many
+    epochs while text/lab tokens already saturate a small validation set's AUROC."""
     val_fraction: float = Field(0.15, gt=0, lt=1)
     """Used when no validation records are given: a stratified, seeded split of the training records."""
+    calibrate: bool = True
+    """Fit temperature scaling on the validation records after training; predict applies it."""
     seed: int = 0
     device: str = "auto"
     amp: bool = True

@@ -85,10 +85,11 @@ class Collate:
             batch["text_ids"], batch["text_mask"], batch["text_encodings"] = self.prep.text([it["text"] for it in items])
         if "tabular" in self.mods:
             t = self.prep.tabular
-            nn_, nc = len(t.numeric), len(t.categorical)
-            batch["num"] = torch.tensor(np.stack([it.get("num", np.zeros(nn_, np.float32)) for it in items]))
-            batch["num_missing"] = torch.tensor(np.stack([it.get("num_missing", np.ones(nn_, np.float32)) for it in items]))
-            batch["cat"] = torch.tensor(np.stack([it.get("cat", np.zeros(nc, np.int64)) for it in items]))
+            n_num, n_cat = len(t.numeric), len(t.categorical)
+            empty = {"num": np.zeros(n_num, np.float32), "num_missing": np.ones(n_num, np.float32),
+                     "cat": np.zeros(n_cat, np.int64)}  # a failed row: every feature missing
+            for k, default in empty.items():
+                batch[k] = torch.tensor(np.stack([it.get(k, default) for it in items]))
         if "y" in items[0]:
             batch["y"] = torch.tensor(np.stack([it["y"] for it in items]))
         return batch

@@ -43,8 +43,8 @@ def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
 
 @torch.no_grad()
 def run_inference(net, loader: DataLoader, device: torch.device, task: str, amp: Optional[torch.dtype] = None,
-                  progress: bool = False, desc: str = "predict", absent=None) -> dict:
-    """Probabilities for every record the loader yields, in dataset order; error rows get NaN."""
+                  progress: bool = False, desc: str = "predict", absent=None, logits: bool = False) -> dict:
+    """Probabilities (or raw logits) for every record the loader yields, in dataset order; error rows get NaN."""
     net.eval()
     n = len(loader.dataset)
     probs, errors = None, [None] * n
@@ -59,7 +59,8 @@ def run_inference(net, loader: DataLoader, device: torch.device, task: str, amp:
             b = to_device(batch, device)
             t1 = time.perf_counter()
             with autocast(device, amp):
-                p = probabilities(net(b, absent=absent), task)
+                z = net(b, absent=absent)
+                p = z.float() if logits else probabilities(z, task)
             p = p.cpu().numpy()
             t_model += time.perf_counter() - t1
             if probs is None:
@@ -69,5 +70,5 @@ def run_inference(net, loader: DataLoader, device: torch.device, task: str, amp:
         bar.set_postfix(rec_per_s=f"{bar.n / max(time.perf_counter() - t0, 1e-9):.0f}")
     bar.close()
     if probs is None:  # every record failed
-        probs = np.full((n,), np.nan) if task == "binary" else np.full((n, net.num_outputs), np.nan)
-    return {"probs": probs, "errors": errors, "seconds": time.perf_counter() - t0, "model_seconds": t_model}
+        probs = np.full((n,), np.nan) if task == "binary" and not logits else np.full((n, net.num_outputs), np.nan)
+    return {"logits" if logits else "probs": probs, "errors": errors, "seconds": time.perf_counter() - t0, "model_seconds": t_model}

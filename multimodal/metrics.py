@@ -6,6 +6,8 @@ import warnings
 import numpy as np
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 
+from .calibration import expected_calibration_error
+
 
 def prob_matrix(probs: np.ndarray, task: str) -> np.ndarray:
     """Binary positive-class probabilities → [N, 2]; others unchanged."""
@@ -27,6 +29,8 @@ def point_metrics(Y: np.ndarray, P: np.ndarray, task: str) -> dict[str, float]:
         out[f"auprc/{j}"] = average_precision_score(Y[:, j], P[:, j]) if both else np.nan
         out[f"f1/{j}"] = f1_score(Y[:, j], pred[:, j], zero_division=0)
     out["accuracy"] = accuracy_score(Y, pred) if task == "multilabel" else accuracy_score(Y.argmax(1), pred.argmax(1))
+    labels = Y[:, 1] if task == "binary" else Y.argmax(1) if task == "multiclass" else Y
+    out["ece"] = expected_calibration_error(labels, P, task)
     k = P.shape[1]
     pos = [k - 1] if task == "binary" else range(k)
     with warnings.catch_warnings():
@@ -56,7 +60,7 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, task: str, classes: list[s
         ci = [float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))] if len(b) >= 10 else [np.nan, np.nan]
         return {"value": float(point[k]), "ci95": ci}
 
-    overall = {m: stat(m) for m in ("auroc", "auprc", "accuracy", "f1")}
+    overall = {m: stat(m) for m in ("auroc", "auprc", "accuracy", "f1", "ece")}
     per_class = {c: {m: stat(f"{m}/{j}") for m in ("auroc", "auprc", "f1")} | {"support": int(Y[:, j].sum())}
                  for j, c in enumerate(classes)}
     return {"n": int(len(Y)), "task": task, "overall": overall, "per_class": per_class, "n_bootstrap": n_boot}
@@ -76,4 +80,6 @@ def format_table(metrics: dict) -> str:
     for c, s in metrics["per_class"].items():
         name = f"{c} (n={s['support']})"[:23]
         lines.append(f"{name:24s}{_fmt(s['auroc']):>24s}{_fmt(s['auprc']):>24s}{_fmt(s['f1']):>24s}")
+    if "ece" in o:
+        lines.append(f"expected calibration error (15 bins): {_fmt(o['ece'])}")
     return "\n".join(lines)

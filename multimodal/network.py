@@ -10,11 +10,15 @@ from encoders.base import Tokens
 
 
 class DiagnosisNet(nn.Module):
-    def __init__(self, encoders: dict[str, nn.Module], fusion: nn.Module, num_outputs: int):
+    def __init__(self, encoders: dict[str, nn.Module], fusion: nn.Module, num_outputs: int,
+                 aux_heads: bool = False):
         super().__init__()
         self.num_outputs = num_outputs
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
+        # Training-only: each modality predicts the label from its own pooled tokens (see fusion.aux_weight).
+        self.aux_heads = nn.ModuleDict({m: nn.Linear(e.output_dim, num_outputs) for m, e in encoders.items()}) \
+            if aux_heads else None
         # Calibration (temperature scaling) is part of the model, so predict applies it everywhere.
         self.register_buffer("temperature", torch.ones(1))
 
@@ -25,10 +29,16 @@ class DiagnosisNet(nn.Module):
     def encode(self, batch: dict) -> dict[str, Tokens]:
         return {m: enc(*[batch[k] for k in enc.input_keys]) for m, enc in self.encoders.items()}
 
-    def forward(self, batch: dict, absent: Optional[Iterable[str]] = None, return_attention: bool = False) -> torch.Tensor:
-        """`absent`: modalities to treat as missing for every patient (ablation), via the mask path."""
+    def forward(self, batch: dict, absent: Optional[Iterable[str]] = None, return_attention: bool = False,
+                return_aux: bool = False):
+        """`absent`: modalities to treat as missing for every patient (ablation), via the mask path.
+        `return_aux`: also return {modality: (logits from that modality alone, present mask)}."""
         tokens = self.encode(batch)
         for m in absent or ():
             t = tokens[m]
             tokens[m] = Tokens(t.x, torch.zeros_like(t.mask))
-        return self.fusion(tokens, return_attention=return_attention) / self.temperature
+        logits = self.fusion(tokens, return_attention=return_attention) / self.temperature
+        if not return_aux:
+            return logits
+        aux = {m: (head(tokens[m].mean()), tokens[m].present) for m, head in (self.aux_heads or {}).items()}
+        return logits, aux

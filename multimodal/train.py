@@ -167,8 +167,11 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
             b = to_device({k: (v[ok] if isinstance(v, torch.Tensor) and len(v) == len(ok) else v)
                            for k, v in batch.items()}, device)
             with autocast(device, amp):
-                logits = net(b)
+                logits, aux = net(b, return_aux=True)
             loss = loss_fn(logits, b["y"])
+            if cfg.fusion.aux_weight > 0:
+                parts = [loss_fn(z[p], b["y"][p]) for z, p in aux.values() if p.any()]
+                loss = loss + cfg.fusion.aux_weight * sum(parts) / max(len(parts), 1)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -188,6 +191,8 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
         if progress:
             tqdm.write(f"epoch {epoch + 1}/{tc.epochs}  loss {rec['train_loss']:.4f}  val AUROC {score:.4f}  "
                        f"({rec['patients_per_s']:.0f} patients/s)")
+        if epoch + 1 < min(tc.min_epochs, tc.epochs):  # the last epoch is always a candidate
+            continue
         if not math.isfinite(score) or score > best["score"]:
             best = {"score": score, "epoch": epoch + 1, "state": copy.deepcopy(net.state_dict())}
             stale = 0

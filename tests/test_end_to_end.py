@@ -99,3 +99,34 @@ def test_same_seed_same_model(tiny_model, cohort):
         cohort["train"], cohort["val"], progress=False, reuse_preprocessing=True)
     np.testing.assert_array_equal(tiny_model.predict(cohort["test"]).prob_1.to_numpy(),
                                   again.predict(cohort["test"]).prob_1.to_numpy())
+
+
+def test_auxiliary_modality_heads_train_and_round_trip(cohort, tmp_path):
+    from conftest import REPO, TINY
+
+    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY, **{"fusion.aux_weight": 0.5})
+    model.fit(cohort["train"], cohort["val"], progress=False)
+    assert set(model.net.aux_heads) == {"image", "text", "tabular"}
+    from multimodal.data import Collate, RecordDataset
+
+    ds = RecordDataset(model.records(cohort["test"]), model.prep, model.config.modalities, model.config)
+    batch = Collate(model.prep, model.config.modalities, model.config)([ds[i] for i in range(8)])
+    logits, aux = model.net.eval()(batch, return_aux=True)
+    assert logits.shape == (8, 1) and all(z.shape == (8, 1) for z, _ in aux.values())
+    assert aux["image"][1].tolist() == batch["image_mask"].any(1).tolist()
+    before = model.predict(cohort["test"]).prob_1.to_numpy()
+    model.save(tmp_path / "m")
+    np.testing.assert_array_equal(before, DiagnosisModel.load(tmp_path / "m").predict(cohort["test"]).prob_1.to_numpy())
+    off = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY, **{"fusion.aux_weight": 0.0})
+    off.fit(cohort["train"], cohort["val"], progress=False)
+    assert off.net.aux_heads is None and not any(k.startswith("aux_heads") for k in off.net.state_dict())
+
+
+@pytest.mark.parametrize("epochs, min_epochs", [(3, 3), (2, 5)])
+def test_min_epochs_bounds_checkpoint_choice(cohort, epochs, min_epochs):
+    from conftest import REPO
+
+    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", modalities="tabular",
+                                       **{"train.epochs": epochs, "train.min_epochs": min_epochs})
+    t = model.fit(cohort["train"], cohort["val"], progress=False).metrics["training"]
+    assert t["best_epoch"] == epochs and len(t["history"]) == epochs

@@ -1,5 +1,6 @@
 """Real patients from ../shared/data (skipped when absent): configs/medpix2.yaml end to end, small."""
 import pandas as pd
+import pytest
 
 from multimodal import DiagnosisModel, load_config, load_records
 
@@ -30,3 +31,19 @@ def test_medpix2_train_predict_subset(tmp_path):
     assert list(out.id) == list(val.patient_id)
     assert (out.status == "ok").all(), out[out.status != "ok"].error.tolist()[:3]
     assert out.prob_1.between(0, 1).all()
+
+
+@pytest.mark.parametrize("config, dataset, n_classes", [
+    ("medpix2.yaml", "medpix2", 2), ("medpix2_location.yaml", "medpix2", 5), ("ham10000.yaml", "ham10000", 2),
+    ("ham10000_dx.yaml", "ham10000", 7), ("iu_xray.yaml", "iu_xray", 2)])
+def test_dataset_configs_match_their_records(config, dataset, n_classes):
+    from multimodal.preprocess.labels import LabelEncoder
+
+    d = shared(dataset)
+    cfg = load_config(REPO / "configs" / config)
+    for split in ("records_train.csv", "records_val.csv"):
+        rec = load_records(d / split, cfg, labels=True)
+        assert len(LabelEncoder(cfg.task).fit(rec.df).classes) == n_classes
+    # single-modality baselines come from the override alone
+    for m in cfg.modalities:
+        assert load_config(REPO / "configs" / config, {"modalities": m}).columns()

@@ -1,0 +1,37 @@
+"""Evaluation figures: ROC curves and a reliability diagram, drawn by scikit-learn's displays."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .calibration import calibration_points
+from .metrics import onehot, prob_matrix
+
+
+def write_plots(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str], out_dir) -> list[Path]:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    from sklearn.calibration import CalibrationDisplay
+    from sklearn.metrics import RocCurveDisplay
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    P = prob_matrix(probs, task)
+    Y = onehot(np.nan_to_num(y), task, P.shape[1])
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    for j in ([1] if task == "binary" else range(P.shape[1])):
+        if 0 < Y[:, j].sum() < len(Y):
+            RocCurveDisplay.from_predictions(Y[:, j], P[:, j], name=str(classes[j]), ax=ax)
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.set_title("ROC")
+    fig.savefig(out / "roc.png", dpi=110, bbox_inches="tight")
+
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    correct, conf = calibration_points(y, P, task)
+    label = {"binary": f"P({classes[1]})", "multiclass": "top class", "multilabel": "all labels"}[task]
+    CalibrationDisplay.from_predictions(correct, conf, n_bins=15, name=label, ax=ax)
+    ax.set_title("Reliability diagram")
+    fig.savefig(out / "reliability.png", dpi=110, bbox_inches="tight")
+    return [out / "roc.png", out / "reliability.png"]

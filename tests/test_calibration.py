@@ -1,0 +1,51 @@
+"""Temperature scaling and ECE against values known by construction."""
+import numpy as np
+import pytest
+
+from multimodal.calibration import expected_calibration_error, fit_temperature
+
+
+@pytest.mark.parametrize("true_t", [0.5, 3.0])
+def test_fit_temperature_recovers_known_miscalibration(true_t):
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-z))).astype(float)  # calibrated at T=1
+    t = fit_temperature((z * true_t)[:, None], y, "binary")  # logits scaled by true_t: T should undo it
+    assert t == pytest.approx(true_t, rel=0.08)
+
+
+def test_fit_temperature_multiclass():
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 1.5, (20000, 4))
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = np.array([rng.choice(4, p=row) for row in p])
+    assert fit_temperature(z * 2.0, y, "multiclass") == pytest.approx(2.0, rel=0.08)
+
+
+def test_ece_known_values():
+    # every patient at confidence 0.8, half of them positive: ECE = |0.5 - 0.8| = 0.3
+    P = np.tile([0.2, 0.8], (1000, 1))
+    y = np.array([0, 1] * 500)
+    assert expected_calibration_error(y, P, "binary") == pytest.approx(0.3, abs=1e-9)
+    rng = np.random.default_rng(2)
+    p = rng.random(50000)
+    y = (rng.random(50000) < p).astype(int)
+    assert expected_calibration_error(y, np.stack([1 - p, p], 1), "binary") < 0.01  # calibrated by construction
+    sharp = np.clip((p - 0.5) * 3 + 0.5, 0, 1)  # overconfident
+    assert expected_calibration_error(y, np.stack([1 - sharp, sharp], 1), "binary") > 0.1
+
+
+def test_trained_model_is_calibrated_and_ranking_unchanged(tiny_model, cohort, tmp_path):
+    t = tiny_model.metrics["training"]["temperature"]
+    assert float(tiny_model.net.temperature) == pytest.approx(t) and 0.05 <= t <= 20
+    scaled = tiny_model.predict(cohort["test"]).prob_1.to_numpy()
+    tiny_model.net.temperature.fill_(1.0)
+    try:
+        raw = tiny_model.predict(cohort["test"]).prob_1.to_numpy()
+    finally:
+        tiny_model.net.temperature.fill_(t)
+    assert (np.argsort(scaled) == np.argsort(raw)).all() and not np.allclose(scaled, raw)
+    m = tiny_model.evaluate(cohort["test"], n_boot=20, plots_dir=tmp_path / "plots")
+    assert 0 <= m["overall"]["ece"]["value"] <= 1
+    for name in ("roc.png", "reliability.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
