@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captum.attr import LayerIntegratedGradients  # noqa: E402
 
-from explain.attribution import _Forward, baseline_batch, explain  # noqa: E402
+from explain.attribution import AttributionForward, baseline_batch, explain  # noqa: E402
 from multimodal import DiagnosisModel  # noqa: E402
 from multimodal.build import build_network  # noqa: E402
 from multimodal.data import Collate, RecordDataset  # noqa: E402
@@ -94,7 +94,7 @@ def main() -> None:
         # naive: one Captum run per modality, one (forward + backward) per step
         keys = ["image", "text_ids", "num", "num_missing", "cat"]
         extra_keys = ["image_mask", "text_mask"]
-        fwd = _Forward(net, keys + extra_keys, model.config.task.type)
+        fwd = AttributionForward(net, keys + extra_keys, model.config.task.type)
         inputs = tuple(batch[k] for k in keys)
         extra = tuple(batch[k] for k in extra_keys)
         base = baseline_batch(model, batch)

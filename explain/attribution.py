@@ -72,7 +72,7 @@ METHODS = ("ig", "gradcam")
 
 
 # -- the network as Captum sees it --------------------------------------------------------------
-class _Forward(nn.Module):
+class AttributionForward(nn.Module):
     """Positional tensors → [N, K] attributed logits. Binary nets get two columns [-z, z], so a class
     index is a column index for every task type. `pixels` is the hook point for pixel-level IG."""
 
@@ -95,7 +95,7 @@ def _cuda_safe(device: torch.device):
 
 
 @contextlib.contextmanager
-def _eval_mode(net: nn.Module):
+def eval_mode(net: nn.Module):
     was = net.training
     net.eval()
     try:
@@ -140,7 +140,7 @@ def _fixed_target(target, classes: list[str], task: str) -> Optional[int]:
     raise ValueError(f"unknown target {target!r}; classes are {classes}")
 
 
-def _class_probs(z: torch.Tensor, task: str) -> torch.Tensor:
+def class_probs(z: torch.Tensor, task: str) -> torch.Tensor:
     """[N, K] probability per class column (binary: [1-p, p])."""
     if task == "binary":
         p = probabilities(z, task)
@@ -207,7 +207,7 @@ class _BatchResult:
     delta: Optional[torch.Tensor] = None     # [b]
 
 
-def _ig(fwd: _Forward, layers: list[nn.Module], inputs: tuple, baselines: tuple, extra: tuple,
+def _ig(fwd: AttributionForward, layers: list[nn.Module], inputs: tuple, baselines: tuple, extra: tuple,
         target: torch.Tensor, n_steps: int, internal_batch_size: Optional[int]):
     import warnings
 
@@ -222,7 +222,7 @@ def _ig(fwd: _Forward, layers: list[nn.Module], inputs: tuple, baselines: tuple,
     return [a[0] if isinstance(a, (tuple, list)) else a for a in attrs], delta
 
 
-def _gradcam(fwd: _Forward, layer: nn.Module, inputs: tuple, extra: tuple, target: torch.Tensor,
+def _gradcam(fwd: AttributionForward, layer: nn.Module, inputs: tuple, extra: tuple, target: torch.Tensor,
              image_mask: torch.Tensor) -> torch.Tensor:
     from captum.attr import LayerAttribution, LayerGradCam
 
@@ -248,14 +248,14 @@ def attribute_batch(model, batch: dict, *, target=None, method: str = "ig", n_st
     present = _present(net, batch)
     with torch.no_grad():
         z = net(batch)
-        probs = _class_probs(z.float(), task)
+        probs = class_probs(z.float(), task)
     fixed = _fixed_target(target, model.classes, task)
     tgt = (torch.full((len(rows),), fixed, dtype=torch.long, device=device) if fixed is not None
            else probs.argmax(1))
 
     in_keys = [k for m in mods for k in MODALITY_INPUTS[m]]
     ex_keys = [k for m in mods for k in MODALITY_EXTRA[m]]
-    fwd = _Forward(net, in_keys + ex_keys, task)
+    fwd = AttributionForward(net, in_keys + ex_keys, task)
     inputs = tuple(batch[k] for k in in_keys)
     extra = tuple(batch[k] for k in ex_keys)
     base = baseline_batch(model, batch, present)
@@ -290,7 +290,7 @@ def _ablation(net, batch: dict, probs: torch.Tensor, tgt: torch.Tensor, task: st
     with torch.no_grad():
         p_full = probs.gather(1, tgt[:, None])[:, 0]
         for m in net.encoders:
-            p = _class_probs(net(batch, absent=[m]).float(), task).cpu().gather(1, tgt[:, None])[:, 0]
+            p = class_probs(net(batch, absent=[m]).float(), task).cpu().gather(1, tgt[:, None])[:, 0]
             out[m] = p_full - p
     return out
 
@@ -432,7 +432,7 @@ def iter_batches(model, records, *, target=None, method: str = "ig", n_steps: in
     bar = tqdm(total=len(ds), desc=f"explain ({method})", unit="rec", disable=not progress, dynamic_ncols=True)
     kw = dict(target=target, method=method, n_steps=n_steps, internal_batch_size=internal_batch_size, net=net,
               gradcam_layer=gradcam_layer)
-    with _eval_mode(net), _cuda_safe(device), torch.autocast(device.type, enabled=False):
+    with eval_mode(net), _cuda_safe(device), torch.autocast(device.type, enabled=False):
         for batch in dl:
             idx, ok = batch["index"].tolist(), batch["ok"]
             by_row: dict[int, PatientExplanation] = {

@@ -56,7 +56,7 @@ from multimodal.data import to_device
 from multimodal.imageio import read_image
 from multimodal.preprocess.image import split_paths
 
-from .attribution import _class_probs, _eval_mode, baseline_batch, iter_batches, with_net
+from .attribution import class_probs, eval_mode, baseline_batch, iter_batches, with_net
 
 TOP_FRACTION = 0.10
 N_RANDOM = 3
@@ -198,7 +198,7 @@ def _masked(model, res, m: str, chosen: list[np.ndarray], base: dict) -> dict:
 
 def _target_prob(model, batch: dict, target: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        p = _class_probs(model.net(batch).float(), model.config.task.type).cpu()
+        p = class_probs(model.net(batch).float(), model.config.task.type).cpu()
     return p.gather(1, target[:, None])[:, 0]
 
 
@@ -301,7 +301,7 @@ def faithfulness(model, test_csv, truth_csv, *, n_steps: int = 32, seed: int = 0
     trained_maps: dict[int, dict[str, np.ndarray]] = {}
     deltas, rel, rel_img, rel_noimg, seen = [], [], [], [], 0
     sanity_rows = set(range(min(sanity_patients, len(rec))))
-    with _eval_mode(model.net):
+    with eval_mode(model.net):
         for res, exps in iter_batches(model, rec, n_steps=n_steps, batch_size=batch_size, ablation=False,
                                       progress=progress):
             first, seen = seen, seen + len(exps)       # the loader keeps record order
