@@ -13,7 +13,7 @@ from .build import build_network
 from .config import Config, config_from_dict, load_config
 from .data import RecordDataset
 from .errors import UserError
-from .inference import amp_dtype, resolve_device, run_inference
+from .inference import amp_dtype, resolve_device, run_inference, scored
 from .metrics import compute_metrics
 from .preprocess import Preprocessing
 from .records import Records, load_records
@@ -94,7 +94,7 @@ class DiagnosisModel:
         rec, y = labelled(val, self.prep)
         self.net.temperature.fill_(1.0)
         z = self._infer(rec, 64, 0, False, logits=True)["logits"]
-        ok = ~np.isnan(z).any(1)
+        ok = scored(z)
         t = fit_temperature(z[ok], y[ok], self.config.task.type) if ok.sum() >= 2 else 1.0
         self.net.temperature.fill_(t)
         return t
@@ -125,7 +125,7 @@ class DiagnosisModel:
             P = np.stack([1 - P, P], 1)
         for j, c in enumerate(classes):
             df[f"prob_{c}"] = P[:, j]
-        ok = ~np.isnan(P).any(1)
+        ok = scored(P)
         if task == "multilabel":
             pred = [";".join(c for c, p in zip(classes, row) if p >= 0.5) for row in P]
         else:
@@ -141,7 +141,7 @@ class DiagnosisModel:
         rec, y = labelled(self.records(records, labels=True), self.prep)
         out = self._infer(rec, batch_size, workers, progress, absent)
         P = out["probs"]
-        ok = ~np.isnan(P).any(1) if P.ndim == 2 else ~np.isnan(P)
+        ok = scored(P)
         if ok.sum() < 2:
             raise UserError(f"{rec.source}: fewer than 2 records could be scored")
         m = compute_metrics(y[ok], P[ok], self.config.task.type, self.classes, n_boot=n_boot,

@@ -33,6 +33,11 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def scored(values: np.ndarray) -> np.ndarray:
+    """Rows run_inference could score (error rows are NaN), for [N] or [N, K] outputs."""
+    return ~np.isnan(values).any(1) if values.ndim == 2 else ~np.isnan(values)
+
+
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
     """Binary → [N] positive-class probability; multiclass → softmax; multilabel → sigmoid."""
     logits = logits.float()

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import Collate, RecordDataset, to_device
-from .inference import amp_dtype, autocast, resolve_device, run_inference
+from .inference import amp_dtype, autocast, resolve_device, run_inference, scored
 from .metrics import onehot, point_metrics, prob_matrix
 from .preprocess import Preprocessing
 from .records import Records
@@ -123,7 +123,7 @@ def make_loader(ds, cfg: Config, prep: Preprocessing, shuffle: bool, device: tor
 
 
 def validation_score(y: np.ndarray, probs: np.ndarray, task: str) -> float:
-    ok = ~np.isnan(probs).any(1) if probs.ndim == 2 else ~np.isnan(probs)
+    ok = scored(probs)
     if ok.sum() < 2:
         return float("nan")
     P = prob_matrix(probs[ok], task)
