@@ -1,6 +1,8 @@
 """The research API: DiagnosisModel.from_config(...).fit(...).predict(...) / evaluate / save / load."""
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Optional, Union
 
@@ -83,21 +85,41 @@ class DiagnosisModel:
         self.net = build_network(self.config, self.prep)
         summary = train_fit(self.net, self.prep, self.config, train_rec, val_rec, progress=progress)
         if self.config.train.calibrate:
-            summary["temperature"] = self._calibrate(val_rec)
+            summary.update(self._calibrate(val_rec))
         self.metrics = {"training": summary, "validation": self.evaluate(val_rec, n_boot=200)}
         return self
 
-    def _calibrate(self, val: Records) -> float:
-        """Temperature scaling on the validation patients (the same ones early stopping used)."""
+    @contextlib.contextmanager
+    def uncalibrated(self):
+        """Within the block, outputs are the raw network's (temperature 1, no bias), e.g. to measure
+        what calibration changed: `with model.uncalibrated(): raw = model.predict(records)`."""
+        self._require_trained()
+        net = self.net
+        saved = net.temperature.clone(), net.logit_bias.clone()
+        net.temperature.fill_(1.0)
+        net.logit_bias.zero_()
+        try:
+            yield self
+        finally:
+            net.temperature.copy_(saved[0])
+            net.logit_bias.copy_(saved[1])
+
+    def _calibrate(self, val: Records) -> dict:
+        """Temperature (and bias) scaling on the validation patients (the same ones early stopping used)."""
         from .calibration import fit_temperature
 
         rec, y = labelled(val, self.prep)
-        self.net.temperature.fill_(1.0)
-        z = self._infer(rec, 64, 0, False, logits=True)["logits"]
+        net, bias = self.net, self.config.train.calibrate_bias
+        with self.uncalibrated():
+            z = self._infer(rec, 64, 0, False, logits=True)["logits"]
         ok = scored(z)
-        t = fit_temperature(z[ok], y[ok], self.config.task.type) if ok.sum() >= 2 else 1.0
-        self.net.temperature.fill_(t)
-        return t
+        if ok.sum() < 2:
+            return {"temperature": 1.0}
+        fitted = fit_temperature(z[ok], y[ok], self.config.task.type, bias=bias)
+        t, b = fitted if bias else (fitted, np.zeros(net.num_outputs))
+        net.temperature.fill_(t)
+        net.logit_bias.copy_(torch.as_tensor(b, dtype=net.logit_bias.dtype))
+        return {"temperature": t, "logit_bias": [float(v) for v in b]}
 
     # -- inference ------------------------------------------------------------------------------
     def _infer(self, rec: Records, batch_size: int, workers: int, progress: bool, absent=None,

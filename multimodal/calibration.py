@@ -1,7 +1,9 @@
-"""Temperature scaling (Guo et al., 2017) and expected calibration error.
+"""Temperature scaling (Guo et al., 2017), optionally with one bias per output, and expected calibration error.
 
 One scalar T divides every logit; it is fitted on validation logits by minimising the negative
-log-likelihood, so it changes confidence but never the ranking (AUROC is unchanged)."""
+log-likelihood, so it changes confidence but never the ranking (AUROC is unchanged). Class-weighted
+training shifts every logit by roughly log(pos_weight), which no temperature can undo; the optional
+bias b (z / T + b, Platt scaling for binary) does, and is still monotone per output."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,20 +19,27 @@ def _nll(z: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(z[valid], target[valid])
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray, task: str) -> float:
-    """logits [N, K] (binary K=1) at temperature 1, labels as the loss expects → T in [0.05, 20]."""
+def fit_temperature(logits: np.ndarray, y: np.ndarray, task: str, bias: bool = False):
+    """logits [N, K] (binary K=1) at temperature 1, labels as the loss expects → T in [0.05, 20];
+    with `bias`, returns (T, b[K]) for z / T + b. Multiclass biases are centred (softmax ignores a shift)."""
     z = torch.as_tensor(logits, dtype=torch.float64).reshape(len(logits), -1)
     yt = torch.as_tensor(y, dtype=torch.float64)
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    b = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=bias)
+    params = [log_t, b] if bias else [log_t]
+    opt = torch.optim.LBFGS(params, lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = _nll(z / log_t.exp(), yt, task)
+        loss = _nll(z / log_t.exp() + b, yt, task)
         loss.backward()
         return loss
     opt.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    t = float(log_t.detach().exp().clamp(0.05, 20.0))
+    if not bias:
+        return t
+    b = b.detach().numpy()
+    return t, (b - b.mean() if task == "multiclass" else b)
 
 
 def calibration_points(y: np.ndarray, P: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The assembled model: one encoder per modality → fusion head → logits (temperature-scaled)."""
+"""The assembled model: one encoder per modality → fusion head → logits (calibrated: z / T + b)."""
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -21,6 +21,7 @@ class DiagnosisNet(nn.Module):
             if aux_heads else None
         # Calibration (temperature scaling) is part of the model, so predict applies it everywhere.
         self.register_buffer("temperature", torch.ones(1))
+        self.register_buffer("logit_bias", torch.zeros(num_outputs))
 
     @property
     def modalities(self) -> list[str]:
@@ -37,7 +38,7 @@ class DiagnosisNet(nn.Module):
         for m in absent or ():
             t = tokens[m]
             tokens[m] = Tokens(t.x, torch.zeros_like(t.mask))
-        logits = self.fusion(tokens, return_attention=return_attention) / self.temperature
+        logits = self.fusion(tokens, return_attention=return_attention) / self.temperature + self.logit_bias
         if not return_aux:
             return logits
         aux = {m: (head(tokens[m].mean()), tokens[m].present) for m, head in (self.aux_heads or {}).items()}

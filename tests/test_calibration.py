@@ -36,16 +36,29 @@ def test_ece_known_values():
 
 
 def test_trained_model_is_calibrated_and_ranking_unchanged(tiny_model, cohort, tmp_path):
-    t = tiny_model.metrics["training"]["temperature"]
+    t, b = tiny_model.metrics["training"]["temperature"], tiny_model.metrics["training"]["logit_bias"]
     assert float(tiny_model.net.temperature) == pytest.approx(t) and 0.05 <= t <= 20
+    assert tiny_model.net.logit_bias.tolist() == pytest.approx(b)
     scaled = tiny_model.predict(cohort["test"]).prob_1.to_numpy()
-    tiny_model.net.temperature.fill_(1.0)
-    try:
+    with tiny_model.uncalibrated():
         raw = tiny_model.predict(cohort["test"]).prob_1.to_numpy()
-    finally:
-        tiny_model.net.temperature.fill_(t)
+    assert tiny_model.predict(cohort["test"]).prob_1.to_numpy() == pytest.approx(scaled)  # restored
     assert (np.argsort(scaled) == np.argsort(raw)).all() and not np.allclose(scaled, raw)
     m = tiny_model.evaluate(cohort["test"], n_boot=20, plots_dir=tmp_path / "plots")
     assert 0 <= m["overall"]["ece"]["value"] <= 1
     for name in ("roc.png", "reliability.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_bias_undoes_class_weight_shift():
+    # calibrated logits shifted by log(pos_weight)=log(4), as class weighting does: T alone cannot undo it
+    rng = np.random.default_rng(3)
+    z = rng.normal(-1.5, 1.5, 20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-z))).astype(float)
+    shifted = (z + np.log(4.0))[:, None]
+    t, b = fit_temperature(shifted, y, "binary", bias=True)
+    assert t == pytest.approx(1.0, rel=0.08) and b[0] == pytest.approx(-np.log(4.0), abs=0.1)
+    p_t = 1 / (1 + np.exp(-shifted[:, 0] / fit_temperature(shifted, y, "binary")))
+    p_tb = 1 / (1 + np.exp(-(shifted[:, 0] / t + b[0])))
+    ece = [expected_calibration_error(y, np.stack([1 - p, p], 1), "binary") for p in (p_t, p_tb)]
+    assert ece[1] < 0.02 < ece[0]

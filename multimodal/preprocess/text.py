@@ -41,7 +41,8 @@ class TextPreprocessor:
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIALS, min_frequency=2)
+        trainer = trainers.WordPieceTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIALS, min_frequency=2,
+                                           show_progress=False)
         tok.train_from_iterator([t for t in map(clean, texts) if t] or ["empty"], trainer=trainer)
         # The trainer numbers tokens in hash order, differently on every run: renumber so the same
         # reports and seed give the same model.
