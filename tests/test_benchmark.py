@@ -1,0 +1,76 @@
+"""The real-data benchmark harness: its statistics on planted differences, and `--quick` end to end."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, shared
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_stats as st  # noqa: E402
+
+
+def _planted(n=400, seeds=3):
+    rng = np.random.default_rng(0)
+    y = (rng.random(n) < 0.4).astype(int)
+
+    def model(signal):
+        return [1 / (1 + np.exp(-(signal * (2 * y - 1) + rng.normal(0, 1, n)))) for _ in range(seeds)]
+    return y, {"strong": model(1.5), "weak": model(0.3)}
+
+
+def test_paired_bootstrap_finds_a_planted_gap_and_none_between_identical_models():
+    y, v = _planted()
+    v["strong again"] = [p.copy() for p in v["strong"]]
+    boots = st.bootstrap(y, v, n_boot=200)
+    gap = st.paired_difference(y, v, boots, "strong", "weak")
+    assert gap["ci95"][0] > 0.1 and gap["p_le_0"] == 0.0
+    same = st.paired_difference(y, v, boots, "strong", "strong again")
+    assert same["value"] == 0 and same["ci95"] == [0.0, 0.0]
+    s = st.summarise(y, v, boots)
+    lo, hi = s["strong"]["auroc"]["ci95"]
+    assert lo < s["strong"]["auroc"]["value"] < hi and len(s["strong"]["auroc"]["per_seed"]) == 3
+
+
+def test_ece_floor_is_the_noise_of_a_calibrated_model_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    small, large = st.ece_floor(rng.random(60)), st.ece_floor(rng.random(6000))
+    assert 0.05 < small < 0.2 and large < 0.03
+
+
+def _run(tmp_path, *args):
+    import real_data
+
+    out = tmp_path / "bench"
+    assert real_data.main(["--quick", "--out", str(out), "--n-boot", "50", *args]) == 0
+    return json.loads((out / "results.json").read_text()), (out / "BENCHMARKS.md").read_text(), out
+
+
+def test_quick_benchmark_medpix2(tmp_path):
+    shared("medpix2")
+    report, md, out = _run(tmp_path, "--datasets", "medpix2")
+    d = report["datasets"][0]
+    singles = ["image only", "text only", "tabular only"]
+    assert {"attention", "concat", *singles} <= set(d["summary"])
+    assert sum(r["variant"] == "attention" for r in d["runs"]) == 2 and report["seeds"] == [0, 1]
+    assert d["best_single"] in singles and d["comparisons"][0]["b"] == d["best_single"]
+    for m in ("image", "text", "tabular"):  # missing-modality robustness of the fused model
+        assert f"attention, without {m}" in d["summary"] and f"attention, {m} kept" in d["summary"]
+    assert d["throughput"]["n_cli"] == 67  # every validation row predicted by `mmdx predict`
+    for p in d["plots"]:
+        assert (out / p).read_bytes()[:4] == b"\x89PNG"
+    for v in ("attention", "concat", *singles):
+        assert f"| {v} | " in md
+    assert "attention − " + d["best_single"] in md and "quick mode" in md
+    assert len(list((out / "runs").glob("*.json"))) == 10  # 5 variants x 2 seeds, kept for resuming
+
+
+def test_quick_benchmark_grouped_cv_predicts_every_patient_once(tmp_path):
+    shared("iu_xray")
+    report, md, _ = _run(tmp_path, "--datasets", "iu_xray", "--cv", "2", "--seeds", "0")
+    d = report["datasets"][0]
+    assert d["n_eval"] == 300 and "2-fold" in d["split"]  # 200 train + 100 val pooled
+    assert len([r for r in d["runs"] if r["variant"] == "attention"]) == 2  # one per fold
+    assert np.isfinite(d["summary"]["attention"]["auroc"]["value"])  # no patient left unpredicted (NaN)
+    assert "2-fold grouped CV" in md
