@@ -123,8 +123,7 @@ def throughput(model, test, records_csv: Path, work: Path, threads: int) -> dict
     the pure forward pass on the same, already collated batches."""
     import torch
 
-    from multimodal.data import to_device
-    from multimodal.data import RecordDataset
+    from multimodal.data import RecordDataset, to_device
     from multimodal.train import make_loader
 
     model_dir = model.save(work / "model")
@@ -157,7 +156,7 @@ def throughput(model, test, records_csv: Path, work: Path, threads: int) -> dict
 def run_dataset(name: str, args, out: Path) -> dict:
     from multimodal.config import load_config
     from multimodal.plots import write_plots
-    from multimodal.train import labelled
+    from multimodal.preprocess.labels import LabelEncoder
 
     cfg_path = ROOT / "configs" / DATASETS[name]
     cfg = load_config(cfg_path)
@@ -165,9 +164,7 @@ def run_dataset(name: str, args, out: Path) -> dict:
     if args.quick:
         base |= QUICK | (QUICK_IMAGE if cfg.image is not None else {})
     parts, pool = splits(Path(args.data) / name, cfg, args.cv, args.quick)
-    y = pool.df[cfg.label_columns()[0]].astype(str).to_numpy()
-    classes = sorted(set(y)) if cfg.task.classes is None else cfg.task.classes
-    y = (y == classes[-1]).astype(int)
+    y = LabelEncoder(cfg.task).fit(pool.df).encode(pool.df).astype(int)  # the class order models use
     preds: dict[str, list[np.ndarray]] = {}
     runs, t0, extra = [], time.perf_counter(), {}
     for vname, ov in variants(cfg, args.text_model).items():
@@ -185,8 +182,7 @@ def run_dataset(name: str, args, out: Path) -> dict:
                     extra["throughput"] = throughput(model, test, Path(args.data) / name / "records_val.csv",
                                                      out / "work" / name, args.threads) if not args.cv else None
                     extra["plots"] = [str(p.relative_to(out)) for p in write_plots(
-                        labelled(test, model.prep)[1], np.stack([1 - by_key["calibrated"][pos],
-                                                                  by_key["calibrated"][pos]], 1),
+                        y[pos], np.stack([1 - by_key["calibrated"][pos], by_key["calibrated"][pos]], 1),
                         "binary", model.classes, out / "plots" / name)]
                 runs.append({"variant": vname, "seed": seed, "split": split, **r})
                 print(f"  {name:9s} {vname:28s} seed {seed} {split:6s} {r['epochs_run']:2d} epochs "
