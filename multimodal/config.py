@@ -26,11 +26,30 @@ class TaskConfig(_Strict):
     classes: Optional[list[str]] = None
     """Class order; for binary the second class is the positive one. Inferred from training labels if unset."""
 
+    @model_validator(mode="after")
+    def _values(self):
+        labels = [self.label] if isinstance(self.label, str) else self.label
+        if not labels or any(not str(c).strip() for c in labels):
+            raise ValueError("task.label must name a column")
+        if self.classes is not None:
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError("task.classes lists a class twice")
+            if self.type == "binary" and len(self.classes) != 2:
+                raise ValueError(f"a binary task has 2 classes, task.classes has {len(self.classes)}")
+        return self
+
 
 class DataConfig(_Strict):
     id: str = "patient_id"
+    """One row per record (a study, a lesion): ids must be unique unless `group` is set."""
+    group: Optional[str] = None
+    """Patient column when a patient has several records: hold-out splits keep a patient's records together."""
     image_root: Optional[str] = None
-    """Folder that relative image paths resolve against; default: the records file's folder."""
+    """Folder that relative image paths resolve against; default: the records file's folder. At training
+    time only: a saved model never redirects reads, predict resolves against the records file or --image-root."""
+    confine_images: bool = False
+    """Refuse image paths that resolve outside the image root (absolute paths, `..`, symlinks out), so a
+    records file cannot pull arbitrary readable images into reports."""
 
 
 class AugmentConfig(_Strict):
@@ -39,6 +58,26 @@ class AugmentConfig(_Strict):
     scale: tuple[float, float] = (0.85, 1.0)
     intensity: float = 0.1
     """Random brightness/contrast jitter, as a fraction."""
+
+
+class DecodeLimits(_Strict):
+    """Checked from headers before anything is decoded, so a small hostile or broken file cannot cost gigabytes."""
+
+    max_pixels: int = Field(40_000_000, ge=1)
+    """Rows x columns of one frame (a 6300 x 6300 image)."""
+    max_frames: int = Field(10_000, ge=1)
+    """Frames declared by one DICOM file."""
+    max_file_mb: float = Field(1024, gt=0)
+    """Size of one image file on disk."""
+    formats: list[str] = ["PNG", "JPEG", "TIFF", "BMP"]
+    """Pillow formats accepted for non-DICOM files (never PostScript/EPS and the like)."""
+
+    @field_validator("formats")
+    @classmethod
+    def _upper(cls, v):
+        if not v:
+            raise ValueError("at least one image format is needed")
+        return [f.upper() for f in v]
 
 
 class ImageConfig(_Strict):
@@ -55,13 +94,43 @@ class ImageConfig(_Strict):
     """Feature maps larger than this are average-pooled to token_grid x token_grid tokens per image."""
     max_images: int = Field(4, ge=1)
     window: Union[Literal["auto", "none"], tuple[float, float]] = "auto"
+    """DICOM VOI: the file's own window, min-max ("none"), or (center, width > 0)."""
     frames: Union[Literal["all", "first", "middle"], int] = "all"
+    """Multi-frame DICOM: which frames; an int is an index (negative counts from the end)."""
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
     """Normalisation; default: the pretrained weights' own, else 0.5/0.5."""
     augment: Optional[AugmentConfig] = AugmentConfig()
     cache: bool = True
     """Keep decoded, resized training/validation images in memory while training (augmentation still runs each epoch)."""
+    limits: DecodeLimits = DecodeLimits()
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v):
+        if isinstance(v, tuple):
+            import math
+
+            if not all(math.isfinite(x) for x in v) or v[1] <= 0:
+                raise ValueError(f"window (center, width) needs finite values and width > 0, got {list(v)}")
+        return v
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, v):
+        if not v or len(set(v)) != len(v):
+            raise ValueError("image.columns must name at least one column, each once")
+        return v
+
+    @model_validator(mode="after")
+    def _stats(self):
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is not None and len(v) != self.in_chans:
+                raise ValueError(f"image.{name} has {len(v)} values for in_chans={self.in_chans}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError("image.std values must be > 0")
+        return self
 
 
 class TextConfig(_Strict):
@@ -76,54 +145,77 @@ class TextConfig(_Strict):
     vocab_size: int = Field(2000, ge=50)
     """WordPiece vocabulary trained on the training reports (lstm, or hf without `pretrained`)."""
     max_length: int = Field(64, ge=4)
+    max_chars: int = Field(20_000, ge=100)
+    """Characters of a cell that are read at all: the model sees max_length tokens, and a 10 MB cell
+    must not cost gigabytes in tokenising or in a report."""
     lowercase: bool = True
-    embed_dim: int = 64
-    hidden_dim: int = 64
-    layers: int = 1
+    min_doc_freq: int = Field(2, ge=1)
+    """A word joins the trained vocabulary only if it occurs in at least this many training reports.
+    The vocabulary is saved in the model directory (tokenizer.json): names or record numbers that occur
+    in a single patient's report must not travel with the model."""
+    scrub: bool = False
+    """Also keep out of the vocabulary words that look like identifiers or dates (4+ digits, digit runs
+    with separators), whatever their frequency."""
+    embed_dim: int = Field(64, ge=1)
+    hidden_dim: int = Field(64, ge=1)
+    layers: int = Field(1, ge=1)
 
 
 class TabularConfig(_Strict):
     numeric: list[str] = []
     categorical: list[str] = []
-    embed_dim: int = 32
+    embed_dim: int = Field(32, ge=1)
+    min_category_count: int = Field(2, ge=1)
+    """A category gets its own embedding (and is written to preprocessing.json) only if at least this
+    many training records have it; rarer values share the unknown bucket, so a value unique to one
+    patient does not travel with the model."""
 
     @model_validator(mode="after")
     def _some(self):
         if not self.numeric and not self.categorical:
             raise ValueError("tabular needs at least one numeric or categorical column")
+        cols = self.numeric + self.categorical
+        if len(set(cols)) != len(cols):
+            raise ValueError("a tabular column is listed twice")
         return self
 
 
 class FusionConfig(_Strict):
     type: str = "attention"
     """attention | concat (or any registered fusion head)."""
-    dim: int = 64
-    layers: int = 2
-    heads: int = 4
-    dropout: float = 0.1
-    modality_dropout: float = 0.15
+    dim: int = Field(64, ge=1)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    modality_dropout: float = Field(0.15, ge=0, lt=1)
     """Per patient and modality, the chance a modality is hidden during training."""
     aux_weight: float = Field(0.0, ge=0)
     """Weight of auxiliary per-modality losses: each encoder also predicts the label from its own pooled
     tokens, so a slow learner (a CNN from scratch) still learns when other modalities already explain
     the training cases and early stopping would otherwise freeze fusion before it matters."""
 
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.dim % self.heads:
+            raise ValueError(f"fusion.dim ({self.dim}) must be divisible by fusion.heads ({self.heads})")
+        return self
+
 
 class TrainConfig(_Strict):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0)
     encoder_lr: Optional[dict[Literal["image", "text", "tabular"], float]] = None
     """Per-modality encoder learning rates, e.g. {image: 3e-4}; entries for disabled modalities are
     ignored, so `modalities=text` baselines need no config change."""
-    weight_decay: float = 0.01
+    weight_decay: float = Field(0.01, ge=0)
     warmup: float = Field(0.05, ge=0, lt=1)
     """Fraction of all steps spent in linear warmup, before cosine decay."""
-    grad_clip: float = 1.0
+    grad_clip: float = Field(1.0, gt=0)
     loss: Literal["bce", "focal"] = "bce"
     """bce means cross-entropy for multiclass."""
     class_weights: bool = True
-    patience: int = 5
+    patience: int = Field(5, ge=1)
     """Epochs without validation AUROC gain before stopping."""
     min_epochs: int = Field(1, ge=1)
     """Epochs before a checkpoint can be chosen or training stop: a from-scratch CNN can need many
@@ -135,10 +227,20 @@ class TrainConfig(_Strict):
     calibrate_bias: bool = True
     """Fit one bias per output along with the temperature: class-weighted training shifts the logits,
     which a temperature alone cannot undo (measured on the demo: held-out ECE rose with T alone)."""
+    max_skipped: float = Field(0.05, ge=0, le=1)
+    """Stop with an error when more than this fraction of training or validation records cannot be
+    loaded: a wrong window, frame index or image root must not yield a model trained on a few rows."""
     seed: int = 0
     device: str = "auto"
     amp: bool = True
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("encoder_lr")
+    @classmethod
+    def _positive_lr(cls, v):
+        if v and min(v.values()) <= 0:
+            raise ValueError("encoder learning rates must be > 0")
+        return v
 
 
 class Config(_Strict):
@@ -161,9 +263,15 @@ class Config(_Strict):
     def _consistent(self):
         if not self.modalities:
             raise ValueError("modalities is empty")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError("modalities lists a modality twice")
         for m in self.modalities:
             if getattr(self, m) is None:
                 raise ValueError(f"modality '{m}' is enabled but the config has no '{m}:' section")
+        keys = {self.data.id, self.data.group} - {None}
+        clash = sorted(keys & set(self.columns()) | keys & set(self.label_columns()))
+        if clash:
+            raise ValueError(f"column {clash[0]!r} is an id/group column and cannot also be an input or label")
         return self
 
     def columns(self) -> list[str]:

@@ -8,8 +8,10 @@ Resizing and model normalisation belong to another module, not here.
 All LUT and windowing maths is pydicom's (``pydicom.pixels``); this module only
 chooses which step to run and maps the result to [0, 1]. Every failure is a
 ``RecordError`` with one line naming the file; messages never carry DICOM
-header values other than technical ones (transfer syntax, photometric
-interpretation, frame count).
+header values other than technical ones (a known transfer syntax or
+photometric interpretation, sizes, frame count). Size limits are checked from
+headers first (``multimodal.image_guard``), and only the frames a caller will
+use are decoded, so a small file cannot cost gigabytes.
 """
 
 from __future__ import annotations
@@ -23,15 +25,21 @@ from pathlib import Path
 
 import numpy as np
 
+from multimodal.config import DecodeLimits
 from multimodal.errors import RecordError
+from multimodal.image_guard import (
+    PIXEL_KEYWORDS,
+    check_file_size,
+    check_pixels,
+    dicom_frame_count,
+    looks_like_dicom,
+    photometric_label,
+    scrub,
+    transfer_syntax_label,
+)
 
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-# Free-text value representations that can hold identifying data; used to
-# scrub header values out of third-party exception text before we show it.
-_TEXT_VRS = {"AE", "AS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT"}
 
-
-def read_image(path, *, window="auto", frames="all") -> list[np.ndarray]:
+def read_image(path, *, window="auto", frames="all", max_count=None, limits=None) -> list[np.ndarray]:
     """Return one float32 image in [0, 1] per selected frame: (H, W) or (H, W, 3).
 
     window (DICOM grayscale only): "auto" uses the file's VOI LUT Sequence or
@@ -39,30 +47,46 @@ def read_image(path, *, window="auto", frames="all") -> list[np.ndarray]:
     modality-LUT output; (center, width) is that window (linear, DICOM PS3.3
     C.11.2.1.2; LINEAR_EXACT when width < 1). frames: "all", "first",
     "middle" (index n // 2) or an int index (negative counts from the end).
-    Non-DICOM files count as one frame and ignore `window`.
+    max_count: how many images the caller still needs; with frames="all" only
+    that many leading frames are decoded (None: all). limits: a DecodeLimits
+    (default: its defaults). Non-DICOM files count as one frame and ignore `window`.
     """
     window = _check_window(window)
     if not (isinstance(frames, str) and frames in ("all", "first", "middle")) and (
         isinstance(frames, bool) or not isinstance(frames, (int, np.integer))
     ):
         raise ValueError(f"frames must be 'all', 'first', 'middle' or an int, got {frames!r}")
-    name = os.fspath(path).replace("\n", "\\n").replace("\r", "\\r")
+    if max_count is not None and (isinstance(max_count, bool) or not isinstance(max_count, (int, np.integer))
+                                  or max_count < 1):
+        raise ValueError(f"max_count must be None or an int >= 1, got {max_count!r}")
+    limits = DecodeLimits() if limits is None else limits
+    name = printable_path(path)
     p = Path(path)
     if not p.exists():
         raise RecordError(f"image not found: {name}")
     if not p.is_file():
         raise RecordError(f"not an image: {name} (not a regular file)")
     try:
+        size = p.stat().st_size
+        check_file_size(size, name, limits)
         with p.open("rb") as f:
-            head = f.read(132)
+            head = f.read(140)
     except OSError as e:
         raise RecordError(f"cannot read {name}: {_reason(e)}") from None
     has_preamble = head[128:132] == b"DICM"
     if has_preamble or p.suffix.lower() == ".dcm":
+        start = 132 if has_preamble else 0
+        if not looks_like_dicom(head[start:], size - start):
+            raise RecordError(f"not a DICOM file: {name} (no DICOM data element at byte {start})")
         with _quiet_pydicom():
-            return _read_dicom(p, name, has_preamble, window, frames)
+            return _read_dicom(p, name, has_preamble, window, frames, max_count, limits)
     _frame_index(frames, 1, name)
-    return [_read_pil(p, name)]
+    return [_read_pil(p, name, head, limits)]
+
+
+def printable_path(path) -> str:
+    """A path as one line: messages are one line, and a records cell may hold a newline."""
+    return os.fspath(path).replace("\n", "\\n").replace("\r", "\\r")
 
 
 def _check_window(window):
@@ -96,28 +120,11 @@ def _frame_index(frames, n, name):
 
 
 def _reason(exc, ds=None):
-    """Underlying error text as one short line, with any header text values scrubbed out."""
+    """Underlying error text as one short line, with every header string scrubbed out."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    for secret in _header_strings(ds):
-        text = text.replace(secret, "<redacted>")
+    if ds is not None:
+        text = scrub(text, ds)
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _header_strings(ds):
-    """Free-text header values (names, IDs, dates...) that must never reach a message."""
-    found = set()
-    if ds is None:
-        return found
-    try:
-        for elem in ds.iterall():
-            if elem.VR in _TEXT_VRS and elem.value:
-                values = elem.value if elem.VM > 1 else [elem.value]
-                for v in values:
-                    s = str(v)
-                    found.update(x for x in [s, *s.split("^")] if len(x.strip()) >= 3)
-    except Exception:  # a header too broken to walk cannot be scrubbed value by value
-        pass
-    return sorted(found, key=len, reverse=True)
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -137,7 +144,7 @@ def _quiet_pydicom():
         logger.setLevel(level)
 
 
-def _read_dicom(p, name, has_preamble, window, frames):
+def _read_dicom(p, name, has_preamble, window, frames, max_count, limits):
     """Decode with pydicom, then run the modality -> VOI -> [0, 1] pipeline per frame."""
     import pydicom
     from pydicom import pixels
@@ -147,27 +154,30 @@ def _read_dicom(p, name, has_preamble, window, frames):
         ds = pydicom.dcmread(p, force=not has_preamble)
     except Exception as e:
         raise RecordError(f"cannot read DICOM {name}: {_reason(e)}") from None
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
+    if not any(k in ds for k in PIXEL_KEYWORDS):
         if _has_pixel_tag(p):
             raise RecordError(f"cannot read pixel data of DICOM {name}: file truncated or malformed")
         raise RecordError(f"DICOM {name} has no pixel data")
+    n = dicom_frame_count(ds, name, limits)
     _ensure_transfer_syntax(ds)
     ts = ds.file_meta.TransferSyntaxUID
-    try:
-        n = max(int(ds.get("NumberOfFrames") or 1), 1)
-    except (TypeError, ValueError):
-        n = 1
     index = _frame_index(frames, n, name)
+    wanted = [index] if index is not None else range(n if max_count is None else min(n, max_count))
     try:
         # What ds.pixel_array does internally, but it also returns the *output*
         # photometric interpretation (YBR is usually already converted to RGB by
-        # pydicom or the JPEG plugin) and decodes only the selected frame.
-        arr, meta = pixels.get_decoder(ts).as_array(
-            ds, index=index, raw=False, **pixels.as_pixel_options(ds)
-        )
+        # pydicom or the JPEG plugin) and decodes only the frames that are used.
+        decoder, options = pixels.get_decoder(ts), pixels.as_pixel_options(ds)
+        if len(wanted) == n:
+            arr, meta = decoder.as_array(ds, index=None, raw=False, **options)
+            stack = arr if n > 1 else arr[None]
+        else:
+            decoded = [decoder.as_array(ds, index=i, raw=False, **options) for i in wanted]
+            stack, meta = np.stack([arr for arr, _ in decoded]), decoded[-1][1]
     except Exception as e:
-        raise RecordError(f"cannot decode DICOM {name} (transfer syntax {ts.name}): {_reason(e, ds)}") from None
-    stack = arr if index is None and n > 1 else arr[None]
+        raise RecordError(
+            f"cannot decode DICOM {name} (transfer syntax {transfer_syntax_label(ts)}): {_reason(e, ds)}"
+        ) from None
     pi = str(meta.get("photometric_interpretation") or ds.get("PhotometricInterpretation") or "MONOCHROME2")
     try:
         if stack.ndim == 3 and pi != "PALETTE COLOR":
@@ -175,7 +185,7 @@ def _read_dicom(p, name, has_preamble, window, frames):
         else:
             out = _dicom_colour(stack, ds, pi)
     except Exception as e:
-        raise RecordError(f"cannot convert DICOM {name} ({pi}): {_reason(e, ds)}") from None
+        raise RecordError(f"cannot convert DICOM {name} ({photometric_label(pi)}): {_reason(e, ds)}") from None
     return [np.ascontiguousarray(f, dtype=np.float32) for f in out]
 
 
@@ -310,30 +320,67 @@ def _palette_lut_to_native_order(ds):
 # --------------------------------------------------------------------------- PIL
 
 
-def _read_pil(p, name):
+def _read_pil(p, name, head, limits):
     """PNG/JPEG/...: 8-bit -> /255, 16-bit -> /65535; alpha dropped; first frame only."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
+
+    Image.init()  # registers every plugin, so that unknown names in `formats` can be dropped
+    allowed = [f for f in limits.formats if f in Image.OPEN]
+    try:
+        with warnings.catch_warnings():  # our own pixel limit below is the guard, not Pillow's
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(p, formats=allowed)  # lazy: reads the header only
+    except UnidentifiedImageError:
+        raise RecordError(f"not an image: {name}{_format_refused(head, allowed)}") from None
+    except Image.DecompressionBombError:
+        raise RecordError(f"image too large: {name} (over Pillow's decompression-bomb limit)") from None
+    except Exception as e:
+        raise RecordError(f"cannot decode image {name}: {_reason(e)}") from None
+    with opened:
+        check_pixels(*opened.size, name, limits)
+        return _pil_pixels(opened, name)
+
+
+def _format_refused(head, allowed):
+    """' (format X not allowed)' when the first bytes are a format we do not open, else ''.
+
+    Only the plugins' prefix tests run (what Image.open itself tries first): the file is never
+    handed to a plugin outside `allowed`, so e.g. PostScript never reaches Ghostscript.
+    """
+    from PIL import Image
+
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        try:
+            verdict = fmt not in allowed and accept is not None and accept(head[:16])
+        except Exception:  # a prefix test that chokes on a short prefix says nothing
+            continue
+        if verdict and not isinstance(verdict, str):  # a str is Pillow's "maybe, but..." warning
+            return f" (format {fmt} not allowed)"
+    return ""
+
+
+def _pil_pixels(im, name):
+    """The decoding half of _read_pil, apart so that nothing is decoded before the size check."""
+    from PIL import ImageOps
 
     try:
-        with Image.open(p) as im:
-            im = ImageOps.exif_transpose(im)  # phone photos: show them upright, as viewers do
-            mode = im.mode
-            if mode.startswith("I;16"):
-                out = np.asarray(im).astype(np.float64) / 65535
-            elif mode in ("I", "F"):
-                out = np.asarray(im).astype(np.float64)
-                # 'I' holding 16-bit data (some encoders) keeps the 16-bit scale;
-                # a float image already in [0, 1] is kept; anything else is min-max.
-                if mode == "I" and out.size and out.min() >= 0 and out.max() <= 65535:
-                    out /= 65535
-                elif not (out.size and np.nanmin(out) >= 0 and np.nanmax(out) <= 1):
-                    out = _minmax(out[None])[0]
-            elif mode in ("1", "L", "LA", "La"):
-                out = np.asarray(im.convert("L")).astype(np.float64) / 255
-            else:  # RGB, RGBA, P, PA, CMYK, YCbCr, ...: colour
-                out = np.asarray(im.convert("RGB")).astype(np.float64) / 255
-    except UnidentifiedImageError:
-        raise RecordError(f"not an image: {name}") from None
+        im = ImageOps.exif_transpose(im)  # phone photos: show them upright, as viewers do
+        mode = im.mode
+        if mode.startswith("I;16"):
+            out = np.asarray(im).astype(np.float64) / 65535
+        elif mode in ("I", "F"):
+            out = np.asarray(im).astype(np.float64)
+            # 'I' holding 16-bit data (some encoders) keeps the 16-bit scale;
+            # a float image already in [0, 1] is kept; anything else is min-max.
+            if mode == "I" and out.size and out.min() >= 0 and out.max() <= 65535:
+                out /= 65535
+            elif not (out.size and np.nanmin(out) >= 0 and np.nanmax(out) <= 1):
+                out = _minmax(out[None])[0]
+        elif mode in ("1", "L", "LA", "La"):
+            out = np.asarray(im.convert("L")).astype(np.float64) / 255
+        else:  # RGB, RGBA, P, PA, CMYK, YCbCr, ...: colour
+            out = np.asarray(im.convert("RGB")).astype(np.float64) / 255
     except Exception as e:
         raise RecordError(f"cannot decode image {name}: {_reason(e)}") from None
     return np.ascontiguousarray(np.nan_to_num(out, nan=0.0), dtype=np.float32)

@@ -500,10 +500,12 @@ def test_jpeg_exif_orientation_is_applied(tmp_path):
 
 
 def test_animated_gif_reads_first_frame(tmp_path):
+    from multimodal.config import DecodeLimits
+
     path = tmp_path / "anim.gif"
     frames = [Image.new("L", (2, 2), v) for v in (255, 0)]
     frames[0].save(path, save_all=True, append_images=frames[1:])
-    images = read_image(path)
+    images = read_image(path, limits=DecodeLimits(formats=["PNG", "GIF"]))  # GIF is not allowed by default
     assert len(images) == 1
     assert images[0].shape == (2, 2, 3) or images[0].shape == (2, 2)
     assert np.all(images[0] == 1.0)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..config import ImageConfig
 from ..errors import RecordError
-from ..imageio import read_image
+from ..imageio import printable_path, read_image
 
 
 def split_paths(cell) -> list[str]:
@@ -23,8 +23,10 @@ def split_paths(cell) -> list[str]:
 
 
 class ImagePreprocessor:
-    def __init__(self, cfg: ImageConfig, mean: list[float], std: list[float]):
+    def __init__(self, cfg: ImageConfig, mean: list[float], std: list[float], *, confine: bool = False):
+        """confine: refuse paths that are absolute or resolve outside the image root (data.confine_images)."""
         self.cfg = cfg
+        self.confine = confine
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self._augment = None
@@ -44,15 +46,34 @@ class ImagePreprocessor:
         out = []
         paths = [p for cell in cells for p in split_paths(cell)]
         for rel in paths:
-            if len(out) >= self.cfg.max_images:  # the rest would be dropped: don't decode them
+            remaining = self.cfg.max_images - len(out)
+            if remaining <= 0:  # the rest would be dropped: don't decode them
                 break
-            path = Path(rel) if Path(rel).is_absolute() else root / rel
+            path = self._locate(rel, Path(root))
             if not path.exists():
-                raise RecordError(f"image not found: {path}")
-            out += [self._to_tensor(a) for a in read_image(path, window=self.cfg.window, frames=self.cfg.frames)]
+                raise RecordError(f"image not found: {printable_path(path)}")
+            images = read_image(path, window=self.cfg.window, frames=self.cfg.frames, max_count=remaining,
+                                limits=self.cfg.limits)
+            out += [self._to_tensor(a) for a in images]
         if not out:
             return torch.zeros(0, self.cfg.in_chans, self.cfg.size, self.cfg.size)
         return torch.stack(out[: self.cfg.max_images])
+
+    def _locate(self, rel: str, root: Path) -> Path:
+        """The file a cell names. Confined, it is the resolved path (symlinks followed), so what is
+        read is what was checked; a path escaping the root would let a records file pull any
+        readable image into a model or a report."""
+        path = Path(rel)
+        if not self.confine:
+            return path if path.is_absolute() else root / path
+        if not path.is_absolute():
+            try:
+                resolved, base = (root / path).resolve(), root.resolve()
+            except (OSError, RuntimeError):  # symlink loop, unreadable folder
+                raise RecordError(f"cannot resolve image path: {printable_path(rel)}") from None
+            if resolved.is_relative_to(base):
+                return resolved
+        raise RecordError(f"image path outside the image root: {printable_path(rel)}")
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         aug = self.cfg.augment
