@@ -39,10 +39,15 @@ class LSTMTextEncoder(nn.Module):
         return Tokens(out, text_mask)
 
 
+# Config keys that point transformers at code or files outside the model directory.
+_FOREIGN_KEYS = ("auto_map", "_name_or_path", "custom_pipelines", "_commit_hash")
+
+
 @ENCODERS.register("hf")
 class HFTextEncoder(nn.Module):
     """`pretrained`: a local folder (or hub name when online) for AutoModel.from_pretrained.
-    Otherwise random init from `config` (a transformers config dict with model_type)."""
+    Otherwise random init from `config` (a transformers config dict with model_type): only built-in
+    transformers architectures, and never remote code (a folder's `auto_map` is refused, not prompted for)."""
 
     input_keys = ("text_ids", "text_mask")
 
@@ -51,10 +56,11 @@ class HFTextEncoder(nn.Module):
         from transformers import AutoConfig, AutoModel
 
         if pretrained:
-            self.model = AutoModel.from_pretrained(pretrained)
+            self.model = AutoModel.from_pretrained(pretrained, trust_remote_code=False)
         else:
-            cfg = dict(config)
-            self.model = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+            cfg = {k: v for k, v in dict(config).items() if k not in _FOREIGN_KEYS}
+            self.model = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg),
+                                               trust_remote_code=False)
         self.output_dim = self.model.config.hidden_size
 
     @property
@@ -63,7 +69,8 @@ class HFTextEncoder(nn.Module):
 
     def config_dict(self) -> dict:
         """Enough to rebuild the architecture offline; the weights live in model.safetensors."""
-        return self.model.config.to_diff_dict() | {"model_type": self.model.config.model_type}
+        d = self.model.config.to_diff_dict() | {"model_type": self.model.config.model_type}
+        return {k: v for k, v in d.items() if k not in _FOREIGN_KEYS}
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> Tokens:
         out = self.model(input_ids=text_ids, attention_mask=_nonempty(text_mask).long())

@@ -19,11 +19,16 @@ class Explanations(list):
         super().__init__(items)
         self.model_info = model_info
 
-    def to_html(self, out_dir) -> Path:
-        """Write the reports; returns the path of index.html."""
+    def to_html(self, out_dir, inputs=()) -> Path:
+        """Write the reports into a fresh folder that replaces `out_dir` only if it is empty or an earlier
+        report folder (no stale pages survive; nothing else is ever deleted); returns index.html's path.
+        `inputs`: files of this run (records, model) the folder must not hold."""
+        from multimodal.output import staged_dir
+
         from .report import write_reports
 
-        write_reports(list(self), out_dir, model_info=self.model_info)
+        with staged_dir(out_dir, "report", inputs=inputs) as tmp:
+            write_reports(list(self), tmp, model_info=self.model_info)
         return Path(out_dir) / "index.html"
 
 

@@ -379,7 +379,7 @@ def _explanations(model, rec, res: _BatchResult, method: str, ablation: bool, ne
             if method == "ig":
                 totals["image"] = float(sum(np.abs(m).sum() for m in e.image_maps))
         if has.get("text"):
-            text = clean(row[cfg.text.column])
+            text = clean(row[cfg.text.column], cfg.text.max_chars)
             enc = batch["text_encodings"][b]
             tok = res.text[b].numpy()
             e.words, e.word_scores = merge_words(text, enc, tok)

@@ -29,6 +29,9 @@ from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 
+from multimodal.output import strict_json as _strict_json
+from multimodal.output import to_jsonable
+
 from .types import PatientExplanation
 
 MODALITIES = ("image", "text", "tabular")
@@ -140,30 +143,8 @@ def _unique_names(ids: Iterable[Any]) -> list[str]:
     return out
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Plain Python for json: numpy scalars/arrays -> Python, NaN/inf -> None, tuples -> lists, Paths -> str."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    return str(obj)
-
-
 def strict_json(obj: Any) -> str:
-    return json.dumps(to_jsonable(obj), allow_nan=False, ensure_ascii=False, indent=1) + "\n"
+    return _strict_json(obj, indent=1)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -20,7 +20,7 @@ from .metrics import compute_metrics
 from .preprocess import Preprocessing
 from .records import Records, load_records
 from .train import fit as train_fit
-from .train import holdout_split, labelled, make_loader, seed_everything
+from .train import check_disjoint, holdout_split, labelled, make_loader, seed_everything
 
 RecordsLike = Union[str, Path, pd.DataFrame, Records]
 
@@ -42,14 +42,21 @@ class DiagnosisModel:
 
     @classmethod
     def load(cls, model_dir: Union[str, Path], device: Optional[str] = None) -> "DiagnosisModel":
+        """Builds the network from the directory alone (no network, no code from it). The training
+        image root is not used: relative image paths resolve against each records file's folder, or
+        an `image_root` given here and now (`model.config.data.image_root = ...`, CLI --image-root)."""
         cfg, prep, net, metrics = artifact.load(model_dir, resolve_device(device or "auto"))
+        cfg.data.image_root = None
         model = cls(cfg, prep, net, metrics)
         model.model_dir = Path(model_dir)
         return model
 
-    def save(self, model_dir: Union[str, Path]) -> Path:
+    def save(self, model_dir: Union[str, Path], overwrite: bool = False, inputs=()) -> Path:
+        """Writes a new directory; replaces an earlier model directory only with `overwrite=True`, and
+        never a folder that is not one. `inputs`: files of this run the directory must not hold."""
         self._require_trained()
-        return artifact.save(model_dir, self.config, self.prep, self.net, self.metrics)
+        return artifact.save(model_dir, self.config, self.prep, self.net, self.metrics, overwrite=overwrite,
+                             inputs=inputs)
 
     @property
     def classes(self) -> list[str]:
@@ -79,6 +86,7 @@ class DiagnosisModel:
             train_rec, val_rec = holdout_split(train_rec, self.config)
         else:
             val_rec = self.records(val, labels=True)
+            check_disjoint(train_rec, val_rec, self.config)
         if not (reuse_preprocessing and self.prep is not None):
             self.prep = Preprocessing.fit(self.config, train_rec)
         seed_everything(self.config.train.seed)  # weight init is part of what the seed fixes
@@ -159,8 +167,10 @@ class DiagnosisModel:
 
     def evaluate(self, records: RecordsLike, n_boot: int = 1000, batch_size: int = 64, workers: int = 0,
                  progress: bool = False, absent: Optional[list[str]] = None, plots_dir=None) -> dict:
-        """Metrics with 95% bootstrap CIs (incl. ECE); `plots_dir` also gets roc.png and reliability.png."""
-        rec, y = labelled(self.records(records, labels=True), self.prep)
+        """Metrics with 95% bootstrap CIs (incl. ECE); `plots_dir` also gets roc.png and reliability.png.
+        Rows without a label are counted in `n_unlabelled`, rows that fail to load in `n_errors`."""
+        allrec = self.records(records, labels=True)
+        rec, y = labelled(allrec, self.prep)
         out = self._infer(rec, batch_size, workers, progress, absent)
         P = out["probs"]
         ok = scored(P)
@@ -169,6 +179,7 @@ class DiagnosisModel:
         m = compute_metrics(y[ok], P[ok], self.config.task.type, self.classes, n_boot=n_boot,
                             seed=self.config.train.seed)
         m["n_errors"] = int((~ok).sum())
+        m["n_unlabelled"] = len(allrec) - len(rec)
         if plots_dir is not None:
             from .plots import write_plots
 

@@ -7,16 +7,20 @@ checksums so a damaged or edited directory is refused instead of silently predic
     tokenizer.json       tokenizers' own format (when text is used)
     metrics.json         training history and validation metrics
     versions.json        library versions it was trained with
-    checksums.json       sha256 of every file above
+    checksums.json       sha256 of every file above; a file it does not list is refused
+
+It is integrity, not authenticity: anyone can recompute checksums. So loading trusts nothing in the
+directory to run code or reach outside it: the network is built from the stored architecture alone.
+
+Privacy: tokenizer.json holds the vocabulary learnt from the training reports and preprocessing.json
+the categorical values seen in training. Words in fewer than `text.min_doc_freq` reports and categories
+of fewer than `tabular.min_category_count` records are left out (see README, "Privacy").
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
@@ -25,9 +29,11 @@ import torch
 
 from .config import Config, config_from_dict
 from .errors import UserError
+from .output import MODEL_MANIFEST as CHECKSUMS
+from .output import staged_dir, strict_json
 
 FORMAT_VERSION = 1
-CHECKSUMS = "checksums.json"
+REQUIRED = frozenset({"config.json", "model.safetensors", "preprocessing.json", "metrics.json", "versions.json"})
 
 
 def _sha256(path: Path) -> str:
@@ -50,17 +56,17 @@ def library_versions() -> dict[str, str]:
 
 
 def _dump(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
+    path.write_text(strict_json(obj), encoding="utf-8")
 
 
-def save(out_dir, cfg: Config, prep, net, metrics: Optional[dict] = None) -> Path:
-    """Write to a temporary sibling folder, then move into place, so a crash never leaves half a model."""
+def save(out_dir, cfg: Config, prep, net, metrics: Optional[dict] = None, overwrite: bool = False,
+         inputs=()) -> Path:
+    """Fill a temporary sibling folder, then swap it in (see output.staged_dir): a crash never leaves half
+    a model, and a folder that is not an earlier model directory is never replaced."""
     from safetensors.torch import save_model
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out, "model", overwrite=overwrite, inputs=inputs) as tmp:
         _dump(tmp / "config.json", {"model_class": "DiagnosisModel", "format_version": FORMAT_VERSION,
                                     "config": cfg.model_dump(mode="json")})
         state = prep.state()
@@ -68,52 +74,91 @@ def save(out_dir, cfg: Config, prep, net, metrics: Optional[dict] = None) -> Pat
         state["text_encoder_config"] = text_enc.config_dict() if hasattr(text_enc, "config_dict") else None
         _dump(tmp / "preprocessing.json", state)
         if prep.text is not None:
-            (tmp / "tokenizer.json").write_text(prep.text.to_json())
+            (tmp / "tokenizer.json").write_text(prep.text.to_json(), encoding="utf-8")
         save_model(net, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _dump(tmp / "metrics.json", metrics or {})
         _dump(tmp / "versions.json", library_versions())
         _dump(tmp / CHECKSUMS, {p.name: _sha256(p) for p in sorted(tmp.iterdir())})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
+def _required(cfg_raw: dict) -> set[str]:
+    mods = cfg_raw.get("config", {}).get("modalities", [])
+    return set(REQUIRED) | ({"tokenizer.json"} if "text" in mods else set())
+
+
 def verify(model_dir) -> dict:
-    """Refuse a directory whose files are missing or differ from the recorded checksums."""
+    """The manifest must list every file in the directory, and every file must match it: an unlisted,
+    missing or edited file is refused (a `{}` manifest proves nothing)."""
     d = Path(model_dir)
+    if not d.is_dir():
+        raise UserError(f"{d}: not a model directory (no such folder)")
     if not (d / CHECKSUMS).is_file():
         raise UserError(f"{d}: not a model directory (no {CHECKSUMS})")
-    sums = json.loads((d / CHECKSUMS).read_text())
+    try:
+        sums = json.loads((d / CHECKSUMS).read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{d}: {CHECKSUMS} is not valid JSON") from None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise UserError(f"{d}: {CHECKSUMS} is not a file -> sha256 mapping")
+    present = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.name != CHECKSUMS and not p.is_dir()}
+    unlisted = sorted(present - set(sums))
+    if unlisted:
+        raise UserError(f"{d}: {unlisted[0]} is not listed in {CHECKSUMS} (unknown or added file)")
     for name, digest in sums.items():
-        if not (d / name).is_file():
+        if "/" in name or name.startswith(".") or not (d / name).is_file():
             raise UserError(f"{d}: {name} is missing")
         if _sha256(d / name) != digest:
             raise UserError(f"{d}: {name} does not match its recorded checksum (modified or corrupt)")
+    missing = sorted(REQUIRED - set(sums))
+    if missing:
+        raise UserError(f"{d}: {missing[0]} is missing")
     return sums
 
 
+def _read_json(d: Path, name: str):
+    try:
+        return json.loads((d / name).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{d}: {name} is not valid JSON") from None
+
+
 def load(model_dir, device: Optional[torch.device] = None):
-    """→ (config, preprocessing, network on `device`, metrics). Works whatever device it was trained on."""
+    """→ (config, preprocessing, network on `device`, metrics). Works whatever device it was trained on.
+
+    The network is built from config.json, preprocessing.json and model.safetensors alone: no hub or
+    folder lookups, no pretrained weights fetched, no remote code (see build.build_network(offline=True))."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     from .build import build_network
     from .preprocess import Preprocessing
 
     d = Path(model_dir)
-    verify(d)
-    head = json.loads((d / "config.json").read_text())
+    sums = verify(d)
+    head = _read_json(d, "config.json")
+    if not isinstance(head, dict) or not isinstance(head.get("config"), dict):
+        raise UserError(f"{d}: config.json has no 'config' section")
     if head.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{d}: written by a newer version of mmdx (format {head['format_version']})")
+    missing = sorted(_required(head) - set(sums))
+    if missing:
+        raise UserError(f"{d}: {missing[0]} is missing")
     cfg = config_from_dict(head["config"], source=str(d / "config.json"))
-    state = json.loads((d / "preprocessing.json").read_text())
-    tok = (d / "tokenizer.json").read_text() if (d / "tokenizer.json").is_file() else None
-    prep = Preprocessing.from_state(cfg, state, tok)
-    net = build_network(cfg, prep, text_config=state.get("text_encoder_config"), weights_follow=True)
+    state = _read_json(d, "preprocessing.json")
+    tok = (d / "tokenizer.json").read_text(encoding="utf-8") if "text" in cfg.modalities else None
+    try:
+        prep = Preprocessing.from_state(cfg, state, tok)
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(f"{d}: preprocessing.json does not fit config.json ({type(e).__name__}: {e})") from None
+    net = build_network(cfg, prep, text_config=state.get("text_encoder_config"), offline=True)
     device = device or torch.device("cpu")
-    load_model(net, str(d / "model.safetensors"), device=str(device))
+    try:
+        load_model(net, str(d / "model.safetensors"), device=str(device))
+    except (RuntimeError, SafetensorError, OSError) as e:
+        first = " ".join(str(e).split())[:200]
+        raise UserError(f"{d}: model.safetensors does not fit the network config.json describes ({first})") from None
     net.to(device).eval()
-    return cfg, prep, net, json.loads((d / "metrics.json").read_text())
+    return cfg, prep, net, _read_json(d, "metrics.json")

@@ -14,19 +14,37 @@ from .network import DiagnosisNet
 from .preprocess import Preprocessing
 
 
+def _offline_timm_name(name: str) -> str:
+    """A model directory may only name a timm architecture: `hf-hub:`/`local-dir:` names make timm
+    fetch configs or read foreign folders before any weights are loaded."""
+    import timm
+
+    if ":" in name or not timm.is_model(name):
+        raise UserError(f"image.encoder {name!r} is not a timm architecture name; a saved model names one "
+                        f"(e.g. resnet18), never a hub or folder")
+    return name
+
+
 def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: Optional[dict] = None,
-                  weights_follow: bool = False):
-    """`weights_follow`: the weights come from a model directory next, so skip hub/checkpoint loading."""
+                  offline: bool = False):
+    """`offline`: the weights come from a model directory next, so build the bare architecture from the
+    stored config alone: no hub ids, folders, checkpoints or remote code are looked at."""
     if modality == "image":
         ic = cfg.image
-        return ENCODERS.create("timm", model_name=ic.encoder, in_chans=ic.in_chans, image_size=ic.size,
-                               token_grid=ic.token_grid, pretrained=ic.pretrained and not weights_follow,
-                               checkpoint_path=None if weights_follow else ic.checkpoint)
+        return ENCODERS.create("timm", model_name=_offline_timm_name(ic.encoder) if offline else ic.encoder,
+                               in_chans=ic.in_chans, image_size=ic.size, token_grid=ic.token_grid,
+                               pretrained=ic.pretrained and not offline,
+                               checkpoint_path=None if offline else ic.checkpoint)
     if modality == "text":
         tc = cfg.text
         if tc.encoder == "lstm":
             return ENCODERS.create("lstm", vocab_size=prep.text.vocab_size, embed_dim=tc.embed_dim,
                                    hidden_dim=tc.hidden_dim, layers=tc.layers, pad_id=prep.text.pad_id)
+        if offline:
+            if not isinstance(text_config, dict) or "model_type" not in text_config:
+                raise UserError("preprocessing.json has no text_encoder_config: the transformer cannot be "
+                                "rebuilt offline")
+            return ENCODERS.create("hf", config=text_config)
         if text_config is not None:
             return ENCODERS.create("hf", config=text_config)
         if tc.pretrained:
@@ -39,13 +57,13 @@ def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: 
 
 
 def build_network(cfg: Config, prep: Preprocessing, text_config: Optional[dict] = None,
-                  weights_follow: bool = False) -> DiagnosisNet:
+                  offline: bool = False) -> DiagnosisNet:
     try:
-        encs = {m: build_encoder(cfg, m, prep, text_config, weights_follow) for m in cfg.modalities}
+        encs = {m: build_encoder(cfg, m, prep, text_config, offline) for m in cfg.modalities}
         fc = cfg.fusion
         head = FUSION_HEADS.create(fc.type, input_dims={m: e.output_dim for m, e in encs.items()},
                                    num_outputs=prep.labels.num_outputs, dim=fc.dim, layers=fc.layers,
                                    heads=fc.heads, dropout=fc.dropout, modality_dropout=fc.modality_dropout)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, KeyError, TypeError) as e:
         raise UserError(f"cannot build model: {' '.join(str(e).split())[:250]}") from None
     return DiagnosisNet(encs, head, prep.labels.num_outputs, aux_heads=cfg.fusion.aux_weight > 0)

@@ -15,12 +15,16 @@ def _train(a) -> None:
     from .api import DiagnosisModel
     from .config import load_config, parse_overrides
     from .metrics import format_table
+    from .output import check_dir_target, claim
 
     cfg = load_config(a.config, parse_overrides(a.overrides))
     if a.image_root:
         cfg.data.image_root = a.image_root
-    model = DiagnosisModel(cfg).fit(a.records, a.val, progress=not a.quiet)
-    model.save(a.out)
+    inputs = [a.records, a.val, a.config]
+    check_dir_target(a.out, "model", a.overwrite, inputs)  # before hours of training, not after
+    with claim(a.out):
+        model = DiagnosisModel(cfg).fit(a.records, a.val, progress=not a.quiet)
+        model.save(a.out, overwrite=a.overwrite, inputs=inputs)
     t = model.metrics["training"]
     print(f"trained {cfg.name} ({'+'.join(cfg.modalities)}, {cfg.fusion.type} fusion) on {t['n_train']} records "
           f"in {t['train_seconds']:.0f}s on {t['device']}; best epoch {t['best_epoch']}")
@@ -37,36 +41,50 @@ def _load(a):
     return model
 
 
-def _predict(a) -> None:
-    from .output import write_table
+def _inputs(a) -> list:
+    return [a.records, a.model]
 
-    model = _load(a)
-    df = model.predict(a.records, batch_size=a.batch_size, workers=a.workers, progress=not a.quiet)
-    write_table(df, a.out)
+
+def _predict(a) -> None:
+    from .output import check_file_target, claim, write_table
+
+    with claim(check_file_target(a.out, _inputs(a))):
+        model = _load(a)
+        df = model.predict(a.records, batch_size=a.batch_size, workers=a.workers, progress=not a.quiet)
+        write_table(df, a.out, _inputs(a))
     n_err = int((df["status"] == "error").sum())
     print(f"wrote {len(df)} rows to {a.out} ({len(df) - n_err} ok, {n_err} errors)")
 
 
 def _evaluate(a) -> None:
     from .metrics import format_table
-    from .output import write_json
+    from .output import check_file_target, write_json
 
+    if a.out:
+        check_file_target(a.out, _inputs(a))
+    for name in ("roc.png", "reliability.png") if a.plots else ():
+        check_file_target(Path(a.plots) / name, _inputs(a))
     model = _load(a)
     m = model.evaluate(a.records, n_boot=a.n_boot, batch_size=a.batch_size, workers=a.workers, progress=not a.quiet,
                        plots_dir=a.plots)
     print(format_table(m))
     if m["n_errors"]:
         print(f"{m['n_errors']} records could not be scored and are not in these metrics")
+    if m["n_unlabelled"]:
+        print(f"{m['n_unlabelled']} records have no label and are not in these metrics")
     if a.plots:
         print(f"ROC curves and reliability diagram written to {a.plots}")
     if a.out:
-        write_json(m, a.out)
+        write_json(m, a.out, _inputs(a))
         print(f"metrics written to {a.out}")
     else:
         print(json.dumps(m["overall"]))
 
 
 def _explain(a) -> None:
+    from .output import check_dir_target
+
+    check_dir_target(a.out, "report", inputs=_inputs(a))
     model = _load(a)
     rec = model.records(a.records)
     if a.ids:
@@ -79,7 +97,7 @@ def _explain(a) -> None:
     target = int(a.target) if a.target and a.target.isdigit() and a.target not in model.classes else a.target
     exps = model.explain(rec, target=target, method=a.method, n_steps=a.n_steps,
                          internal_batch_size=a.internal_batch_size, batch_size=a.batch_size, progress=not a.quiet)
-    index = exps.to_html(a.out)
+    index = exps.to_html(a.out, inputs=_inputs(a))
     n_err = sum(e.error is not None for e in exps)
     print(f"explained {len(exps)} records ({len(exps) - n_err} ok, {n_err} errors) with {a.method}: {index}")
 
@@ -116,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True)
     t.add_argument("--records", required=True)
     t.add_argument("--val", default=None, help="validation records (default: a stratified hold-out)")
-    t.add_argument("--out", required=True, help="model directory to write")
+    t.add_argument("--out", required=True, help="model directory to write (a new or empty folder)")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier model directory at --out")
     t.add_argument("--image-root", default=None)
     t.add_argument("--quiet", action="store_true")
     t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=5 modalities=image,text")

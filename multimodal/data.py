@@ -10,7 +10,6 @@ from torch.utils.data import Dataset
 
 from .errors import RecordError
 from .preprocess import Preprocessing
-from .preprocess.text import clean
 from .records import Records
 
 
@@ -43,17 +42,17 @@ class RecordDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = self.records.df.iloc[i]
-        item = {"index": i, "error": None, "text": ""}
+        item = {"index": i, "error": None}
         try:
             if "image" in self.mods:
                 x = self._images(i, row)
                 item["image"] = self.prep.image.normalize(self.prep.image.augment(x) if self.train else x)
             if "text" in self.mods:
-                item["text"] = clean(row[self.cfg.text.column])
+                item["text"] = self.prep.text.encode(row[self.cfg.text.column])
             if "tabular" in self.mods:
                 item.update(self.prep.tabular.transform(row))
         except Exception as e:  # noqa: BLE001 — any failure is this record's, reported per row
-            item = {"index": i, "error": one_line(e), "text": ""}
+            item = {"index": i, "error": one_line(e)}
         if self.labels is not None:
             item["y"] = self.labels[i]
         return item
@@ -82,7 +81,9 @@ class Collate:
                     mask[b, : len(x)] = True
             batch["image"], batch["image_mask"] = image, mask
         if "text" in self.mods:
-            batch["text_ids"], batch["text_mask"], batch["text_encodings"] = self.prep.text([it["text"] for it in items])
+            t = self.prep.text
+            batch["text_ids"], batch["text_mask"], batch["text_encodings"] = t.pad(
+                [it.get("text") or t.empty() for it in items])
         if "tabular" in self.mods:
             t = self.prep.tabular
             n_num, n_cat = len(t.numeric), len(t.categorical)

@@ -65,7 +65,7 @@ def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None,
         print(f"{step}: training …", flush=True)
         model = DiagnosisModel.from_config(config, **overrides, modalities=mods)
         model.fit(cohort["train"], cohort["val"], progress=False)
-        model.save(out / "models" / name)
+        model.save(out / "models" / name, overwrite=True)  # the demo regenerates its own folder
         results[name] = model.evaluate(cohort["test"], n_boot=n_boot)
         models[name] = model
         t = model.metrics["training"]

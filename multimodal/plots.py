@@ -14,8 +14,9 @@ def write_plots(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str],
     from sklearn.calibration import CalibrationDisplay
     from sklearn.metrics import RocCurveDisplay
 
+    from .output import atomic_file
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     P = prob_matrix(probs, task)
     Y = onehot(np.nan_to_num(y), task, P.shape[1])
     fig = Figure(figsize=(5, 5))
@@ -25,7 +26,7 @@ def write_plots(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str],
             RocCurveDisplay.from_predictions(Y[:, j], P[:, j], name=str(classes[j]), ax=ax)
     ax.plot([0, 1], [0, 1], ls=":", c="grey")
     ax.set_title("ROC")
-    fig.savefig(out / "roc.png", dpi=110, bbox_inches="tight")
+    atomic_file(out / "roc.png", lambda t: fig.savefig(t, dpi=110, bbox_inches="tight", format="png"))
 
     fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
@@ -33,5 +34,5 @@ def write_plots(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str],
     label = {"binary": f"P({classes[1]})", "multiclass": "top class", "multilabel": "all labels"}[task]
     CalibrationDisplay.from_predictions(correct, conf, n_bins=15, name=label, ax=ax)
     ax.set_title("Reliability diagram")
-    fig.savefig(out / "reliability.png", dpi=110, bbox_inches="tight")
+    atomic_file(out / "reliability.png", lambda t: fig.savefig(t, dpi=110, bbox_inches="tight", format="png"))
     return [out / "roc.png", out / "reliability.png"]

@@ -1,6 +1,7 @@
 """Patient records: one row per patient (or study), read from CSV or Parquet and checked against the config."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -9,6 +10,8 @@ import pandas as pd
 
 from .config import Config
 from .errors import UserError
+
+log = logging.getLogger("mmdx")
 
 
 @dataclass
@@ -35,7 +38,8 @@ def read_table(path: Union[str, Path]) -> pd.DataFrame:
             df = pd.read_parquet(path)
         else:
             # Strings stay strings: ids like 007 and free text must not be coerced.
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+            # A stray non-UTF-8 byte in one report becomes U+FFFD in that cell, not an unreadable file.
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding_errors="replace")
     except pd.errors.EmptyDataError:
         raise UserError(f"{path}: file is empty") from None
     except Exception as e:  # parser errors carry multi-line messages
@@ -55,7 +59,7 @@ def load_records(path: Union[str, Path, pd.DataFrame], config: Config, *, labels
     root = Path(image_root or config.data.image_root or folder)
     if not root.is_absolute():
         root = folder / root
-    need = [config.data.id] + config.columns() + (config.label_columns() if labels else [])
+    need = [config.data.id] + ([config.data.group] if config.data.group else []) + config.columns() + (config.label_columns() if labels else [])
     missing = [c for c in dict.fromkeys(need) if c not in df.columns]
     if missing:
         raise UserError(f"{source}: unknown column{'s' if len(missing) > 1 else ''} "
@@ -64,4 +68,8 @@ def load_records(path: Union[str, Path, pd.DataFrame], config: Config, *, labels
         cols = config.label_columns()
         if df[cols].isna().all(axis=None):
             raise UserError(f"{source}: label column {', '.join(map(repr, cols))} is empty")
+        dup = df[config.data.id].astype(str).duplicated()
+        if dup.any() and not config.data.group:
+            log.warning("%s: %d rows repeat an id; they are treated as one patient in splits. "
+                        "Set data.group to the patient column if ids name records.", source, int(dup.sum()))
     return Records(df, root, source)

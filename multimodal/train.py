@@ -2,8 +2,11 @@
 early stopping on validation AUROC with the best weights restored. Seeded and reproducible."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
+from collections import Counter
 import math
 import random
 import time
@@ -16,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import Collate, RecordDataset, to_device
+from .errors import UserError
 from .inference import amp_dtype, autocast, resolve_device, run_inference, scored
 from .metrics import onehot, point_metrics, prob_matrix
 from .preprocess import Preprocessing
@@ -100,18 +104,53 @@ def param_groups(net, cfg: Config) -> list[dict]:
     return groups
 
 
-def holdout_split(records: Records, cfg: Config) -> tuple[Records, Records]:
-    """Stratified, seeded validation hold-out when the user gives no validation records. Split before
-    preprocessing is fitted, so vocabulary and scaler statistics never see validation patients."""
-    from sklearn.model_selection import train_test_split
+def groups_of(records: Records, cfg: Config) -> np.ndarray:
+    """Patient of each record: `data.group` when set, else the record id (repeated ids stay together)."""
+    return records.df[cfg.data.group or cfg.data.id].astype(str).to_numpy()
 
+
+def holdout_split(records: Records, cfg: Config) -> tuple[Records, Records]:
+    """Stratified, seeded, patient-grouped validation hold-out when the user gives no validation records.
+    Split before preprocessing is fitted, so vocabulary and scaler statistics never see validation patients."""
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
+    groups = groups_of(records, cfg)
+    idx = np.arange(len(records))
     col = cfg.label_columns()[0]
-    strata = records.df[col].astype(str) if cfg.task.type != "multilabel" else None
-    if strata is not None and strata.value_counts().min() < 2:
-        strata = None
-    tr, va = train_test_split(np.arange(len(records)), test_size=cfg.train.val_fraction,
-                              random_state=cfg.train.seed, stratify=strata)
+    strata = records.df[col].astype(str).to_numpy() if cfg.task.type != "multilabel" else None
+    n_groups = len(set(groups))
+    k = max(2, round(1 / cfg.train.val_fraction))
+    if n_groups < 2:
+        raise UserError(f"{records.source}: a validation hold-out needs at least 2 patients")
+    if strata is not None and n_groups >= k and min(np.unique(strata, return_counts=True)[1]) >= k:
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=cfg.train.seed)
+        tr, va = next(splitter.split(idx, strata, groups))
+    else:
+        splitter = GroupShuffleSplit(n_splits=1, test_size=cfg.train.val_fraction, random_state=cfg.train.seed)
+        tr, va = next(splitter.split(idx, groups=groups))
     return records.subset(np.sort(tr)), records.subset(np.sort(va))
+
+
+def check_disjoint(train: Records, val: Records, cfg: Config) -> None:
+    """Validation patients that are also training patients make every validation number a lie."""
+    same = train.source == val.source != "records"
+    with contextlib.suppress(OSError):
+        same = same or os.path.samefile(train.source, val.source)
+    if same:
+        raise UserError(f"--val {val.source} is the training records file; give other patients or omit --val")
+    shared = set(groups_of(train, cfg)) & set(groups_of(val, cfg))
+    if shared:
+        what = cfg.data.group or cfg.data.id
+        raise UserError(f"{val.source}: {len(shared)} validation patients ({what}) are also in the training "
+                        f"records, e.g. {sorted(shared)[0]!r}")
+
+
+def check_loadable(failed: dict[int, str], n: int, what: str, cfg: Config) -> None:
+    """More than `train.max_skipped` of the records failing means a setting is wrong, not the data."""
+    if n and len(failed) / n > cfg.train.max_skipped:
+        common, count = Counter(failed.values()).most_common(1)[0]
+        raise UserError(f"{len(failed)} of {n} {what} records cannot be loaded (more than train.max_skipped="
+                        f"{cfg.train.max_skipped:g}); most common error ({count}x): {common}")
 
 
 def make_loader(ds, cfg: Config, prep: Preprocessing, shuffle: bool, device: torch.device, batch_size: int,
@@ -152,7 +191,7 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
     best = {"score": -math.inf, "epoch": -1, "state": None}
-    history, bad_rows, stale = [], set(), 0
+    history, bad_rows, stale = [], {}, 0
     t_start = time.perf_counter()
     for epoch in range(tc.epochs):
         net.train()
@@ -161,7 +200,7 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
                    dynamic_ncols=True, leave=False)
         for batch in bar:
             ok = batch["ok"]
-            bad_rows |= {int(i) for i in batch["index"][~ok]}
+            bad_rows.update({int(i): e for i, e in zip(batch["index"].tolist(), batch["error"]) if e})
             if ok.sum() < 1:
                 continue
             b = to_device({k: (v[ok] if isinstance(v, torch.Tensor) and len(v) == len(ok) else v)
@@ -184,6 +223,10 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
             loss_sum += loss.item() * n
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", pat_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
         out = run_inference(net, val_dl, device, task, amp)
+        if epoch == 0:
+            check_loadable(bad_rows, len(train), "training", cfg)
+            check_loadable({i: e for i, e in enumerate(out["errors"]) if e}, len(val), "validation", cfg)
+            val_failed = sum(e is not None for e in out["errors"])
         score = validation_score(y_va, out["probs"], task)
         rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_auroc": score,
                "patients_per_s": seen / (time.perf_counter() - t0)}
@@ -204,5 +247,5 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
         log.warning("%d training records could not be loaded and were skipped", len(bad_rows))
     net.load_state_dict(best["state"])
     return {"history": history, "best_epoch": best["epoch"], "best_val_auroc": best["score"],
-            "train_seconds": time.perf_counter() - t_start, "n_train": len(train), "n_val": len(val),
-            "skipped_records": len(bad_rows), "device": str(device), "amp": str(amp).replace("torch.", "")}
+            "train_seconds": time.perf_counter() - t_start, "n_train": len(train) - len(bad_rows),
+            "n_val": len(val) - val_failed, "skipped_records": len(bad_rows), "skipped_val_records": val_failed, "device": str(device), "amp": str(amp).replace("torch.", "")}

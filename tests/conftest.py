@@ -33,3 +33,20 @@ def tiny_model(cohort):
 
     return DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY).fit(
         cohort["train"], cohort["val"], progress=False)
+
+
+def run_cli(capsys, *argv):
+    """`mmdx ARGV` in-process → (exit code, stdout, stderr)."""
+    from multimodal.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, needle):
+    """What every user mistake must look like: exit 2 and one `mmdx: error:` line naming the problem."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmdx: error:") and needle in lines[0], err
+    assert "Traceback" not in err

@@ -4,24 +4,13 @@ import json
 import pandas as pd
 import pytest
 
-from multimodal.cli import main
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, one_line_error, run_cli
 
 CFG = str(REPO / "configs" / "synthetic.yaml")
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, needle):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mmdx: error:") and needle in lines[0], err
-    assert "Traceback" not in err
+run = run_cli
 
 
 def test_unknown_column(capsys, cohort, tmp_path):

@@ -37,7 +37,7 @@ class Preprocessing:
         df, mods = records.df, cfg.modalities
         prep = cls(labels=LabelEncoder(cfg.task).fit(df, records.source))
         if "image" in mods:
-            prep.image = ImagePreprocessor(cfg.image, *_image_stats(cfg))
+            prep.image = ImagePreprocessor(cfg.image, *_image_stats(cfg), confine=cfg.data.confine_images)
         if "text" in mods:
             tc = cfg.text
             prep.text = (TextPreprocessor.from_pretrained(tc.pretrained, tc) if tc.encoder == "hf" and tc.pretrained
@@ -56,9 +56,10 @@ class Preprocessing:
     def from_state(cls, cfg: Config, state: dict, tokenizer_json: Optional[str]) -> "Preprocessing":
         prep = cls(labels=LabelEncoder(cfg.task, state["labels"]["classes"]))
         if "image" in cfg.modalities:
-            prep.image = ImagePreprocessor(cfg.image, state["image"]["mean"], state["image"]["std"])
+            prep.image = ImagePreprocessor(cfg.image, state["image"]["mean"], state["image"]["std"],
+                                           confine=cfg.data.confine_images)
         if "text" in cfg.modalities:
-            prep.text = TextPreprocessor.from_json(tokenizer_json, cfg.text.max_length)
+            prep.text = TextPreprocessor.from_json(tokenizer_json, cfg.text)
         if "tabular" in cfg.modalities:
             t = state["tabular"]
             prep.tabular = TabularPreprocessor(cfg.tabular, t["mean"], t["std"], t["vocab"])

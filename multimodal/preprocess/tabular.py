@@ -6,6 +6,7 @@ time are handled, not errors. A non-numeric value in a numeric column is a per-r
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,7 @@ def _category(v) -> str | None:
 class TabularPreprocessor:
     def __init__(self, cfg: TabularConfig, mean=None, std=None, vocab=None):
         self.numeric, self.categorical = list(cfg.numeric), list(cfg.categorical)
+        self.min_count = cfg.min_category_count
         self.mean = list(mean or [0.0] * len(self.numeric))
         self.std = list(std or [1.0] * len(self.numeric))
         self.vocab: dict[str, list[str]] = dict(vocab or {c: [] for c in self.categorical})
@@ -65,7 +67,8 @@ class TabularPreprocessor:
             self.mean[i] = float(x.mean()) if len(x) else 0.0
             self.std[i] = float(x.std()) if len(x) > 1 and x.std() > 0 else 1.0
         for c in self.categorical:
-            self.vocab[c] = sorted({s for s in map(_category, df[c]) if s is not None})
+            counts = Counter(s for s in map(_category, df[c]) if s is not None)
+            self.vocab[c] = sorted(v for v, n in counts.items() if n >= self.min_count)
         self._reindex()
         return self
 

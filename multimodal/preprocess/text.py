@@ -4,27 +4,66 @@ one `tokenizer.json`, so loading needs neither network nor transformers' tokeniz
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Iterable
+from collections import Counter
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
 
 from ..config import TextConfig
+from ..errors import RecordError, UserError
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+MAX_CHARS = 20_000
 
 
-def clean(text) -> str:
+def clean(text, max_chars: int = MAX_CHARS) -> str:
+    """The text a model reads: at most `max_chars` characters, valid UTF-8 (a lone surrogate from a
+    broken export becomes U+FFFD instead of failing the tokenizer)."""
     if text is None or (isinstance(text, float) and math.isnan(text)):
         return ""
-    return str(text).strip()
+    s = str(text)[: max_chars + 64].strip()[:max_chars]
+    return s.encode("utf-8", "replace").decode("utf-8") if not s.isascii() else s
+
+
+def looks_like_identifier(word: str) -> bool:
+    """Record numbers, dates, phone numbers: four digits or more in one word."""
+    return sum(ch.isdigit() for ch in word) >= 4
+
+
+def _private_words(tok, texts: list[str], min_doc_freq: int, scrub: bool) -> set[str]:
+    """Normalised words in fewer than `min_doc_freq` reports (or identifier-like): never vocabulary."""
+    df: Counter = Counter()
+    for t in texts:
+        df.update({w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(t))})
+    return {w for w, n in df.items() if n < min_doc_freq or (scrub and looks_like_identifier(w))}
+
+
+def _without(tok, text: str, private: set[str]) -> str:
+    words = tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))
+    return " ".join(w for w, _ in words if w not in private)
+
+
+@contextlib.contextmanager
+def _tokenizer_failures(error: type, what: str):
+    """Any tokenizer failure as one `error` line. tokenizers reports Rust panics as pyo3's
+    PanicException, a BaseException: that is a bad input too, not a reason to exit."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        raise error(f"{what} ({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise error(f"{what} (the tokenizer crashed)") from None
 
 
 class TextPreprocessor:
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int, max_chars: int = MAX_CHARS):
         self.tokenizer = tokenizer
-        self.max_length = max_length
+        self.max_length, self.max_chars = max_length, max_chars
         pad = next((t for t in ("[PAD]", "<pad>") if tokenizer.token_to_id(t) is not None), None)
         self.pad_id = tokenizer.token_to_id(pad) if pad else 0
         self.tokenizer.enable_truncation(max_length)
@@ -43,38 +82,64 @@ class TextPreprocessor:
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         trainer = trainers.WordPieceTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIALS, min_frequency=2,
                                            show_progress=False)
-        tok.train_from_iterator([t for t in map(clean, texts) if t] or ["empty"], trainer=trainer)
+        texts = [t for t in (clean(t, cfg.max_chars) for t in texts) if t]
+        private = _private_words(tok, texts, cfg.min_doc_freq, cfg.scrub)
+        tok.train_from_iterator([_without(tok, t, private) for t in texts] or ["empty"], trainer=trainer)
         # The trainer numbers tokens in hash order, differently on every run: renumber so the same
         # reports and seed give the same model.
-        ordered = SPECIALS + sorted(t for t in tok.get_vocab() if t not in SPECIALS)
+        ordered = SPECIALS + sorted(t for t in tok.get_vocab() if t not in SPECIALS and t not in private)
         tok.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", SPECIALS.index("[CLS]")),
                                                     ("[SEP]", SPECIALS.index("[SEP]"))])
         tok.decoder = decoders.WordPiece()
-        return cls(tok, cfg.max_length)
+        return cls(tok, cfg.max_length, cfg.max_chars)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, cfg: TextConfig) -> "TextPreprocessor":
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(name_or_path).backend_tokenizer, cfg.max_length)
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+        return cls(tok.backend_tokenizer, cfg.max_length, cfg.max_chars)
 
     @classmethod
-    def from_json(cls, text: str, max_length: int) -> "TextPreprocessor":
+    def from_json(cls, text: Optional[str], cfg: TextConfig) -> "TextPreprocessor":
+        """A model directory's tokenizer.json; checked once here so a broken one is the model's error,
+        not one per record."""
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_str(text), max_length)
+        with _tokenizer_failures(UserError, "tokenizer.json is not a usable tokenizer"):
+            prep = cls(Tokenizer.from_str(text), cfg.max_length, cfg.max_chars)
+            prep.tokenizer.encode("smoke test 12")
+        return prep
 
     def to_json(self) -> str:
         return self.tokenizer.to_str()
 
+    def encode(self, text) -> "Encoding":  # noqa: F821
+        """One record's text → its Encoding (unpadded). Per record, so one text the tokenizer cannot
+        handle is that record's error, not the batch's."""
+        with _tokenizer_failures(RecordError, "text cannot be tokenised"):
+            return self.tokenizer.encode(clean(text, self.max_chars))
+
+    def empty(self):
+        return self.tokenizer.encode("")
+
+    def pad(self, encodings: list) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Per-record encodings → ids [B, L], mask [B, L] (all False for an empty text: the modality is
+        absent), and the encodings padded alike (word ids and offsets merge attributions back to words)."""
+        L = max([1] + [len(e.ids) for e in encodings])
+        ids = np.full((len(encodings), L), self.pad_id, np.int64)
+        mask = np.zeros((len(encodings), L), bool)
+        for b, e in enumerate(encodings):
+            n = len(e.ids)
+            ids[b, :n] = e.ids
+            has_words = any(w is not None for w in e.word_ids)
+            mask[b, :n] = np.asarray(e.attention_mask, bool) & has_words
+            if n < L:
+                e.pad(L, pad_id=self.pad_id, pad_token=self.tokenizer.id_to_token(self.pad_id) or "[PAD]")
+        return torch.from_numpy(ids), torch.from_numpy(mask), encodings
+
     def __call__(self, texts: list[str]):
-        """Batch of texts → ids [B, L], mask [B, L] (all False for an empty text: the modality is absent),
-        and each token's word index (None for special tokens), for merging attributions back to words."""
-        texts = [clean(t) for t in texts]
-        enc = self.tokenizer.encode_batch(texts)
-        ids = torch.tensor(np.array([e.ids for e in enc], np.int64))
-        mask = torch.tensor(np.array([e.attention_mask for e in enc], bool))
-        mask[torch.tensor([not t for t in texts])] = False
-        return ids, mask, enc
+        """Batch of texts → (ids, mask, encodings) as `pad` gives them; a failing text raises."""
+        return self.pad([self.encode(t) for t in texts])

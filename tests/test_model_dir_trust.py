@@ -1,0 +1,215 @@
+"""A model directory is data, not code: loading it reaches no network, runs nothing from it, reads no
+foreign folder, and refuses files its manifest does not vouch for (findings 2, 3, 7 and 9 of #8)."""
+import hashlib
+import json
+import socket
+
+import pandas as pd
+import pytest
+
+from multimodal import DiagnosisModel, UserError
+from multimodal.cli import main
+
+from conftest import REPO
+
+
+def rehash(d):
+    """What an attacker (or a careless edit) does after changing a file: recompute the manifest."""
+    sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.iterdir()) if p.is_file() and p.name != "checksums.json"}
+    (d / "checksums.json").write_text(json.dumps(sums))
+
+
+def edit_json(path, fn):
+    obj = json.loads(path.read_text())
+    fn(obj)
+    path.write_text(json.dumps(obj))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to open a connection or resolve a host is recorded and fails."""
+    attempts = []
+
+    def refuse(*a, **k):
+        attempts.append(a[:2])
+        raise OSError("network blocked by test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # an attacker's config must not depend on the user's env
+    return attempts
+
+
+@pytest.fixture
+def evil_folder(tmp_path):
+    """A transformers folder whose custom code, if ever imported, leaves a marker file."""
+    d = tmp_path / "evil"
+    d.mkdir()
+    marker = tmp_path / "PWNED"
+    (d / "evil_model.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                     "from transformers import BertModel as EvilModel\n")
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 50,
+                                               "auto_map": {"AutoModel": "evil_model.EvilModel"}}))
+    return d, marker
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Paths passed to open(): loading may read the model directory and the records, nothing foreign."""
+    import builtins
+    import io
+
+    seen, real = [], builtins.open
+
+    def spy(file, *a, **k):
+        seen.append(str(file))
+        return real(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)
+    return seen
+
+
+def _attack(d, config_edit=None, prep_edit=None):
+    if config_edit:
+        edit_json(d / "config.json", config_edit)
+    if prep_edit:
+        edit_json(d / "preprocessing.json", prep_edit)
+    rehash(d)
+
+
+def _set(*path_value):
+    def fn(obj):
+        for path, value in path_value:
+            node = obj
+            for k in path[:-1]:
+                node = node.setdefault(k, {})
+            node[path[-1]] = value
+    return fn
+
+
+@pytest.mark.parametrize("attack", ["text_hub_id", "text_folder_remote_code", "text_config_auto_map",
+                                    "timm_hf_hub", "timm_local_dir"])
+def test_loading_reaches_no_network_and_runs_no_foreign_code(tiny_model, cohort, tmp_path, no_network,
+                                                             evil_folder, opened, attack):
+    folder, marker = evil_folder
+    d = tiny_model.save(tmp_path / "m")
+    evil_cfg = json.loads((folder / "config.json").read_text()) | {"_name_or_path": str(folder)}
+    edits = {
+        "text_hub_id": (_set((["config", "text", "encoder"], "hf"), (["config", "text", "pretrained"],
+                                                                     "bert-base-uncased")),
+                        _set((["text_encoder_config"], None))),
+        "text_folder_remote_code": (_set((["config", "text", "encoder"], "hf"),
+                                         (["config", "text", "pretrained"], str(folder))),
+                                    _set((["text_encoder_config"], None))),
+        "text_config_auto_map": (_set((["config", "text", "encoder"], "hf")),
+                                 _set((["text_encoder_config"], evil_cfg))),
+        "timm_hf_hub": (_set((["config", "image", "encoder"], "hf-hub:timm/resnet10t.c3_in1k"),
+                             (["config", "image", "pretrained"], True)), None),
+        "timm_local_dir": (_set((["config", "image", "encoder"], f"local-dir:{folder}"),
+                                (["config", "image", "pretrained"], True)), None),
+    }[attack]
+    _attack(d, *edits)
+    opened.clear()
+    try:
+        DiagnosisModel.load(d).predict(cohort["test"])
+    except UserError:
+        pass  # refusing is fine; reaching out or running code is not
+    assert no_network == [], f"network attempts: {no_network}"
+    assert not marker.exists(), "code from a foreign folder ran"
+    assert not [f for f in opened if str(folder) in f], "a foreign folder was read at load"
+
+
+def test_predict_cli_with_hub_config_is_one_line(capsys, tiny_model, cohort, tmp_path, no_network):
+    d = tiny_model.save(tmp_path / "m")
+    _attack(d, _set((["config", "image", "encoder"], "hf-hub:timm/resnet10t.c3_in1k")))
+    code = main(["predict", "--model", str(d), "--records", str(cohort["test"]), "--out", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mmdx: error:") and "not a timm architecture" in err and len(err.splitlines()) == 1
+    assert no_network == []
+
+
+# -- 3: the manifest must vouch for every file ---------------------------------------------------------------------
+def test_manifest_must_list_every_file(tiny_model, tmp_path):
+    d = tiny_model.save(tmp_path / "m")
+    sums = json.loads((d / "checksums.json").read_text())
+    (d / "checksums.json").write_text("{}")
+    with pytest.raises(UserError, match="not listed"):
+        DiagnosisModel.load(d)
+    (d / "checksums.json").write_text(json.dumps({k: v for k, v in sums.items() if k != "metrics.json"}))
+    with pytest.raises(UserError, match="metrics.json is not listed"):
+        DiagnosisModel.load(d)
+    (d / "checksums.json").write_text(json.dumps(sums))
+    (d / "extra.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="extra.bin is not listed"):
+        DiagnosisModel.load(d)
+    (d / "extra.bin").unlink()
+    (d / "tokenizer.json").unlink()
+    rehash(d)
+    with pytest.raises(UserError, match="tokenizer.json is missing"):
+        DiagnosisModel.load(d)
+
+
+def test_edited_image_root_does_not_redirect_reads(tiny_model, cohort, tmp_path):
+    d = tiny_model.save(tmp_path / "m")
+    want = DiagnosisModel.load(d).predict(cohort["test"])
+    _attack(d, _set((["config", "data", "image_root"], str(tmp_path / "elsewhere"))))
+    got = DiagnosisModel.load(d).predict(cohort["test"])
+    assert (got["status"] == "ok").all()
+    pd.testing.assert_frame_equal(got, want)
+
+
+# -- 9: model-directory mistakes are one line, not a traceback -----------------------------------------------------
+def _cli_error(capsys, d, cohort, tmp_path):
+    code = main(["predict", "--model", str(d), "--records", str(cohort["test"]), "--out", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mmdx: error:") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_weights_that_do_not_fit_the_config(capsys, tiny_model, cohort, tmp_path):
+    d = tiny_model.save(tmp_path / "m")
+    _attack(d, _set((["config", "fusion", "dim"], 32)))
+    assert "model.safetensors does not fit" in _cli_error(capsys, d, cohort, tmp_path)
+
+
+def test_broken_tokenizer_is_refused_at_load(capsys, tiny_model, cohort, tmp_path):
+    d = tiny_model.save(tmp_path / "m")
+    edit_json(d / "tokenizer.json", _set((["model", "unk_token"], "[NOT-IN-VOCAB]")))
+    rehash(d)
+    assert "tokenizer.json is not a usable tokenizer" in _cli_error(capsys, d, cohort, tmp_path)
+    (d / "tokenizer.json").unlink()
+    rehash(d)
+    assert "tokenizer.json is missing" in _cli_error(capsys, d, cohort, tmp_path)
+
+
+def test_not_valid_json_is_one_line(capsys, tiny_model, cohort, tmp_path):
+    d = tiny_model.save(tmp_path / "m")
+    (d / "preprocessing.json").write_text("{not json")
+    rehash(d)
+    assert "preprocessing.json is not valid JSON" in _cli_error(capsys, d, cohort, tmp_path)
+
+
+# -- 7: training-set identifiers stay out of the model directory ---------------------------------------------------
+def test_identifiers_of_one_patient_do_not_travel_with_the_model(cohort):
+    from multimodal.config import load_config
+    from multimodal.preprocess import Preprocessing
+    from multimodal.records import load_records
+
+    cfg = load_config(REPO / "configs" / "synthetic.yaml", {"text.vocab_size": 2000})
+    df = pd.read_csv(cohort["train"], dtype=str)
+    df.loc[0, "report_text"] = str(df.loc[0, "report_text"]) + " Patient Quixotely Zanzibarson MRN 48213377"
+    cat = cfg.tabular.categorical[0]
+    df.loc[1, cat] = "Quixotely-Ward-7"
+    prep = Preprocessing.fit(cfg, load_records(df, cfg, labels=True))
+    stored = prep.text.to_json().lower() + json.dumps(prep.state()).lower()
+    for secret in ("quixotely", "zanzibarson", "48213377", "ward-7"):
+        assert secret not in stored, secret
+    assert "lesion" in prep.text.tokenizer.get_vocab() or prep.text.vocab_size > 100  # common words still learnt
+    scrubbed = load_config(REPO / "configs" / "synthetic.yaml", {"text.scrub": True, "text.min_doc_freq": 1})
+    df.loc[5:, "report_text"] = df.loc[5:, "report_text"].astype(str) + " seen 20190412"
+    vocab = Preprocessing.fit(scrubbed, load_records(df, scrubbed, labels=True)).text.tokenizer.get_vocab()
+    assert "20190412" not in vocab and "seen" in vocab

@@ -1,0 +1,214 @@
+"""Nothing mmdx writes may destroy a user's file: guarded targets, one run per target, atomic and honest
+output (findings 1, 4, 5 and 10 of issue #8)."""
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pandas as pd
+import pytest
+
+from multimodal import UserError
+from multimodal import output
+
+from conftest import REPO, one_line_error, run_cli
+
+CFG = str(REPO / "configs" / "synthetic.yaml")
+
+
+run = run_cli
+
+
+def snapshot(d):
+    """Every file below d with its content hash: 'left untouched' means equal snapshots."""
+    return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def user_folder(tmp_path, cohort):
+    """A folder as a user has it: a records CSV, notes and a subfolder of images."""
+    d = tmp_path / "study"
+    (d / "images").mkdir(parents=True)
+    pd.read_csv(cohort["train"], dtype=str).to_csv(d / "records.csv", index=False)
+    (d / "notes.txt").write_text("do not lose me\n")
+    (d / "images" / "a.dcm").write_bytes(b"\0" * 300)
+    return d
+
+
+# -- 1: train --out never deletes a folder it did not write ---------------------------------------------------
+@pytest.mark.parametrize("target", ["folder", "cwd", "records_folder"])
+def test_train_out_refuses_a_foreign_folder(capsys, user_folder, cohort, monkeypatch, target):
+    before = snapshot(user_folder)
+    records = cohort["train"]
+    if target == "cwd":
+        monkeypatch.chdir(user_folder)
+        out = "."
+    elif target == "records_folder":
+        records, out = user_folder / "records.csv", user_folder
+    else:
+        out = user_folder
+    t0 = time.perf_counter()
+    code, _, err = run(capsys, "train", "--config", CFG, "--records", records, "--out", out, "train.epochs=1")
+    assert code == 2 and err.startswith("mmdx: error:") and ("refusing to replace" in err or "holds an input" in err), err
+    assert time.perf_counter() - t0 < 20  # refused before training, not after
+    assert snapshot(user_folder) == before
+
+
+def test_train_out_equal_to_records_file(capsys, user_folder):
+    before = snapshot(user_folder)
+    code, _, err = run(capsys, "train", "--config", CFG, "--records", user_folder / "records.csv",
+                       "--out", user_folder / "records.csv")
+    one_line_error(code, err, "")
+    assert snapshot(user_folder) == before
+
+
+def test_model_dir_replaced_only_with_overwrite(tiny_model, cohort, tmp_path):
+    d = tiny_model.save(tmp_path / "m")
+    first = snapshot(d)
+    with pytest.raises(UserError, match="--overwrite"):
+        tiny_model.save(d)
+    assert snapshot(d) == first
+    tiny_model.save(d, overwrite=True)
+    assert set(snapshot(d)) == set(first)
+    (d / "my_notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="my_notes.txt"):
+        tiny_model.save(d, overwrite=True)
+    assert (d / "my_notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tiny_model.save(empty)
+    assert (empty / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left behind
+
+
+# -- 4: outputs never overwrite an input or a model ------------------------------------------------------------
+def test_predict_out_cannot_be_an_input_or_inside_the_model(capsys, tiny_model, cohort, tmp_path):
+    m = tiny_model.save(tmp_path / "m")
+    rec = tmp_path / "r.csv"
+    pd.read_csv(cohort["test"], dtype=str).to_csv(rec, index=False)
+    before_rec, before_model = rec.read_bytes(), snapshot(m)
+    code, _, err = run(capsys, "predict", "--model", m, "--records", rec, "--out", rec)
+    one_line_error(code, err, "is also an input")
+    code, _, err = run(capsys, "predict", "--model", m, "--records", rec, "--out", m / "model.safetensors")
+    one_line_error(code, err, "inside the model directory")
+    code, _, err = run(capsys, "evaluate", "--model", m, "--records", rec, "--out", rec)
+    one_line_error(code, err, "is also an input")
+    code, _, err = run(capsys, "predict", "--model", m, "--records", rec, "--out", tmp_path)
+    one_line_error(code, err, "is a directory")
+    assert rec.read_bytes() == before_rec and snapshot(m) == before_model
+
+
+# -- 5: CSV formula injection --------------------------------------------------------------------------------------
+def test_csv_cells_cannot_become_formulas(capsys, tiny_model, cohort, tmp_path):
+    assert output.defuse_cell("=HYPERLINK(\"x\")") == "'=HYPERLINK(\"x\")"
+    assert [output.defuse_cell(v) for v in ("+1+cmd", "@SUM(A1)", "-2+3", "-0.5", "1e-3", "ok")] == \
+        ["'+1+cmd", "'@SUM(A1)", "'-2+3", "-0.5", "1e-3", "ok"]
+    df = pd.read_csv(cohort["test"], dtype=str).iloc[:3]
+    df.loc[0, "patient_id"] = "=1+1"
+    df.loc[1, "patient_id"] = "@cmd"
+    df.to_csv(cohort["dir"] / "inj.csv", index=False)
+    m = tiny_model.save(tmp_path / "m")
+    code, _, _ = run(capsys, "predict", "--model", m, "--records", cohort["dir"] / "inj.csv", "--out", tmp_path / "p.csv")
+    assert code == 0
+    out = pd.read_csv(tmp_path / "p.csv", dtype=str)
+    assert out["id"].tolist()[:2] == ["'=1+1", "'@cmd"] and len(out) == 3
+    output.write_table(pd.DataFrame({"=x": [1]}), tmp_path / "h.csv")
+    assert (tmp_path / "h.csv").read_text().splitlines()[0] == "'=x"
+
+
+# -- 10: output integrity ------------------------------------------------------------------------------------------
+def test_killed_write_leaves_no_temporary_after_the_next_run(tmp_path):
+    target = tmp_path / "out.csv"
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from multimodal.output import atomic_file
+        def slow(t):
+            open(t, "w").write("partial")
+            print("writing", flush=True)
+            time.sleep(60)
+        atomic_file({str(target)!r}, slow)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    left = [q.name for q in tmp_path.iterdir()]
+    assert not target.exists() and any("mmdx-tmp" in n for n in left)  # what kill -9 leaves...
+    output.atomic_file(target, lambda t: open(t, "w").write("done"))
+    assert target.read_text() == "done"
+    assert [q.name for q in tmp_path.iterdir()] == ["out.csv"]  # ...the next write to it removes
+
+
+def test_second_run_on_the_same_out_is_refused(capsys, tiny_model, cohort, tmp_path):
+    m = tiny_model.save(tmp_path / "m")
+    target = tmp_path / "p.csv"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from multimodal.output import claim
+        with claim({str(target)!r}):
+            print("held", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run(capsys, "predict", "--model", m, "--records", cohort["test"], "--out", target)
+        one_line_error(code, err, "another mmdx run is writing")
+        assert not target.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, _ = run(capsys, "predict", "--model", m, "--records", cohort["test"], "--out", target)
+    assert code == 0 and target.is_file()
+    with output.claim(target), output.claim(target):  # one process may claim its own target twice
+        pass
+
+
+def test_output_mode_follows_umask_and_json_is_strict(tmp_path):
+    old = os.umask(0o022)
+    try:
+        output.write_table(pd.DataFrame({"a": [1]}), tmp_path / "t.csv")
+        output.write_json({"auroc": math.nan, "ci": [float("inf"), 0.5]}, tmp_path / "m.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "t.csv").stat().st_mode & 0o777 == 0o644
+    text = (tmp_path / "m.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {"auroc": None, "ci": [None, 0.5]}
+
+
+def test_explain_replaces_its_own_report_and_refuses_a_foreign_folder(capsys, tiny_model, cohort, tmp_path):
+    m = tiny_model.save(tmp_path / "m")
+    out = tmp_path / "rep"
+    args = ("explain", "--model", m, "--records", cohort["test"], "--method", "gradcam", "--quiet", "--out", out)
+    ids = pd.read_csv(cohort["test"], dtype=str)["patient_id"].tolist()
+    assert run(capsys, *args, "--ids", *ids[:3])[0] == 0
+    assert len(list(out.glob("patient_*.html"))) == 3
+    assert run(capsys, *args, "--ids", ids[3])[0] == 0
+    assert len(list(out.glob("patient_*.html"))) == 1  # no stale pages beside the new index
+    (out / "mine.txt").write_text("x")
+    code, _, err = run(capsys, *args, "--ids", ids[0])
+    one_line_error(code, err, "mine.txt")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.csv").write_text("a\n")
+    code, _, err = run(capsys, *args[:-1], foreign, "--ids", ids[0])
+    one_line_error(code, err, "not an mmdx report folder")
+    assert (foreign / "keep.csv").read_text() == "a\n"
+
+
+def test_evaluate_says_how_many_rows_had_no_label(capsys, tiny_model, cohort, tmp_path):
+    df = pd.read_csv(cohort["test"], dtype=str)
+    df.loc[:4, "label"] = None
+    df.to_csv(cohort["dir"] / "unl.csv", index=False)
+    m = tiny_model.save(tmp_path / "m")
+    code, out, _ = run(capsys, "evaluate", "--model", m, "--records", cohort["dir"] / "unl.csv", "--out",
+                       tmp_path / "e.json", "--n-boot", "20")
+    assert code == 0 and "5 records have no label" in out
+    assert json.loads((tmp_path / "e.json").read_text())["n_unlabelled"] == 5
