@@ -30,14 +30,28 @@ def _dataset(d: dict, plots_base: Path, md_dir: Path) -> list[str]:
              f"{len(_runs(d, 'attention'))} runs per variant; {d['seconds'] / 60:.1f} min for this dataset.", "",
              "| model | AUROC [95% CI] | seed SD | AUPRC [95% CI] | ECE calibrated [95% CI] | ECE raw | "
              "ECE floor | epochs (best) | s / run |", "|---|---|---|---|---|---|---|---|---|"]
-    for v in [v for v in s if ", " not in v]:
+    for v in [v for v in s if ", " not in v and not v.startswith("baseline: ")]:
         runs = _runs(d, v)
         epochs = "/".join(f"{r['epochs_run']}({r['best_epoch']})" for r in runs[:6])
         secs = sum(r["train_seconds"] for r in runs) / max(len(runs), 1)
         lines.append(f"| {v} | {_ci(s[v]['auroc'])} | {s[v]['auroc']['seed_sd']:.3f} | {_ci(s[v]['auprc'])} | "
                      f"{_ci(s[v]['ece'])} | {d['ece_uncalibrated'].get(v, float('nan')):.3f} | "
                      f"{d['ece_floor'][v]:.3f} | {epochs} | {secs:.0f} |")
-    lines += ["", "Paired bootstrap over patients (same resamples, seed-averaged AUROC):", ""]
+    base = [v for v in s if v.startswith("baseline: ")]
+    if base:
+        lines += ["", "What a researcher would fit instead (`benchmarks/baselines.py`: scikit-learn on the same "
+                  "training records, choices by 5-fold CV on them; image features: frozen ImageNet "
+                  "EfficientNet-Lite0, mean over a patient's images):", "",
+                  "| baseline | AUROC [95% CI] | AUPRC [95% CI] | ECE [95% CI] |", "|---|---|---|---|"]
+        for v in base:
+            lines.append(f"| {v.removeprefix('baseline: ')} | {_ci(s[v]['auroc'])} | {_ci(s[v]['auprc'])} | "
+                         f"{_ci(s[v]['ece'])} |")
+        chosen = d.get("baselines", [{}])[0].get("chosen")
+        if chosen:
+            lines += ["", "Per-modality choice (by CV AUROC on the training records): "
+                      + ", ".join(f"{m}: {c}" for m, c in chosen.items()) + "."]
+    lines += ["", "Paired bootstrap over patients (same resamples, seed-averaged AUROC; the first line is "
+              "the headline: attention fusion minus the best baseline):", ""]
     for c in d["comparisons"]:
         lines.append(f"- {c['a']} − {c['b']}: **{c['value']:+.3f}** [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], "
                      f"P(difference ≤ 0) = {c['p_le_0']:.3f}")

@@ -5,7 +5,8 @@ Every model variant has one probability vector per seed over the same patients. 
 draws patients with replacement; each variant's metric is computed per seed on that resample and
 averaged over seeds. The 2.5/97.5 percentiles give a CI that reflects patient sampling (seed noise is
 averaged out and reported separately as the across-seed SD); the same resamples give paired CIs of
-differences such as fusion minus the best single modality.
+differences such as fusion minus the best single modality. The resampling, intervals and paired
+differences are `mmdx compare`'s (multimodal.comparison), so the benchmark and the command agree.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from multimodal.calibration import expected_calibration_error
+from multimodal.comparison import bootstrap_stats, ci95, difference
 
 METRICS = ("auroc", "auprc", "ece")
 
@@ -32,21 +34,15 @@ def seed_mean(y: np.ndarray, seeds: list[np.ndarray]) -> dict[str, float]:
 def bootstrap(y: np.ndarray, variants: dict[str, list[np.ndarray]], n_boot: int = 1000,
               seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """{variant: {metric: [n_boot] seed-mean values}}; resamples with one class only are NaN."""
-    rng = np.random.default_rng(seed)
-    out = {v: {m: np.full(n_boot, np.nan) for m in METRICS} for v in variants}
-    for b in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[idx])) < 2:
-            continue
-        for v, seeds in variants.items():
-            for m, val in seed_mean(y[idx], [p[idx] for p in seeds]).items():
-                out[v][m][b] = val
-    return out
+    def stat(idx):
+        return {(v, m): val for v, seeds in variants.items()
+                for m, val in seed_mean(y[idx], [p[idx] for p in seeds]).items()}
+
+    flat = bootstrap_stats(y, stat, n_boot, seed)
+    return {v: {m: flat.get((v, m), np.full(n_boot, np.nan)) for m in METRICS} for v in variants}
 
 
-def ci(samples: np.ndarray) -> list[float]:
-    s = samples[np.isfinite(samples)]
-    return [float(np.percentile(s, 2.5)), float(np.percentile(s, 97.5))] if len(s) >= 10 else [np.nan, np.nan]
+ci = ci95
 
 
 def summarise(y: np.ndarray, variants: dict[str, list[np.ndarray]], boots: dict) -> dict[str, dict]:
@@ -62,11 +58,8 @@ def summarise(y: np.ndarray, variants: dict[str, list[np.ndarray]], boots: dict)
 
 def paired_difference(y: np.ndarray, variants: dict, boots: dict, a: str, b: str, metric: str = "auroc") -> dict:
     """a minus b on the same resamples; `p_le_0` is the bootstrap fraction where a does not beat b."""
-    d = boots[a][metric] - boots[b][metric]
-    d = d[np.isfinite(d)]
     point = seed_mean(y, variants[a])[metric] - seed_mean(y, variants[b])[metric]
-    return {"a": a, "b": b, "metric": metric, "value": float(point), "ci95": ci(d),
-            "p_le_0": float((d <= 0).mean()) if len(d) else np.nan}
+    return {"a": a, "b": b, "metric": metric} | difference(point, boots[a][metric], boots[b][metric])
 
 
 def ece_floor(p: np.ndarray, n_sim: int = 200, seed: int = 0) -> float:

@@ -33,6 +33,8 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import bench_stats as st  # noqa: E402
 from bench_report import write_markdown  # noqa: E402
 
+BASELINE = "baseline: "  # prefix of the scikit-learn baselines' variant names
+
 DATASETS = {"medpix2": "medpix2.yaml", "ham10000": "ham10000.yaml", "iu_xray": "iu_xray.yaml"}
 QUICK = {"train.epochs": 2, "train.min_epochs": 1, "train.patience": 1}
 QUICK_IMAGE = {"image.size": 48, "image.max_images": 1}
@@ -118,6 +120,26 @@ def train_one(cfg_path: Path, overrides: dict, train, test, cache: Path, keep_mo
     return meta | {"preds": preds}
 
 
+def run_baselines(cfg, parts, pool, n: int, work: Path) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """What a researcher fits without mmdx, on the same splits: {baseline name: P(positive) over the pool}."""
+    from baselines import baselines
+    from image_features import pooled_features
+
+    features = None
+    if "image" in cfg.modalities:
+        X = pooled_features(pool, cfg, work / f"image_features_{cfg.image.size}px_{cfg.image.in_chans}ch.npz")
+        where = {k: i for i, k in enumerate(pool.df[cfg.data.id].astype(str))}
+        features = lambda df: X[df[cfg.data.id].astype(str).map(where).to_numpy()]  # noqa: E731
+    out: dict[str, np.ndarray] = {}
+    infos = []
+    for split, train, test, pos in parts:
+        probs, info = baselines(train.df, test.df, cfg, image_features=features, return_info=True)
+        for k, p in probs.items():
+            out.setdefault(BASELINE + k, np.full(n, np.nan))[pos] = p
+        infos.append({"split": split, **{k: v for k, v in info.items() if k in ("chosen", "cv_auroc", "seconds")}})
+    return out, infos
+
+
 def throughput(model, test, records_csv: Path, work: Path, threads: int) -> dict:
     """`mmdx predict` end to end (process start, model load, decoding, writing) vs in-process predict vs
     the pure forward pass on the same, already collated batches."""
@@ -189,6 +211,11 @@ def run_dataset(name: str, args, out: Path) -> dict:
                       f"(best {r['best_epoch']:2d})  {time.perf_counter() - t1:6.1f}s", flush=True)
             for k, p in by_key.items():
                 preds.setdefault(vname if k == "calibrated" else f"{vname}, {k}", []).append(p)
+    t_base = time.perf_counter()
+    base_probs, extra["baselines"] = run_baselines(cfg, parts, pool, len(y), out / "work" / name)
+    extra["baseline_seconds"] = time.perf_counter() - t_base
+    for k, p in base_probs.items():
+        preds[k] = [p]  # deterministic: one "seed"
     # AUROC does not change with calibration: uncalibrated outputs only get a point ECE.
     probs = {k: v for k, v in preds.items() if not k.endswith(", raw")}
     raw_ece = {k[:-5]: st.seed_mean(y, v)["ece"] for k, v in preds.items() if k.endswith(", raw")}
@@ -196,7 +223,9 @@ def run_dataset(name: str, args, out: Path) -> dict:
     summary = st.summarise(y, probs, boots)
     singles = [v for v in probs if v.endswith(" only")]
     best = max(singles, key=lambda v: summary[v]["auroc"]["value"])
-    comparisons = [st.paired_difference(y, probs, boots, "attention", best),
+    best_base = max(base_probs, key=lambda v: summary[v]["auroc"]["value"])
+    comparisons = [st.paired_difference(y, probs, boots, "attention", best_base),
+                   st.paired_difference(y, probs, boots, "attention", best),
                    st.paired_difference(y, probs, boots, "attention", "concat"),
                    st.paired_difference(y, probs, boots, "concat", best)]
     if "attention + pretrained text" in probs:
@@ -206,7 +235,8 @@ def run_dataset(name: str, args, out: Path) -> dict:
             "modalities": cfg.modalities, "n_eval": int(len(y)), "prevalence": float(y.mean()),
             "split": "val" if not args.cv else f"{args.cv}-fold grouped CV over train+val",
             "n_train": runs[0]["n_train"], "n_inner_val": runs[0]["n_inner_val"],
-            "summary": summary, "best_single": best, "comparisons": comparisons, "ece_floor": floors,
+            "summary": summary, "best_single": best, "best_baseline": best_base, "comparisons": comparisons,
+            "ece_floor": floors,
             "ece_uncalibrated": raw_ece,
             "runs": runs, "seconds": time.perf_counter() - t0, **extra}
 

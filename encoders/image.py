@@ -1,24 +1,45 @@
-"""Image encoder: any timm model, read as spatial tokens so fusion can attend to image regions."""
+"""Image encoder: any timm model, read as spatial tokens so fusion can attend to image regions.
+
+Pretrained weights on a few hundred patients want most of the network frozen: `freeze` keeps all,
+none, or all but the last N stages fixed (frozen BatchNorm stays in eval mode, so its statistics are
+the pretrained ones). The frozen part is a prefix of the network, so its output can be computed once
+per image and cached (multimodal/features.py); `forward` then takes that activation instead of pixels
+(`stage` = where it was cut) and runs only the trainable rest.
+"""
 from __future__ import annotations
+
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import ENCODERS, Tokens
+from .weights import Weights, create_backbone, pretrained_stats  # noqa: F401  (pretrained_stats re-exported)
+
+_STAGE_CONTAINERS = ("blocks", "stages", "layers", "features")
+_HEADS = ("global_pool", "head", "fc", "classifier", "head_drop", "pre_logits")
 
 
-def pretrained_stats(model_name: str, in_chans: int) -> tuple[list[float], list[float]] | None:
-    """Mean/std the timm weights were trained with (averaged over RGB for one-channel input)."""
-    import timm
+def _flat_sequence(backbone: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[int]]:
+    """forward_features as a flat list of (name, module), and the indices that are stages.
 
-    cfg = timm.models.get_pretrained_cfg(model_name)
-    if cfg is None or cfg.mean is None:
-        return None
-    mean, std = list(cfg.mean), list(cfg.std)
-    if in_chans == 1:
-        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
-    return mean, std
+    Works for timm CNNs whose forward_features runs their top-level children in order (ResNets,
+    EfficientNets, MobileNets, ConvNeXt, RegNet...); the encoder checks that on a probe input and
+    refuses partial freezing where it does not hold."""
+    seq, stages = [], []
+    for name, child in backbone.named_children():
+        if name in _HEADS:
+            continue
+        if name in _STAGE_CONTAINERS and isinstance(child, nn.Sequential):
+            for sub, m in child.named_children():
+                stages.append(len(seq))
+                seq.append((f"{name}.{sub}", m))
+        else:
+            if name.startswith("layer") and name[5:].isdigit():
+                stages.append(len(seq))
+            seq.append((name, child))
+    return seq, stages
 
 
 @ENCODERS.register("timm")
@@ -26,40 +47,90 @@ class TimmImageEncoder(nn.Module):
     """[B, V, C, H, W] images with a [B, V] view mask → [B, V*T, D] tokens, T feature positions per view.
 
     Only present views go through the backbone; several views of one patient give several token sets.
+    `freeze`: "none", "all", or an int N = train only the last N stages (and what follows them).
     """
 
-    input_keys = ("image", "image_mask")
+    input_keys = ("image", "image_mask", "image_stage")
 
     def __init__(self, model_name: str, in_chans: int = 1, image_size: int = 128, token_grid: int = 4,
-                 pretrained: bool = False, checkpoint_path: str | None = None):
+                 weights: Optional[Weights] = None, freeze: Union[str, int] = "none"):
         super().__init__()
-        import timm
-
-        self.backbone = timm.create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint_path or "",
-                                          in_chans=in_chans, num_classes=0, global_pool="")
+        self.backbone = create_backbone(model_name, weights or Weights(), in_chans)
         self.output_dim = self.backbone.num_features
         self.token_grid = token_grid
+        self._seq, stages = _flat_sequence(self.backbone)
+        self.cut = self._cut_index(freeze, stages)
         with torch.no_grad():
             was = self.backbone.training
             self.backbone.eval()
-            probe = self._tokens(torch.zeros(1, in_chans, image_size, image_size))
+            x = torch.zeros(1, in_chans, image_size, image_size).uniform_(generator=torch.Generator().manual_seed(0))
+            whole = self.backbone.forward_features(x)
+            self.sequential = torch.allclose(self._run(x, 0, len(self._seq)), whole, atol=1e-5)
             self.backbone.train(was)
-        self.tokens_per_image = probe.shape[1]
+        if not self.sequential and self.cut not in (0, len(self._seq)):
+            raise ValueError(f"{model_name}: partial freezing (image.freeze={freeze}) is not supported for this "
+                             f"architecture; use 'all' or 'none'")
+        self.tokens_per_image = self._pool(whole).shape[1]
+        for _, m in self._seq[: self.cut]:
+            m.requires_grad_(False)
+        if freeze == "all":
+            self.backbone.requires_grad_(False)
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.backbone.forward_features(x)
+    def _cut_index(self, freeze, stages: list[int]) -> int:
+        """Index into the flat sequence of the first trainable module (0: all trainable)."""
+        if freeze == "none":
+            return 0
+        if freeze == "all":
+            return len(self._seq)
+        n = int(freeze)
+        if not stages or n < 1 or n > len(stages):
+            raise ValueError(f"image.freeze={n}: the model has {len(stages)} stages")
+        return stages[-n]
+
+    @property
+    def frozen(self) -> list[nn.Module]:
+        return [m for _, m in self._seq[: self.cut]]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.frozen:  # frozen BatchNorm keeps its pretrained statistics
+            m.eval()
+        return self
+
+    def _run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if start == 0 and stop == len(self._seq) and not getattr(self, "sequential", True):
+            return self.backbone.forward_features(x)
+        for _, m in self._seq[start:stop]:
+            x = m(x)
+        return x
+
+    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels [n, C, H, W] → the activation where the trainable part starts (what a cache keeps)."""
+        with torch.no_grad():
+            return self._run(x, 0, self.cut)
+
+    def _pool(self, f: torch.Tensor) -> torch.Tensor:
         if f.ndim == 4:  # CNN feature map [n, D, h, w]
             if f.shape[-1] > self.token_grid or f.shape[-2] > self.token_grid:
                 f = F.adaptive_avg_pool2d(f, self.token_grid)
             f = f.flatten(2).transpose(1, 2)
         return f
 
-    def forward(self, image: torch.Tensor, image_mask: torch.Tensor) -> Tokens:
+    def _tokens(self, x: torch.Tensor, stage: int = 0) -> torch.Tensor:
+        if stage == 0 and self.cut:
+            # no graph through frozen layers in training; attribution (x.requires_grad) still gets one
+            with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
+                x = self._run(x, 0, self.cut)
+            stage = self.cut
+        return self._pool(self._run(x, stage, len(self._seq)))
+
+    def forward(self, image: torch.Tensor, image_mask: torch.Tensor, image_stage: int = 0) -> Tokens:
+        """`image_stage`: 0 for pixels, or the cut index when `image` holds cached frozen activations."""
         B, V = image_mask.shape
         present = image_mask.reshape(-1)
         out = image.new_zeros(B * V, self.tokens_per_image, self.output_dim)
         if present.any():
-            feats = self._tokens(image.reshape(B * V, *image.shape[2:])[present])
+            feats = self._tokens(image.reshape(B * V, *image.shape[2:])[present], int(image_stage))
             out = out.to(feats.dtype).index_put((present.nonzero(as_tuple=True)[0],), feats)
         return Tokens(out.reshape(B, V * self.tokens_per_image, self.output_dim),
                       image_mask.repeat_interleave(self.tokens_per_image, dim=1))

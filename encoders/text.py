@@ -51,7 +51,10 @@ class HFTextEncoder(nn.Module):
 
     input_keys = ("text_ids", "text_mask")
 
-    def __init__(self, config: dict | None = None, pretrained: str | None = None):
+    def __init__(self, config: dict | None = None, pretrained: str | None = None, freeze="none",
+                 pooling: str = "tokens"):
+        """`freeze`: "none", "all", or N = only the last N transformer layers train (embeddings and the
+        earlier layers keep their pretrained weights). `pooling`: "tokens" or one "mean" vector."""
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -62,6 +65,30 @@ class HFTextEncoder(nn.Module):
             self.model = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg),
                                                trust_remote_code=False)
         self.output_dim = self.model.config.hidden_size
+        self.pooling = pooling
+        self._frozen = self._freeze(freeze)
+
+    def _freeze(self, freeze) -> list[nn.Module]:
+        if freeze == "none":
+            return []
+        if freeze == "all":
+            self.model.requires_grad_(False)
+            return [self.model]
+        layers = next((m for name, m in self.model.named_modules()
+                       if isinstance(m, nn.ModuleList) and name.split(".")[-1] in ("layer", "layers")), None)
+        if layers is None or not 1 <= int(freeze) <= len(layers):
+            raise ValueError(f"text.freeze={freeze}: the transformer has {len(layers) if layers else 0} layers")
+        keep = {id(p) for layer in list(layers)[-int(freeze):] for p in layer.parameters()}
+        keep |= {id(p) for name, p in self.model.named_parameters() if name.startswith("pooler.")}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in keep)
+        return [self.model.get_input_embeddings()] + list(layers)[: -int(freeze)]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self._frozen:  # frozen layers keep dropout off: they are feature extractors
+            m.eval()
+        return self
 
     @property
     def embedding(self) -> nn.Module:
@@ -73,5 +100,9 @@ class HFTextEncoder(nn.Module):
         return {k: v for k, v in d.items() if k not in _FOREIGN_KEYS}
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> Tokens:
-        out = self.model(input_ids=text_ids, attention_mask=_nonempty(text_mask).long())
-        return Tokens(out.last_hidden_state, text_mask)
+        out = self.model(input_ids=text_ids, attention_mask=_nonempty(text_mask).long()).last_hidden_state
+        if self.pooling == "mean":
+            w = text_mask.to(out.dtype).unsqueeze(-1)
+            pooled = (out * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1)
+            return Tokens(pooled, text_mask.any(1, keepdim=True))
+        return Tokens(out, text_mask)

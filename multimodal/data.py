@@ -2,6 +2,7 @@
 so one bad file never stops a batch job or shifts other rows."""
 from __future__ import annotations
 
+import random
 from typing import Optional
 
 import numpy as np
@@ -23,11 +24,16 @@ def one_line(e: BaseException) -> str:
 
 class RecordDataset(Dataset):
     def __init__(self, records: Records, prep: Preprocessing, modalities: list[str], cfg,
-                 labels: Optional[np.ndarray] = None, train: bool = False, cache: bool = False):
-        """`train`: augment images. `cache`: keep decoded, resized images in memory across epochs."""
+                 labels: Optional[np.ndarray] = None, train: bool = False, cache: bool = False,
+                 features=None):
+        """`train`: augment images. `cache`: keep decoded, resized images in memory across epochs.
+        `features`: a filled multimodal.features.FeatureCache: images come as frozen activations."""
         self.records, self.prep, self.mods, self.cfg = records, prep, modalities, cfg
         self.labels, self.train, self.use_cache = labels, train, cache
         self.cache: dict[int, torch.Tensor] = {}
+        self.features, self.feature_errors = features, {}
+        if features is not None:  # filled for these records by FeatureCache.fill
+            self.feature_errors = features.errors
 
     def __len__(self) -> int:
         return len(self.records)
@@ -44,7 +50,12 @@ class RecordDataset(Dataset):
         row = self.records.df.iloc[i]
         item = {"index": i, "error": None}
         try:
-            if "image" in self.mods:
+            if "image" in self.mods and self.features is not None:
+                if i in self.feature_errors:
+                    raise RecordError(self.feature_errors[i])
+                n = self.cfg.image.cache_views
+                item["image"] = self.features.get(i, random.randrange(n) if self.train and n > 1 else 0)
+            elif "image" in self.mods:
                 x = self._images(i, row)
                 item["image"] = self.prep.image.normalize(self.prep.image.augment(x) if self.train else x)
             if "text" in self.mods:
@@ -61,8 +72,9 @@ class RecordDataset(Dataset):
 class Collate:
     """Pads views and tokens to the batch maximum; rows with errors carry empty modalities and ok=False."""
 
-    def __init__(self, prep: Preprocessing, modalities: list[str], cfg):
-        self.prep, self.mods, self.cfg = prep, modalities, cfg
+    def __init__(self, prep: Preprocessing, modalities: list[str], cfg, image_stage: int = 0):
+        """`image_stage`: 0 for pixels, else the encoder cut the cached activations come from."""
+        self.prep, self.mods, self.cfg, self.image_stage = prep, modalities, cfg, image_stage
 
     def __call__(self, items: list[dict]) -> dict:
         B = len(items)
@@ -73,13 +85,16 @@ class Collate:
             ic = self.cfg.image
             imgs = [it.get("image") for it in items]
             V = max([1] + [len(x) for x in imgs if x is not None])
-            image = torch.zeros(B, V, ic.in_chans, ic.size, ic.size)
+            shape = next((x.shape[1:] for x in imgs if x is not None and len(x)), None)
+            if shape is None:  # no image in the batch: what the first stage expects
+                shape = (ic.in_chans, ic.size, ic.size) if not self.image_stage else (1, 1, 1)
+            image = torch.zeros(B, V, *shape)
             mask = torch.zeros(B, V, dtype=torch.bool)
             for b, x in enumerate(imgs):
                 if x is not None and len(x):
                     image[b, : len(x)] = x
                     mask[b, : len(x)] = True
-            batch["image"], batch["image_mask"] = image, mask
+            batch["image"], batch["image_mask"], batch["image_stage"] = image, mask, self.image_stage
         if "text" in self.mods:
             t = self.prep.text
             batch["text_ids"], batch["text_mask"], batch["text_encodings"] = t.pad(

@@ -156,8 +156,9 @@ def check_loadable(failed: dict[int, str], n: int, what: str, cfg: Config) -> No
 def make_loader(ds, cfg: Config, prep: Preprocessing, shuffle: bool, device: torch.device, batch_size: int,
                 seed: int = 0, workers: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
+    stage = ds.features.stage if getattr(ds, "features", None) is not None else 0
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
-                      collate_fn=Collate(prep, cfg.modalities, cfg), pin_memory=device.type == "cuda",
+                      collate_fn=Collate(prep, cfg.modalities, cfg, image_stage=stage), pin_memory=device.type == "cuda",
                       persistent_workers=workers > 0)
 
 
@@ -179,8 +180,19 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
     val, y_va = labelled(val, prep)
     net.to(device)
     cache = "image" in cfg.modalities and cfg.image.cache
-    train_ds = RecordDataset(train, prep, cfg.modalities, cfg, y_tr, train=True, cache=cache)
-    val_ds = RecordDataset(val, prep, cfg.modalities, cfg, y_va, cache=cache)
+    feats = [None, None]
+    if "image" in cfg.modalities and cfg.image.cache_features:
+        from .features import FeatureCache
+
+        enc = net.encoders["image"]
+        feats = [FeatureCache(cfg, prep, enc, enc.weights_digest) for _ in range(2)]
+        t0 = time.perf_counter()
+        for f, r in zip(feats, (train, val)):
+            f.fill(r, progress=progress)
+        log.info("frozen image features: %d cached, %d computed in %.0fs", sum(f.hits for f in feats),
+                 sum(f.misses for f in feats), time.perf_counter() - t0)
+    train_ds = RecordDataset(train, prep, cfg.modalities, cfg, y_tr, train=True, cache=cache, features=feats[0])
+    val_ds = RecordDataset(val, prep, cfg.modalities, cfg, y_va, cache=cache, features=feats[1])
     train_dl = make_loader(train_ds, cfg, prep, True, device, tc.batch_size, tc.seed, tc.num_workers)
     val_dl = make_loader(val_ds, cfg, prep, False, device, tc.batch_size * 2, workers=tc.num_workers)
 

@@ -25,10 +25,12 @@ def test_timm_encoder_loads_local_checkpoint(tmp_path):
     import timm
     from safetensors.torch import save_file
 
+    from encoders.weights import resolve
+
     src = timm.create_model("test_resnet", in_chans=1, num_classes=0, global_pool="")
     save_file(src.state_dict(), tmp_path / "w.safetensors")
     enc = ENCODERS.create("timm", model_name="test_resnet", in_chans=1, image_size=32,
-                          checkpoint_path=str(tmp_path / "w.safetensors"))
+                          weights=resolve(str(tmp_path / "w.safetensors"), "test_resnet"))
     for k, v in src.state_dict().items():
         assert torch.equal(enc.backbone.state_dict()[k], v)
 

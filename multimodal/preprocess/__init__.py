@@ -16,13 +16,25 @@ def _image_stats(cfg: Config) -> tuple[list[float], list[float]]:
     ic = cfg.image
     if ic.mean and ic.std:
         return ic.mean, ic.std
-    if ic.pretrained or ic.checkpoint:
-        from encoders.image import pretrained_stats
+    if ic.pretrained:
+        from encoders.weights import is_local_spec, pretrained_stats
 
-        stats = pretrained_stats(ic.encoder, ic.in_chans)
+        tagged = isinstance(ic.pretrained, str) and "." in ic.pretrained and not is_local_spec(ic.pretrained)
+        stats = pretrained_stats(ic.pretrained.removeprefix("hf-hub:") if tagged else ic.encoder, ic.in_chans)
         if stats:
             return stats
     return [0.5] * ic.in_chans, [0.5] * ic.in_chans
+
+
+def _text_source(spec: str) -> str:
+    from encoders.weights import WeightsError, text_source
+
+    from ..errors import UserError
+
+    try:
+        return text_source(spec)
+    except WeightsError as e:
+        raise UserError(str(e)) from None
 
 
 @dataclass
@@ -40,7 +52,8 @@ class Preprocessing:
             prep.image = ImagePreprocessor(cfg.image, *_image_stats(cfg), confine=cfg.data.confine_images)
         if "text" in mods:
             tc = cfg.text
-            prep.text = (TextPreprocessor.from_pretrained(tc.pretrained, tc) if tc.encoder == "hf" and tc.pretrained
+            prep.text = (TextPreprocessor.from_pretrained(_text_source(tc.pretrained), tc)
+                         if tc.encoder == "hf" and tc.pretrained
                          else TextPreprocessor.train(df[tc.column].tolist(), tc))
         if "tabular" in mods:
             prep.tabular = TabularPreprocessor(cfg.tabular).fit(df)

@@ -1,0 +1,160 @@
+"""Two-stage training: the frozen part of the image encoder runs once per image, not once per epoch.
+
+With `image.freeze` set, the first layers of the CNN never change, so their output for a given image
+is a fact of (file content, preprocessing, weights, cut point). `FeatureCache` computes it once,
+keeps it on disk under MMDX_CACHE (else ~/.cache/mmdx)/features/<identity>/ and in memory, and the
+training loop then feeds those activations to the trainable rest (see encoders/image.py). An epoch
+then costs what the small trainable part costs.
+
+What it gives up: random augmentation. `image.cache_views` keeps 1, 2, 4 or 8 fixed flips/rotations
+per image and training draws one per epoch. The saved model is still the whole network, so predict
+and explain start from raw records as before.
+
+Entries are keyed by a hash of every image file's bytes and of everything that shapes the
+activation, so a changed image, a changed setting or other weights simply miss the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import Config
+from .errors import RecordError
+from .preprocess.image import split_paths
+
+log = logging.getLogger("mmdx")
+FORMAT = 1
+
+
+def views(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[V, C, H, W] → [V, n, C, H, W]: identity, h-flip, v-flip, both, then the same turned 90°."""
+    out = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)]
+    out += [v.transpose(-1, -2) for v in out]
+    return torch.stack(out[:n], 1)
+
+
+def identity(cfg: Config, encoder, weights_digest: str) -> str:
+    """Everything the cached activation depends on, as one hash."""
+    ic = cfg.image
+    facts = {"format": FORMAT, "arch": ic.encoder, "weights": weights_digest, "cut": encoder.cut,
+             "in_chans": ic.in_chans, "size": ic.size, "window": ic.window, "frames": ic.frames,
+             "max_images": ic.max_images, "mean": ic.mean, "std": ic.std, "views": ic.cache_views,
+             "limits": ic.limits.model_dump()}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cache_root() -> Path:
+    from encoders.weights import cache_dir
+
+    return cache_dir() / "features"
+
+
+class FeatureCache:
+    """Frozen activations per record: [V, views, C', h, w] float16, V = that record's images."""
+
+    def __init__(self, cfg: Config, prep, encoder, weights_digest: str, root: Optional[Path] = None):
+        self.cfg, self.prep, self.encoder = cfg, prep, encoder
+        self.dir = (root or cache_root()) / identity(cfg, encoder, weights_digest)
+        self.memory: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    @property
+    def stage(self) -> int:
+        return self.encoder.cut
+
+    def key(self, records, i: int) -> str:
+        """Hash of the record's image cells and the bytes of every file they name (up to max_images)."""
+        row = records.df.iloc[i]
+        h = hashlib.sha256()
+        n = 0
+        for col in self.cfg.image.columns:
+            for rel in split_paths(row[col]):
+                if n >= self.cfg.image.max_images:
+                    break
+                path = Path(rel) if Path(rel).is_absolute() else records.root / rel
+                h.update(rel.encode("utf-8", "replace") + b"\0")
+                try:
+                    with open(path, "rb") as f:
+                        for chunk in iter(lambda: f.read(1 << 20), b""):
+                            h.update(chunk)
+                except OSError:
+                    h.update(b"<unreadable>")
+                n += 1
+        return h.hexdigest()
+
+    def _file(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.safetensors"
+
+    def _compute(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Frozen activations for several records' images at once (one forward per 64 images)."""
+        n_views = self.cfg.image.cache_views
+        flat = torch.cat([views(self.prep.image.normalize(x), n_views).flatten(0, 1) for x in xs]) \
+            if xs else torch.zeros(0)
+        device = next(self.encoder.parameters()).device
+        was = self.encoder.training
+        self.encoder.eval()
+        outs = [self.encoder.frozen_features(flat[j:j + 64].to(device)).cpu() for j in range(0, len(flat), 64)]
+        self.encoder.train(was)
+        acts = torch.cat(outs) if outs else flat
+        res, k = [], 0
+        for x in xs:
+            m = len(x) * n_views
+            res.append(acts[k:k + m].reshape(len(x), n_views, *acts.shape[1:]).to(torch.float16))
+            k += m
+        return res
+
+    def fill(self, records, progress: bool = False) -> dict[int, str]:
+        """Make sure every loadable record of `records` is cached; → {row index: error} for the others."""
+        from safetensors.torch import load_file, save_file
+        from tqdm.auto import tqdm
+
+        self.keys = [self.key(records, i) for i in range(len(records))]
+        errors, todo = {}, []
+        for i, key in enumerate(self.keys):
+            if key in self.memory:
+                self.hits += 1
+            elif self._file(key).is_file():
+                try:
+                    self.memory[key] = load_file(str(self._file(key)))["x"]
+                    self.hits += 1
+                    continue
+                except Exception:  # noqa: BLE001 — a damaged entry is recomputed
+                    pass
+                todo.append(i)
+            else:
+                todo.append(i)
+        bar = tqdm(total=len(todo), desc="caching frozen features", unit="rec", disable=not progress or not todo)
+        for j in range(0, len(todo), 32):
+            chunk, xs = [], []
+            for i in todo[j:j + 32]:
+                row = records.df.iloc[i]
+                try:
+                    xs.append(self.prep.image.load([row[c] for c in self.cfg.image.columns], records.root))
+                    chunk.append(i)
+                except RecordError as e:
+                    errors[i] = str(e)
+                except Exception as e:  # noqa: BLE001 — a record's failure stays that record's
+                    errors[i] = f"{type(e).__name__}: {e}"
+            for i, act in zip(chunk, self._compute(xs)):
+                key = self.keys[i]
+                self.memory[key] = act
+                path = self._file(key)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                save_file({"x": act.contiguous()}, str(tmp))
+                os.replace(tmp, path)
+                self.misses += 1
+            bar.update(len(todo[j:j + 32]))
+        bar.close()
+        self.errors = errors
+        return errors
+
+    def get(self, i: int, view: int = 0) -> torch.Tensor:
+        """Record i's activations for one view, [V, C', h, w] float32."""
+        return self.memory[self.keys[i]][:, view].float()

@@ -1,0 +1,188 @@
+"""`mmdx compare` / multimodal.comparison: paired bootstrap differences on planted gaps, the patient join, the CLI."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from conftest import one_line_error, run_cli
+from multimodal.comparison import auroc, compare, format_report, resampler
+from multimodal.errors import UserError
+
+
+def _cohort(n=300, seed=0):
+    """Labels, a model that sees them through noise, and a model that is pure noise."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.4).astype(int)
+    labels = pd.DataFrame({"patient_id": [f"P{i:03d}" for i in range(n)], "label": y})
+
+    def preds(p):
+        return pd.DataFrame({"id": labels["patient_id"], "prob_0": 1 - p, "prob_1": p, "pred": (p > 0.5).astype(int),
+                             "status": "ok", "error": None})
+    signal = preds(1 / (1 + np.exp(-(1.0 * (2 * y - 1) + rng.normal(0, 1, n)))))
+    noise = preds(rng.random(n))
+    return labels, signal, noise
+
+
+def test_auroc_is_sklearns_with_ties_and_per_column():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, (200, 3))
+    s = np.round(rng.random((200, 3)) + 0.3 * y, 1)  # many ties
+    assert auroc(y, s) == pytest.approx(np.mean([roc_auc_score(y[:, j], s[:, j]) for j in range(3)]), abs=1e-12)
+
+
+def test_a_planted_gap_is_found_and_identical_files_differ_by_exactly_zero():
+    labels, signal, noise = _cohort()
+    r = compare({"noise": noise, "signal": signal, "signal again": signal.copy()}, labels, n_boot=500, all_pairs=True)
+    gap, _, same = r["comparisons"]
+    assert (gap["a"], gap["b"]) == ("signal", "noise") and r["reference"] == "noise"
+    assert gap["ci95"][0] > 0 and gap["p_le_0"] < 0.05 and gap["value"] > 0.3
+    assert (same["a"], same["b"]) == ("signal again", "signal")
+    assert same["value"] == 0 and same["ci95"] == [0.0, 0.0] and same["p_le_0"] == 1
+    lo, hi = r["auroc"]["signal"]["ci95"]
+    assert lo < r["auroc"]["signal"]["value"] < hi and r["n"] == 300 and r["positive"] == "1"
+    assert r["auroc"]["signal"]["value"] == pytest.approx(roc_auc_score(labels["label"], signal["prob_1"]))
+    assert compare([noise, signal], labels, n_boot=10, positive=1)["positive"] == "1"  # 1 and "1": one class
+    # no gap planted: the CI of the difference covers 0 and p is not small
+    _, signal2, noise2 = _cohort(seed=1)
+    flat = compare([noise, noise2.assign(id=noise["id"])], labels, n_boot=500)["comparisons"][0]
+    assert flat["ci95"][0] < 0 < flat["ci95"][1] and flat["p_le_0"] > 0.05
+
+
+def test_all_pairs_and_reference_only():
+    labels, signal, noise = _cohort()
+    three = {"a": noise, "b": signal, "c": signal}
+    assert [(c["a"], c["b"]) for c in compare(three, labels, n_boot=50)["comparisons"]] == [("b", "a"), ("c", "a")]
+    pairs = [(c["a"], c["b"]) for c in compare(three, labels, n_boot=50, all_pairs=True)["comparisons"]]
+    assert pairs == [("b", "a"), ("c", "a"), ("c", "b")]
+
+
+def test_the_join_is_paired_whatever_the_row_order_and_drops_an_error_row_from_every_file():
+    labels, signal, noise = _cohort()
+    bad = signal.copy()
+    bad.loc[5, ["prob_0", "prob_1", "pred", "status", "error"]] = [np.nan, np.nan, None, "error", "unreadable"]
+    extra = pd.DataFrame({"id": ["unlabelled"], "prob_0": [0.5], "prob_1": [0.5], "status": ["ok"]})
+    shuffled = pd.concat([noise, extra]).sample(frac=1, random_state=0)
+    r = compare({"noise": shuffled, "signal": bad}, labels.sample(frac=1, random_state=1), n_boot=300)
+    keep = labels.index != 5
+    ref = compare({"noise": noise[keep], "signal": signal[keep]}, labels[keep], n_boot=300)
+    assert r["n"] == 299 and r["auroc"] == ref["auroc"] and r["comparisons"] == ref["comparisons"]
+    assert r["files"]["signal"]["dropped"] == {"status error": 1}
+    assert r["files"]["noise"]["dropped"] == {"without label": 1, "not scored by every file": 1}
+    assert r["labels"]["dropped"] == {"not scored by every file": 1}
+    text = format_report(r)
+    assert "signal (predictions 'signal'): 300 rows -> 299 paired; status error: 1" in text
+
+
+def test_groups_are_resampled_whole():
+    groups = np.repeat(np.arange(40), np.arange(40) % 4 + 1)
+    draw, rng = resampler(len(groups), groups), np.random.default_rng(0)
+    size = np.bincount(groups)
+    for _ in range(20):
+        idx = draw(rng)
+        per_row = np.bincount(idx, minlength=len(groups))
+        for g in range(40):  # every record of a drawn patient, as often as the patient was drawn
+            assert len(set(per_row[groups == g])) == 1
+        assert len(idx) == sum(per_row[groups == g][0] * size[g] for g in range(40))
+    labels, signal, noise = _cohort()
+    labels["patient"] = labels.index // 3
+    r = compare([noise, signal], labels, n_boot=100, group_column="patient")
+    assert r["n_groups"] == 100 and r["n"] == 300
+    assert r["auroc"] != compare([noise, signal], labels, n_boot=100)["auroc"]
+
+
+def test_multiclass_is_macro_one_vs_rest_or_one_class_against_the_rest():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 150)
+    P = rng.dirichlet(np.ones(3), 150) + 0.5 * np.eye(3)[y]
+    P /= P.sum(1, keepdims=True)
+    labels = pd.DataFrame({"patient_id": range(150), "label": np.array(["a", "b", "c"])[y]})
+    pa = pd.DataFrame({"id": range(150), **{f"prob_{c}": P[:, j] for j, c in enumerate("abc")}})
+    pb = pa[["id", "prob_c", "prob_a", "prob_b"]]  # same classes in another order
+    r = compare([pa, pb], labels, n_boot=50)
+    assert r["metric"] == "macro one-vs-rest auroc" and r["comparisons"][0]["value"] == 0
+    assert r["auroc"]["model1"]["value"] == pytest.approx(roc_auc_score(y, P, multi_class="ovr"))
+    one = compare([pa, pb], labels, n_boot=50, positive="b")
+    assert one["auroc"]["model1"]["value"] == pytest.approx(roc_auc_score(y == 1, P[:, 1]))
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda lab, a, b: ([a], lab), "at least 2 prediction files, got 1"),
+    (lambda lab, a, b: ([a, b.drop(columns=["prob_0", "prob_1"])], lab), "no prob_<class> columns"),
+    (lambda lab, a, b: ([a, b], lab.drop(columns=["label"])), "no column 'label'"),
+    (lambda lab, a, b: ([a, b.iloc[:9]], lab), "only 9 patients are labelled and scored"),
+    (lambda lab, a, b: ([a, b.rename(columns={"prob_1": "prob_yes"})], lab), "has classes ['0', 'yes']"),
+    (lambda lab, a, b: ([a, b], lab.assign(label=7)), "label values ['7'] are not among"),
+    (lambda lab, a, b: ([a, b], lab.assign(label=1)), "do not all have both outcomes"),
+    (lambda lab, a, b: ([a, pd.concat([b, b.iloc[:1]])], lab), "appears more than once"),
+])
+def test_api_mistakes_are_user_errors(change, needle):
+    labels, signal, noise = _cohort(60)
+    preds, lab = change(labels, signal, noise)
+    with pytest.raises(UserError) as e:
+        compare(preds, lab, n_boot=10)
+    assert needle in str(e.value)
+
+
+def test_importable_from_the_package():
+    from multimodal import compare as top
+
+    assert top is compare
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prediction_files(tiny_model, cohort, tmp_path_factory):
+    d = tmp_path_factory.mktemp("compare")
+    p = tiny_model.predict(cohort["test"])
+    p.to_csv(d / "tiny.csv", index=False)
+    rng = np.random.default_rng(0)
+    noisy = p.copy()
+    pos = f"prob_{tiny_model.classes[-1]}"
+    noisy[pos] = 0.3 * p[pos] + 0.7 * rng.random(len(p))
+    noisy[f"prob_{tiny_model.classes[0]}"] = 1 - noisy[pos]
+    noisy.to_parquet(d / "noisy.parquet", index=False)
+    return d
+
+
+def test_cli_happy_path_writes_strict_json(capsys, cohort, prediction_files, tmp_path):
+    d = prediction_files
+    code, out, err = run_cli(capsys, "compare", "--labels", cohort["test"], d / "tiny.csv", d / "noisy.parquet",
+                             "--names", "tiny,noisy", "--n-boot", 200, "--out", tmp_path / "cmp.json")
+    assert code == 0, err
+    assert "tiny (reference)" in out and "noisy - tiny" in out and f"comparison written to {tmp_path}" in out
+    r = json.loads((tmp_path / "cmp.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    n_test = len(pd.read_csv(cohort["test"]))
+    assert r["n"] == n_test and r["files"]["tiny"]["rows"] == n_test and r["comparisons"][0]["a"] == "noisy"
+    api = compare({"tiny": d / "tiny.csv", "noisy": d / "noisy.parquet"}, cohort["test"], n_boot=200)
+    assert r["auroc"] == api["auroc"] and r["comparisons"] == api["comparisons"]  # JSON floats round-trip
+
+
+def _cli_case(d, cohort, tmp, case):
+    lab, a, b = str(cohort["test"]), str(d / "tiny.csv"), str(d / "noisy.parquet")
+    df = pd.read_csv(a)
+    if case == "no prob":
+        df.drop(columns=[c for c in df.columns if c.startswith("prob_")]).to_csv(tmp / "x.csv", index=False)
+        return ["--labels", lab, a, tmp / "x.csv"]
+    if case == "no label":
+        pd.read_csv(lab).drop(columns=["label"]).to_csv(tmp / "l.csv", index=False)
+        return ["--labels", tmp / "l.csv", a, b]
+    if case == "few":
+        df.iloc[:5].to_csv(tmp / "x.csv", index=False)
+        return ["--labels", lab, a, tmp / "x.csv"]
+    if case == "classes":
+        df.rename(columns={df.columns[1]: "prob_other"}).to_csv(tmp / "x.csv", index=False)
+        return ["--labels", lab, a, tmp / "x.csv"]
+    return {"missing": ["--labels", lab, a, tmp / "nope.csv"], "one": ["--labels", lab, a],
+            "out is input": ["--labels", lab, a, b, "--out", a]}[case]
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "file not found"), ("no prob", "no prob_<class> columns"), ("no label", "no column 'label'"),
+    ("few", "only 5 patients"), ("classes", "has classes"), ("one", "at least 2 prediction files"),
+    ("out is input", "is also an input"),
+])
+def test_cli_mistakes_are_one_line(capsys, cohort, prediction_files, tmp_path, case, needle):
+    code, _, err = run_cli(capsys, "compare", *_cli_case(prediction_files, cohort, tmp_path, case))
+    one_line_error(code, err, needle)
