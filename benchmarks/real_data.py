@@ -125,10 +125,19 @@ def run_baselines(cfg, parts, pool, n: int, work: Path) -> tuple[dict[str, np.nd
     from baselines import baselines
     from image_features import pooled_features
 
+    import hashlib
+
+    from multimodal.records import Records
+
     features = None
     if "image" in cfg.modalities:
-        X = pooled_features(pool, cfg, work / f"image_features_{cfg.image.size}px_{cfg.image.in_chans}ch.npz")
-        where = {k: i for i, k in enumerate(pool.df[cfg.data.id].astype(str))}
+        frames = [r.df for _, tr, te, _ in parts for r in (tr, te)]
+        every = Records(pd.concat(frames, ignore_index=True).drop_duplicates(cfg.data.id, ignore_index=True),
+                        parts[0][1].root, "baseline image features")
+        ids = every.df[cfg.data.id].astype(str)
+        tag = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+        X = pooled_features(every, cfg, work / f"image_features_{cfg.image.size}px_{cfg.image.in_chans}ch_{tag}.npz")
+        where = {k: i for i, k in enumerate(ids)}
         features = lambda df: X[df[cfg.data.id].astype(str).map(where).to_numpy()]  # noqa: E731
     out: dict[str, np.ndarray] = {}
     infos = []
@@ -138,6 +147,26 @@ def run_baselines(cfg, parts, pool, n: int, work: Path) -> tuple[dict[str, np.nd
             out.setdefault(BASELINE + k, np.full(n, np.nan))[pos] = p
         infos.append({"split": split, **{k: v for k, v in info.items() if k in ("chosen", "cv_auroc", "seconds")}})
     return out, infos
+
+
+def cached_epoch_speed(cfg_path: Path, overrides: dict, train) -> dict:
+    """The two-stage path's claim, measured side by side: the dataset's image encoder frozen up to its
+    last stage, one epoch over cached activations (4 cached flips) against one end-to-end epoch
+    (pixels through the frozen layers every step, with augmentation). Filling the cache is not part
+    of an epoch: it happens once, and is reported apart."""
+    from multimodal import DiagnosisModel
+
+    common = overrides | {"image.freeze": 1, "train.epochs": 1, "train.min_epochs": 1, "train.calibrate": False}
+    rates, fill = {}, time.perf_counter()
+    for name, ov in (("cached", {"image.cache_features": True, "image.cache_views": 4, "image.augment": None}),
+                     ("end_to_end", {"image.cache_features": False, "image.cache_views": 1})):
+        t = time.perf_counter()
+        m = DiagnosisModel.from_config(cfg_path, **(common | ov)).fit(train, None, progress=False)
+        rates[name] = m.metrics["training"]["history"][0]["patients_per_s"]
+        if name == "cached":
+            fill = time.perf_counter() - t - m.metrics["training"]["train_seconds"]
+    return {"cached_patients_per_s": rates["cached"], "end_to_end_patients_per_s": rates["end_to_end"],
+            "speedup": rates["cached"] / rates["end_to_end"], "cache_fill_seconds": fill}
 
 
 def throughput(model, test, records_csv: Path, work: Path, threads: int) -> dict:
@@ -185,24 +214,29 @@ def run_dataset(name: str, args, out: Path) -> dict:
     base = dict(args.override)
     if args.quick:
         base |= QUICK | (QUICK_IMAGE if cfg.image is not None else {})
-    parts, pool = splits(Path(args.data) / name, cfg, args.cv, args.quick)
+    cv = args.cv if not args.cv_datasets or name in args.cv_datasets else 0
+    seeds = args.seeds_for.get(name, args.seeds)
+    parts, pool = splits(Path(args.data) / name, cfg, cv, args.quick)
     y = LabelEncoder(cfg.task).fit(pool.df).encode(pool.df).astype(int)  # the class order models use
     preds: dict[str, list[np.ndarray]] = {}
     runs, t0, extra = [], time.perf_counter(), {}
-    for vname, ov in variants(cfg, args.text_model).items():
-        for seed in args.seeds:
+    chosen = {k: v for k, v in variants(cfg, args.text_model).items() if not args.variants or k in args.variants}
+    for vname, ov in chosen.items():
+        for seed in seeds:
             by_key: dict[str, np.ndarray] = {}
             for split, train, test, pos in parts:
                 key = f"{name}__{vname.replace(' ', '_').replace('+', '')}__s{seed}__{split}"
                 t1 = time.perf_counter()
-                keep = vname == "attention" and seed == args.seeds[0] and split == parts[0][0]  # throughput, plots
+                keep = vname == "attention" and seed == seeds[0] and split == parts[0][0]  # throughput, plots
                 r = train_one(cfg_path, base | ov | {"train.seed": seed}, train, test, out / "runs" / key, keep)
                 for k, p in r.pop("preds").items():
                     by_key.setdefault(k, np.full(len(y), np.nan))[pos] = p
                 model = r.pop("model", None)
                 if model is not None:
+                    if name in args.cache_speed and "image" in model.config.modalities:
+                        extra["cache_speed"] = cached_epoch_speed(cfg_path, base | ov | {"train.seed": seed}, train)
                     extra["throughput"] = throughput(model, test, Path(args.data) / name / "records_val.csv",
-                                                     out / "work" / name, args.threads) if not args.cv else None
+                                                     out / "work" / name, args.threads) if not cv else None
                     extra["plots"] = [str(p.relative_to(out)) for p in write_plots(
                         y[pos], np.stack([1 - by_key["calibrated"][pos], by_key["calibrated"][pos]], 1),
                         "binary", model.classes, out / "plots" / name)]
@@ -222,18 +256,15 @@ def run_dataset(name: str, args, out: Path) -> dict:
     boots = st.bootstrap(y, probs, args.n_boot)
     summary = st.summarise(y, probs, boots)
     singles = [v for v in probs if v.endswith(" only")]
-    best = max(singles, key=lambda v: summary[v]["auroc"]["value"])
+    best = max(singles, key=lambda v: summary[v]["auroc"]["value"]) if singles else None
     best_base = max(base_probs, key=lambda v: summary[v]["auroc"]["value"])
-    comparisons = [st.paired_difference(y, probs, boots, "attention", best_base),
-                   st.paired_difference(y, probs, boots, "attention", best),
-                   st.paired_difference(y, probs, boots, "attention", "concat"),
-                   st.paired_difference(y, probs, boots, "concat", best)]
-    if "attention + pretrained text" in probs:
-        comparisons.append(st.paired_difference(y, probs, boots, "attention + pretrained text", best))
+    pairs = [("attention", best_base), ("attention", best), ("attention", "concat"), ("concat", best),
+             ("attention + pretrained text", best)]
+    comparisons = [st.paired_difference(y, probs, boots, a, b) for a, b in pairs if a in probs and b in probs]
     floors = {v: float(np.mean([st.ece_floor(p) for p in ps])) for v, ps in probs.items() if ", " not in v}
     return {"dataset": name, "config": str(cfg_path.relative_to(ROOT)), "task": cfg.task.label,
             "modalities": cfg.modalities, "n_eval": int(len(y)), "prevalence": float(y.mean()),
-            "split": "val" if not args.cv else f"{args.cv}-fold grouped CV over train+val",
+            "split": "val" if not cv else f"{cv}-fold grouped CV over train+val", "seeds": seeds,
             "n_train": runs[0]["n_train"], "n_inner_val": runs[0]["n_inner_val"],
             "summary": summary, "best_single": best, "best_baseline": best_base, "comparisons": comparisons,
             "ece_floor": floors,
@@ -270,10 +301,20 @@ def main(argv=None) -> int:
     ap.add_argument("--text-model", default=None,
                     help="'minilm' or a local HF folder: adds attention fusion with this pretrained text encoder")
     ap.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="applied to every variant")
+    ap.add_argument("--cv-datasets", default="", help="with --cv: only these datasets use CV, the others train→val")
+    ap.add_argument("--cache-speed", default="ham10000",
+                    help="datasets on which to time a cached epoch against an end-to-end one ('' for none)")
+    ap.add_argument("--variants", default="", help="comma-separated subset, e.g. 'attention,image only'")
+    ap.add_argument("--seeds-for", nargs="*", default=[], metavar="DATASET=SEEDS",
+                    help="per-dataset seeds, e.g. ham10000=0 (others use --seeds)")
     args = ap.parse_args(argv)
     from multimodal.config import parse_overrides
 
     args.override = parse_overrides(args.override)
+    args.cv_datasets = [d.strip() for d in args.cv_datasets.split(",") if d.strip()]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.cache_speed = [] if args.quick else [d.strip() for d in args.cache_speed.split(",") if d.strip()]
+    args.seeds_for = {k: [int(x) for x in v.split(",")] for k, v in (item.split("=", 1) for item in args.seeds_for)}
     args.text_model = text_model_path(args.text_model)
     args.seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
     args.n_boot = args.n_boot or (100 if args.quick else 1000)

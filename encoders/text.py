@@ -49,7 +49,7 @@ class HFTextEncoder(nn.Module):
     Otherwise random init from `config` (a transformers config dict with model_type): only built-in
     transformers architectures, and never remote code (a folder's `auto_map` is refused, not prompted for)."""
 
-    input_keys = ("text_ids", "text_mask")
+    input_keys = ("text_ids", "text_mask", "text_x")
 
     def __init__(self, config: dict | None = None, pretrained: str | None = None, freeze="none",
                  pooling: str = "tokens"):
@@ -94,13 +94,21 @@ class HFTextEncoder(nn.Module):
     def embedding(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     def config_dict(self) -> dict:
         """Enough to rebuild the architecture offline; the weights live in model.safetensors."""
         d = self.model.config.to_diff_dict() | {"model_type": self.model.config.model_type}
         return {k: v for k, v in d.items() if k not in _FOREIGN_KEYS}
 
-    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> Tokens:
-        out = self.model(input_ids=text_ids, attention_mask=_nonempty(text_mask).long()).last_hidden_state
+    def hidden(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=text_ids, attention_mask=_nonempty(text_mask).long()).last_hidden_state
+
+    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor, text_x: torch.Tensor | None = None) -> Tokens:
+        """`text_x`: the frozen transformer's cached output for these ids (freeze: all), else computed."""
+        out = self.hidden(text_ids, text_mask) if text_x is None else text_x[:, : text_ids.shape[1]].to(self.dtype)
         if self.pooling == "mean":
             w = text_mask.to(out.dtype).unsqueeze(-1)
             pooled = (out * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1)

@@ -171,6 +171,9 @@ class TextConfig(_Strict):
     """hf: a local folder, a hub name (online), or `minilm` (all-MiniLM-L6-v2 from the `pretrained` extra)."""
     freeze: Union[Literal["none", "all"], int] = "none"
     """hf: keep pretrained layers fixed: none, all, or an int N = train only the last N transformer layers."""
+    cache_features: bool = False
+    """hf with freeze: all: compute the transformer's output once per record before training and train
+    the rest over it (the text counterpart of image.cache_features; nothing is given up)."""
     pooling: Literal["tokens", "mean"] = "tokens"
     """hf: fusion attends to every token, or to one mean-pooled vector (what sentence encoders such as
     MiniLM were trained to produce; steadier on a few thousand reports)."""
@@ -198,10 +201,12 @@ class TextConfig(_Strict):
 
     @model_validator(mode="after")
     def _hf_only(self):
-        if self.encoder != "hf" and (self.freeze != "none" or self.pooling != "tokens"):
-            raise ValueError("text.freeze and text.pooling apply to text.encoder: hf")
+        if self.encoder != "hf" and (self.freeze != "none" or self.pooling != "tokens" or self.cache_features):
+            raise ValueError("text.freeze, text.pooling and text.cache_features apply to text.encoder: hf")
         if self.freeze != "none" and not self.pretrained:
             raise ValueError("text.freeze needs text.pretrained weights")
+        if self.cache_features and self.freeze != "all":
+            raise ValueError("text.cache_features needs text.freeze: all")
         if isinstance(self.freeze, int) and not isinstance(self.freeze, bool) and self.freeze < 1:
             raise ValueError("text.freeze as a number is how many last layers train: at least 1")
         return self

@@ -25,13 +25,14 @@ def one_line(e: BaseException) -> str:
 class RecordDataset(Dataset):
     def __init__(self, records: Records, prep: Preprocessing, modalities: list[str], cfg,
                  labels: Optional[np.ndarray] = None, train: bool = False, cache: bool = False,
-                 features=None):
+                 features=None, text_features: Optional[dict] = None):
         """`train`: augment images. `cache`: keep decoded, resized images in memory across epochs.
-        `features`: a filled multimodal.features.FeatureCache: images come as frozen activations."""
+        `features`: a filled multimodal.features.FeatureCache: images come as frozen activations.
+        `text_features`: {record index: frozen text encoder output [L, D]} (see features.text_features)."""
         self.records, self.prep, self.mods, self.cfg = records, prep, modalities, cfg
         self.labels, self.train, self.use_cache = labels, train, cache
         self.cache: dict[int, torch.Tensor] = {}
-        self.features, self.feature_errors = features, {}
+        self.features, self.feature_errors, self.text_features = features, {}, text_features
         if features is not None:  # filled for these records by FeatureCache.fill
             self.feature_errors = features.errors
 
@@ -60,6 +61,8 @@ class RecordDataset(Dataset):
                 item["image"] = self.prep.image.normalize(self.prep.image.augment(x) if self.train else x)
             if "text" in self.mods:
                 item["text"] = self.prep.text.encode(row[self.cfg.text.column])
+                if self.text_features is not None:
+                    item["text_x"] = self.text_features[i]
             if "tabular" in self.mods:
                 item.update(self.prep.tabular.transform(row))
         except Exception as e:  # noqa: BLE001 — any failure is this record's, reported per row
@@ -99,6 +102,15 @@ class Collate:
             t = self.prep.text
             batch["text_ids"], batch["text_mask"], batch["text_encodings"] = t.pad(
                 [it.get("text") or t.empty() for it in items])
+            xs = [it.get("text_x") for it in items]
+            if any(x is not None for x in xs):  # cached frozen encoder output, padded like the ids
+                D = next(x for x in xs if x is not None).shape[-1]
+                L = max(batch["text_ids"].shape[1], max(len(x) for x in xs if x is not None))
+                tx = torch.zeros(B, L, D)
+                for b, x in enumerate(xs):
+                    if x is not None:
+                        tx[b, : len(x)] = x.float()
+                batch["text_x"] = tx
         if "tabular" in self.mods:
             t = self.prep.tabular
             n_num, n_cat = len(t.numeric), len(t.categorical)

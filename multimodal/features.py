@@ -158,3 +158,26 @@ class FeatureCache:
     def get(self, i: int, view: int = 0) -> torch.Tensor:
         """Record i's activations for one view, [V, C', h, w] float32."""
         return self.memory[self.keys[i]][:, view].float()
+
+
+def text_features(records, cfg: Config, prep, encoder, batch_size: int = 64) -> dict[int, torch.Tensor]:
+    """A fully frozen transformer's output per record, computed once per training run (in memory:
+    a forward over a few thousand reports takes seconds to a minute, far less than an epoch each)."""
+    device = next(encoder.parameters()).device
+    out: dict[int, torch.Tensor] = {}
+    encoder.eval()
+    with torch.no_grad():
+        for j in range(0, len(records), batch_size):
+            idx = list(range(j, min(j + batch_size, len(records))))
+            encs = []
+            for i in idx:
+                try:
+                    encs.append(prep.text.encode(records.df.iloc[i][cfg.text.column]))
+                except RecordError:
+                    encs.append(prep.text.empty())
+            lengths = [len(e.ids) for e in encs]
+            ids, mask, _ = prep.text.pad(encs)
+            h = encoder.hidden(ids.to(device), mask.to(device)).cpu().to(torch.float16)
+            for b, i in enumerate(idx):
+                out[i] = h[b, : lengths[b]].clone()
+    return out

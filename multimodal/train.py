@@ -191,8 +191,15 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
             f.fill(r, progress=progress)
         log.info("frozen image features: %d cached, %d computed in %.0fs", sum(f.hits for f in feats),
                  sum(f.misses for f in feats), time.perf_counter() - t0)
-    train_ds = RecordDataset(train, prep, cfg.modalities, cfg, y_tr, train=True, cache=cache, features=feats[0])
-    val_ds = RecordDataset(val, prep, cfg.modalities, cfg, y_va, cache=cache, features=feats[1])
+    tfeats = [None, None]
+    if "text" in cfg.modalities and cfg.text.cache_features:
+        from .features import text_features
+
+        tfeats = [text_features(r, cfg, prep, net.encoders["text"]) for r in (train, val)]
+    train_ds = RecordDataset(train, prep, cfg.modalities, cfg, y_tr, train=True, cache=cache, features=feats[0],
+                             text_features=tfeats[0])
+    val_ds = RecordDataset(val, prep, cfg.modalities, cfg, y_va, cache=cache, features=feats[1],
+                           text_features=tfeats[1])
     train_dl = make_loader(train_ds, cfg, prep, True, device, tc.batch_size, tc.seed, tc.num_workers)
     val_dl = make_loader(val_ds, cfg, prep, False, device, tc.batch_size * 2, workers=tc.num_workers)
 

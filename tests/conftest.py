@@ -1,9 +1,14 @@
 """Shared fixtures: a tiny synthetic cohort and one tiny trained model per test session."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Feature caches and converted weights go to a throwaway folder, never the user's ~/.cache/mmdx.
+os.environ.setdefault("MMDX_CACHE", tempfile.mkdtemp(prefix="mmdx-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

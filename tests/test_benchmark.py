@@ -54,7 +54,12 @@ def test_quick_benchmark_medpix2(tmp_path):
     singles = ["image only", "text only", "tabular only"]
     assert {"attention", "concat", *singles} <= set(d["summary"])
     assert sum(r["variant"] == "attention" for r in d["runs"]) == 2 and report["seeds"] == [0, 1]
-    assert d["best_single"] in singles and d["comparisons"][0]["b"] == d["best_single"]
+    assert d["best_single"] in singles and d["comparisons"][1]["b"] == d["best_single"]
+    baselines = [v for v in d["summary"] if v.startswith("baseline: ")]
+    assert {"baseline: TF-IDF + LR (text)", "baseline: LR (image features)", "baseline: mean of baselines",
+            "baseline: LR stack (CV)"} <= set(baselines)
+    assert d["comparisons"][0]["a"] == "attention" and d["comparisons"][0]["b"] == d["best_baseline"]
+    assert d["best_baseline"] == max(baselines, key=lambda v: d["summary"][v]["auroc"]["value"])
     for m in ("image", "text", "tabular"):  # missing-modality robustness of the fused model
         assert f"attention, without {m}" in d["summary"] and f"attention, {m} kept" in d["summary"]
     assert d["throughput"]["n_cli"] == 67  # every validation row predicted by `mmdx predict`
@@ -63,6 +68,7 @@ def test_quick_benchmark_medpix2(tmp_path):
     for v in ("attention", "concat", *singles):
         assert f"| {v} | " in md
     assert "attention − " + d["best_single"] in md and "quick mode" in md
+    assert "| TF-IDF + LR (text) | " in md  # the baselines' table
     assert len(list((out / "runs").glob("*.json"))) == 10  # 5 variants x 2 seeds, kept for resuming
 
 

