@@ -57,7 +57,9 @@ class HFTextEncoder(nn.Module):
         earlier layers keep their pretrained weights). `pooling`: "tokens" or one "mean" vector."""
         super().__init__()
         from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a weight-loading bar per model fills batch logs
         if pretrained:
             self.model = AutoModel.from_pretrained(pretrained, trust_remote_code=False)
         else:
