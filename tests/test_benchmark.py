@@ -41,9 +41,14 @@ def test_ece_floor_is_the_noise_of_a_calibrated_model_and_shrinks_with_n():
 
 def _run(tmp_path, *args):
     import real_data
+    import torch
 
     out = tmp_path / "bench"
-    assert real_data.main(["--quick", "--out", str(out), "--n-boot", "50", *args]) == 0
+    threads = torch.get_num_threads()
+    try:  # main() sets torch's thread count for the process; later tests must not inherit it
+        assert real_data.main(["--quick", "--out", str(out), "--n-boot", "50", "--threads", str(threads), *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return json.loads((out / "results.json").read_text()), (out / "BENCHMARKS.md").read_text(), out
 
 
