@@ -163,7 +163,7 @@ def test_feature_cache_hits_and_invalidation(cohort, tmp_path):
 def test_cached_training_predicts_from_raw_records(cohort, tmp_path):
     _lite_or_skip()
     model = DiagnosisModel.from_config(CFG, **lite(image__freeze=1, image__cache_features=True,
-                                                    image__cache_views=2))
+                                                    image__cache_views=2, train__epochs=8))
     model.fit(cohort["train"], cohort["val"], progress=False)
     out = model.predict(cohort["test"])
     assert len(out) == len(pd.read_csv(cohort["test"])) and (out["status"] == "ok").mean() > 0.8
