@@ -127,7 +127,8 @@ def to_timm_layout(sd: dict, arch: str) -> dict:
     if not _is_efficientnet_pytorch(sd):
         return sd
     ref = timm.create_model(arch, pretrained=False).state_dict()
-    head = timm.models.get_pretrained_cfg(arch).classifier if timm.models.get_pretrained_cfg(arch) else "classifier"
+    pcfg = timm.models.get_pretrained_cfg(arch)
+    head = pcfg.classifier if pcfg is not None else "classifier"
     if len(sd) != len(ref):
         raise WeightsError(f"weights have {len(sd)} tensors, {arch} has {len(ref)}: not the same architecture")
     out = {}

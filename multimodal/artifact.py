@@ -18,7 +18,6 @@ of fewer than `tabular.min_category_count` records are left out (see README, "Pr
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from importlib import metadata
@@ -27,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from encoders.weights import sha256_file
+
 from .config import Config, config_from_dict
 from .errors import UserError
 from .output import MODEL_MANIFEST as CHECKSUMS
@@ -34,14 +35,6 @@ from .output import staged_dir, strict_json
 
 FORMAT_VERSION = 1
 REQUIRED = frozenset({"config.json", "model.safetensors", "preprocessing.json", "metrics.json", "versions.json"})
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -78,7 +71,7 @@ def save(out_dir, cfg: Config, prep, net, metrics: Optional[dict] = None, overwr
         save_model(net, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _dump(tmp / "metrics.json", metrics or {})
         _dump(tmp / "versions.json", library_versions())
-        _dump(tmp / CHECKSUMS, {p.name: _sha256(p) for p in sorted(tmp.iterdir())})
+        _dump(tmp / CHECKSUMS, {p.name: sha256_file(p) for p in sorted(tmp.iterdir())})
     return out
 
 
@@ -108,7 +101,7 @@ def verify(model_dir) -> dict:
     for name, digest in sums.items():
         if "/" in name or name.startswith(".") or not (d / name).is_file():
             raise UserError(f"{d}: {name} is missing")
-        if _sha256(d / name) != digest:
+        if sha256_file(d / name) != digest:
             raise UserError(f"{d}: {name} does not match its recorded checksum (modified or corrupt)")
     missing = sorted(REQUIRED - set(sums))
     if missing:
