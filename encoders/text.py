@@ -1,6 +1,7 @@
-"""Text encoders: a BiLSTM over a trained WordPiece vocabulary, or a Hugging Face transformer.
+"""Text encoders: a bag of word pieces and bigrams, a BiLSTM over a trained WordPiece vocabulary, or a
+Hugging Face transformer.
 
-Both expose `embedding` (the token embedding layer) for Layer Integrated Gradients.
+All expose `embedding` (the token embedding layer) for Layer Integrated Gradients.
 """
 from __future__ import annotations
 
@@ -37,6 +38,37 @@ class LSTMTextEncoder(nn.Module):
                                       enforce_sorted=False)
         out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=text_ids.shape[1])
         return Tokens(out, text_mask)
+
+
+@ENCODERS.register("bow")
+class BagOfNgramsEncoder(nn.Module):
+    """fastText-style: the mean of word-piece and hashed-bigram embeddings, as one token. On a few
+    hundred to a few thousand short reports this is what TF-IDF + logistic regression exploits, and it
+    is what sequence models overfit; here it trains jointly with the other modalities' tokens."""
+
+    input_keys = ("text_ids", "text_mask")
+
+    def __init__(self, vocab_size: int, embed_dim: int = 64, buckets: int = 2 ** 16, pad_id: int = 0,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.bigrams = nn.Embedding(buckets, embed_dim) if buckets else None
+        self.buckets = buckets
+        self.dropout = nn.Dropout(dropout)
+        self.output_dim = embed_dim
+
+    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> Tokens:
+        w = text_mask.to(torch.float32).unsqueeze(-1)
+        total = (self.embedding(text_ids) * w).sum(1)
+        count = w.sum(1)
+        if self.bigrams is not None and text_ids.shape[1] > 1:
+            pair = text_mask[:, 1:] & text_mask[:, :-1]
+            h = (text_ids[:, :-1] * 1_000_003 + text_ids[:, 1:]) % self.buckets
+            wp = pair.to(torch.float32).unsqueeze(-1)
+            total = total + (self.bigrams(h) * wp).sum(1)
+            count = count + wp.sum(1)
+        pooled = self.dropout(total / count.clamp(min=1)).unsqueeze(1)
+        return Tokens(pooled, text_mask.any(1, keepdim=True))
 
 
 # Config keys that point transformers at code or files outside the model directory.

@@ -148,6 +148,16 @@ class DiagnosisModel:
         out = self._infer(rec, batch_size, workers, progress, absent)
         return self._frame(rec, out)
 
+    def predict_file(self, records, out, *, chunk_rows: int = 10_000, resume: bool = False, batch_size: int = 64,
+                     workers: int = 0, progress: bool = False, shard=None) -> dict:
+        """predict() for files of any length, straight to `out` (.csv or .parquet): streamed in chunks,
+        resumable after a crash (`resume=True`), shardable under torchrun (see multimodal.batch)."""
+        from .batch import predict_file
+
+        self._require_trained()
+        return predict_file(self, records, out, chunk_rows=chunk_rows, resume=resume, batch_size=batch_size,
+                            workers=workers, progress=progress, shard=shard)
+
     def _frame(self, rec: Records, out: dict) -> pd.DataFrame:
         task, classes, P = self.config.task.type, self.classes, out["probs"]
         df = pd.DataFrame({"id": rec.df[self.config.data.id].to_numpy()})

@@ -44,6 +44,9 @@ def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: 
         return enc
     if modality == "text":
         tc = cfg.text
+        if tc.encoder == "bow":
+            return ENCODERS.create("bow", vocab_size=prep.text.vocab_size, embed_dim=tc.embed_dim,
+                                   buckets=tc.bigram_buckets, pad_id=prep.text.pad_id)
         if tc.encoder == "lstm":
             return ENCODERS.create("lstm", vocab_size=prep.text.vocab_size, embed_dim=tc.embed_dim,
                                    hidden_dim=tc.hidden_dim, layers=tc.layers, pad_id=prep.text.pad_id)

@@ -46,14 +46,19 @@ def _inputs(a) -> list:
 
 
 def _predict(a) -> None:
-    from .output import check_file_target, claim, write_table
+    from .batch import Shard
+    from .output import check_file_target
 
-    with claim(check_file_target(a.out, _inputs(a))):
-        model = _load(a)
-        df = model.predict(a.records, batch_size=a.batch_size, workers=a.workers, progress=not a.quiet)
-        write_table(df, a.out, _inputs(a))
-    n_err = int((df["status"] == "error").sum())
-    print(f"wrote {len(df)} rows to {a.out} ({len(df) - n_err} ok, {n_err} errors)")
+    check_file_target(a.out, _inputs(a))  # before the model loads
+    shard = Shard.from_env()
+    if shard.world > 1 and a.device is None and os.environ.get("LOCAL_RANK"):
+        a.device = f"cuda:{os.environ['LOCAL_RANK']}"  # falls back to cpu where there is no GPU
+    model = _load(a)
+    s = model.predict_file(a.records, a.out, chunk_rows=a.chunk_rows, resume=a.resume, batch_size=a.batch_size,
+                     workers=a.workers, progress=not a.quiet, shard=shard)
+    if shard.rank == 0:
+        again = f", {s['reused_chunks']} of {s['chunks']} chunks kept from the interrupted run" if s["reused_chunks"] else ""
+        print(f"wrote {s['rows']} rows to {a.out} ({s['ok']} ok, {s['errors']} errors){again}")
 
 
 def _evaluate(a) -> None:
@@ -161,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="batch predictions, one output row per input row")
     common(pr)
     pr.add_argument("--out", required=True, help="predictions .csv or .parquet")
+    pr.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run on the same records, model and --out")
+    pr.add_argument("--chunk-rows", type=int, default=10_000,
+                    help="records read, predicted and saved per step (memory and resume granularity)")
     pr.set_defaults(fn=_predict)
 
     ev = sub.add_parser("evaluate", help="AUROC/AUPRC/accuracy/F1/ECE with 95%% bootstrap CIs, and plots")

@@ -166,7 +166,9 @@ class ImageConfig(_Strict):
 
 class TextConfig(_Strict):
     column: str = "report_text"
-    encoder: Literal["lstm", "hf"] = "lstm"
+    encoder: Literal["lstm", "hf", "bow"] = "lstm"
+    """lstm: a BiLSTM over word pieces; bow: the mean of word-piece and bigram embeddings (one token;
+    strongest on small cohorts of short reports); hf: a transformer."""
     pretrained: Optional[str] = None
     """hf: a local folder, a hub name (online), or `minilm` (all-MiniLM-L6-v2 from the `pretrained` extra)."""
     freeze: Union[Literal["none", "all"], int] = "none"
@@ -198,6 +200,8 @@ class TextConfig(_Strict):
     embed_dim: int = Field(64, ge=1)
     hidden_dim: int = Field(64, ge=1)
     layers: int = Field(1, ge=1)
+    bigram_buckets: int = Field(2 ** 16, ge=0)
+    """bow: hashed bigram embeddings (0: word pieces only)."""
 
     @model_validator(mode="after")
     def _hf_only(self):

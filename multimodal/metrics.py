@@ -4,7 +4,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 
 from .calibration import expected_calibration_error
 
@@ -21,6 +20,8 @@ def onehot(y: np.ndarray, task: str, k: int) -> np.ndarray:
 
 def point_metrics(Y: np.ndarray, P: np.ndarray, task: str) -> dict[str, float]:
     """Y: [N, K] 0/1 truth, P: [N, K] probabilities → flat metric dict (NaN where undefined)."""
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score  # 1 s to import
+
     out: dict[str, float] = {}
     pred = (P >= 0.5).astype(int) if task == "multilabel" else np.eye(P.shape[1], dtype=int)[P.argmax(1)]
     for j in range(P.shape[1]):

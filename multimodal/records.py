@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import pandas as pd
 
@@ -29,6 +29,11 @@ class Records:
         return Records(self.df.iloc[idx].reset_index(drop=True), self.root, self.source)
 
 
+# Strings stay strings: ids like 007 and free text must not be coerced.
+# A stray non-UTF-8 byte in one report becomes U+FFFD in that cell, not an unreadable file.
+_CSV_OPTIONS = dict(dtype=str, keep_default_na=False, na_values=[""], encoding_errors="replace")
+
+
 def read_table(path: Union[str, Path]) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
@@ -37,9 +42,7 @@ def read_table(path: Union[str, Path]) -> pd.DataFrame:
         if path.suffix.lower() in (".parquet", ".pq"):
             df = pd.read_parquet(path)
         else:
-            # Strings stay strings: ids like 007 and free text must not be coerced.
-            # A stray non-UTF-8 byte in one report becomes U+FFFD in that cell, not an unreadable file.
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding_errors="replace")
+            df = pd.read_csv(path, **_CSV_OPTIONS)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path}: file is empty") from None
     except Exception as e:  # parser errors carry multi-line messages
@@ -53,9 +56,40 @@ def load_records(path: Union[str, Path, pd.DataFrame], config: Config, *, labels
                  image_root: Optional[Union[str, Path]] = None) -> Records:
     """Read and check a records file. `labels=True` also requires the label column(s)."""
     if isinstance(path, pd.DataFrame):
-        df, source, folder = path.reset_index(drop=True), "records", Path.cwd()
-    else:
-        df, source, folder = read_table(path), str(path), Path(path).resolve().parent
+        return checked(path.reset_index(drop=True), config, "records", Path.cwd(), labels, image_root)
+    return checked(read_table(path), config, str(path), Path(path).resolve().parent, labels, image_root)
+
+
+def iter_record_chunks(path: Union[str, Path], config: Config, rows: int,
+                       image_root: Optional[Union[str, Path]] = None) -> Iterator[Records]:
+    """The records file in consecutive chunks of `rows` (the last may be shorter), each checked like
+    load_records: a batch job's memory is one chunk, whatever the file's length."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"records file not found: {path}")
+    folder, n = path.resolve().parent, 0
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            frames = (b.to_pandas() for b in pq.ParquetFile(path).iter_batches(batch_size=rows))
+        else:
+            frames = pd.read_csv(path, chunksize=rows, **_CSV_OPTIONS)
+        for df in frames:
+            n += len(df)
+            yield checked(df.reset_index(drop=True), config, str(path), folder, False, image_root)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: file is empty") from None
+    except (UserError, GeneratorExit):
+        raise
+    except Exception as e:  # parser errors carry multi-line messages
+        raise UserError(f"{path}: cannot read records after row {n} ({str(e).splitlines()[0][:150]})") from None
+    if n == 0:
+        raise UserError(f"{path}: no records (header only)")
+
+
+def checked(df: pd.DataFrame, config: Config, source: str, folder: Path, labels: bool = False,
+            image_root: Optional[Union[str, Path]] = None) -> Records:
     root = Path(image_root or config.data.image_root or folder)
     if not root.is_absolute():
         root = folder / root

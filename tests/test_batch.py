@@ -1,0 +1,132 @@
+"""Batch jobs: one row per input row in input order, whatever the chunking, after a kill -9 and a
+resume, and with nothing of ours left beside the output."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("batch") / "model"
+    tiny_model.save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def big_records(cohort, tmp_path_factory):
+    """The test cohort repeated with fresh ids, one broken image row, and relative image paths kept."""
+    df = pd.read_csv(cohort["test"], dtype=str, keep_default_na=False)
+    reps = pd.concat([df] * 5, ignore_index=True)
+    reps["patient_id"] = [f"p{i:05d}" for i in range(len(reps))]
+    reps.loc[7, "image_path"] = "missing.png"
+    path = cohort["dir"] / "big.csv"
+    reps.to_csv(path, index=False)
+    return path
+
+
+def _leftovers(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}"))
+
+
+def test_chunked_output_matches_in_memory_predict(capsys, tiny_model, model_dir, big_records, tmp_path):
+    out = tmp_path / "p.csv"
+    code, stdout, err = run_cli(capsys, "predict", "--model", model_dir, "--records", big_records, "--out", out,
+                                "--chunk-rows", 13, "--batch-size", 8, "--quiet")
+    assert code == 0, err
+    got = pd.read_csv(out, dtype={"id": str})
+    want = tiny_model.predict(big_records)
+    assert list(got["id"]) == list(want["id"])  # every row once, in input order
+    assert got.loc[7, "status"] == "error" and (got["status"] == "ok").sum() == len(got) - 1
+    np.testing.assert_allclose(got["prob_1"], want["prob_1"], atol=1e-6, equal_nan=True)
+    assert f"wrote {len(want)} rows" in stdout
+    assert _leftovers(out) == []
+
+
+def test_parquet_chunks_keep_types(tiny_model, big_records, tmp_path):
+    src = big_records.with_suffix(".parquet")  # beside the images its relative paths name
+    pd.read_csv(big_records, dtype=str).to_parquet(src)
+    s = tiny_model.predict_file(src, tmp_path / "p.parquet", chunk_rows=50)
+    got = pd.read_parquet(tmp_path / "p.parquet")
+    assert s["rows"] == len(got) == len(pd.read_parquet(src)) and s["chunks"] == -(-len(got) // 50)
+    assert got["prob_1"].dtype == np.float64 and got["error"].notna().sum() == 1
+
+
+def _wait_for_parts(proc, parts, n):
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if parts.exists() and len(list(parts.glob("part-*.parquet"))) >= n:
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_kill_9_then_resume_gives_every_row_once(capsys, model_dir, big_records, tmp_path):
+    out = tmp_path / "p.csv"
+    full = tmp_path / "full.csv"
+    argv = ["predict", "--model", str(model_dir), "--records", str(big_records), "--chunk-rows", "6",
+            "--batch-size", "4", "--quiet"]
+    assert run_cli(capsys, *argv, "--out", full)[0] == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "multimodal.cli", *argv, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = out.parent / f".{out.name}.mmdx-parts"
+    assert _wait_for_parts(proc, parts, 3), "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    n_left = len(list(parts.glob("part-*.parquet")))
+    n_chunks = -(-len(pd.read_csv(big_records)) // 6)
+    assert 3 <= n_left < n_chunks
+
+    code, stdout, err = run_cli(capsys, *argv, "--out", out, "--resume")
+    assert code == 0, err
+    assert f"{n_left} of {n_chunks} chunks kept" in stdout
+    assert out.read_bytes() == full.read_bytes()  # every row exactly once, in order, same values
+    assert _leftovers(out) == []
+
+
+def test_resume_refuses_a_changed_input(capsys, model_dir, big_records, tmp_path):
+    out = tmp_path / "p.csv"
+    parts = out.parent / f".{out.name}.mmdx-parts"
+    parts.mkdir()
+    (parts / "job.json").write_text('{"records": "elsewhere.csv"}')
+    code, _, err = run_cli(capsys, "predict", "--model", model_dir, "--records", big_records, "--out", out,
+                           "--resume", "--quiet")
+    one_line_error(code, err, "differs in")
+    assert parts.exists() and not out.exists()
+
+
+def test_foreign_folder_with_our_parts_name_is_not_touched(capsys, model_dir, big_records, tmp_path):
+    out = tmp_path / "p.csv"
+    parts = out.parent / f".{out.name}.mmdx-parts"
+    parts.mkdir()
+    (parts / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "predict", "--model", model_dir, "--records", big_records, "--out", out, "--quiet")
+    one_line_error(code, err, "not an mmdx batch job")
+    assert (parts / "notes.txt").read_text() == "mine"
+
+
+def test_torchrun_sharded_predict_is_byte_identical(capsys, model_dir, big_records, tmp_path):
+    """2 CPU processes (gloo) under torchrun, each taking every other chunk; rank 0 merges."""
+    single, sharded = tmp_path / "one.csv", tmp_path / "two.csv"
+    common = ["predict", "--model", str(model_dir), "--records", str(big_records), "--chunk-rows", "25", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "multimodal.cli", *common, "--out", str(single)], env=env, check=True,
+                   capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "multimodal.cli", *common, "--out", str(sharded)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("wrote ") == 1  # one summary, from rank 0
+    assert sharded.read_bytes() == single.read_bytes()
+    assert _leftovers(sharded) == []
