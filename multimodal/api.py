@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import artifact
+from . import artifact, distributed
 from .build import build_network
 from .config import Config, config_from_dict, load_config
 from .data import RecordDataset
@@ -87,15 +87,29 @@ class DiagnosisModel:
         else:
             val_rec = self.records(val, labels=True)
             check_disjoint(train_rec, val_rec, self.config)
+        distributed.init(distributed.device_for_rank(resolve_device(self.config.train.device)))
         if not (reuse_preprocessing and self.prep is not None):
-            self.prep = Preprocessing.fit(self.config, train_rec)
+            self.prep = self._fitted_preprocessing(train_rec)
         seed_everything(self.config.train.seed)  # weight init is part of what the seed fixes
         self.net = build_network(self.config, self.prep)
         summary = train_fit(self.net, self.prep, self.config, train_rec, val_rec, progress=progress)
+        if not distributed.is_main():  # rank 0 calibrates, scores and saves
+            self.metrics = {"training": summary}
+            return self
         if self.config.train.calibrate:
             summary.update(self._calibrate(val_rec))
         self.metrics = {"training": summary, "validation": self.evaluate(val_rec, n_boot=200)}
         return self
+
+    def _fitted_preprocessing(self, train_rec: Records) -> Preprocessing:
+        """Under torchrun every rank must hold rank 0's vocabulary and statistics (the WordPiece
+        trainer can break ties differently between processes), so rank 0 fits and sends them."""
+        if not distributed.active():
+            return Preprocessing.fit(self.config, train_rec)
+        prep = Preprocessing.fit(self.config, train_rec) if distributed.is_main() else None
+        state = distributed.from_main(
+            {"state": prep.state(), "tokenizer": prep.text.to_json() if prep.text else None} if prep else None)
+        return prep or Preprocessing.from_state(self.config, state["state"], state["tokenizer"])
 
     @contextlib.contextmanager
     def uncalibrated(self):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from .errors import UserError
 
 
 def _train(a) -> None:
+    from . import distributed
     from .api import DiagnosisModel
     from .config import load_config, parse_overrides
     from .metrics import format_table
@@ -21,13 +23,20 @@ def _train(a) -> None:
     if a.image_root:
         cfg.data.image_root = a.image_root
     inputs = [a.records, a.val, a.config]
-    check_dir_target(a.out, "model", a.overwrite, inputs)  # before hours of training, not after
-    with claim(a.out):
+    main = distributed.is_main()  # under torchrun: rank 0 checks, saves and reports; every rank trains
+    if main:
+        check_dir_target(a.out, "model", a.overwrite, inputs)  # before hours of training, not after
+    with claim(a.out) if main else contextlib.nullcontext():
         model = DiagnosisModel(cfg).fit(a.records, a.val, progress=not a.quiet)
-        model.save(a.out, overwrite=a.overwrite, inputs=inputs)
+        if main:
+            model.save(a.out, overwrite=a.overwrite, inputs=inputs)
+    distributed.barrier()  # the other ranks wait for the model directory
+    if not main:
+        return
     t = model.metrics["training"]
+    on = f"{t['device']}" + (f" x {t['processes']} processes" if t.get("processes", 1) > 1 else "")
     print(f"trained {cfg.name} ({'+'.join(cfg.modalities)}, {cfg.fusion.type} fusion) on {t['n_train']} records "
-          f"in {t['train_seconds']:.0f}s on {t['device']}; best epoch {t['best_epoch']}")
+          f"in {t['train_seconds']:.0f}s on {on}; best epoch {t['best_epoch']}")
     print("validation:\n" + format_table(model.metrics["validation"]))
     print(f"model saved to {a.out}")
 

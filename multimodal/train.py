@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import Config
 from .data import Collate, RecordDataset, to_device
 from .errors import UserError
@@ -154,10 +155,11 @@ def check_loadable(failed: dict[int, str], n: int, what: str, cfg: Config) -> No
 
 
 def make_loader(ds, cfg: Config, prep: Preprocessing, shuffle: bool, device: torch.device, batch_size: int,
-                seed: int = 0, workers: int = 0) -> DataLoader:
+                seed: int = 0, workers: int = 0, sampler=None) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     stage = ds.features.stage if getattr(ds, "features", None) is not None else 0
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=g,
+                      num_workers=workers,
                       collate_fn=Collate(prep, cfg.modalities, cfg, image_stage=stage), pin_memory=device.type == "cuda",
                       persistent_workers=workers > 0)
 
@@ -174,7 +176,10 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
         progress: bool = True) -> dict:
     tc, task = cfg.train, cfg.task.type
     seed_everything(tc.seed)
-    device = resolve_device(tc.device)
+    device = distributed.device_for_rank(resolve_device(tc.device))
+    distributed.init(device)
+    main = distributed.is_main()
+    progress = progress and main
     amp = amp_dtype(device, tc.amp)
     train, y_tr = labelled(train, prep)
     val, y_va = labelled(val, prep)
@@ -187,8 +192,11 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
         enc = net.encoders["image"]
         feats = [FeatureCache(cfg, prep, enc, enc.weights_digest) for _ in range(2)]
         t0 = time.perf_counter()
-        for f, r in zip(feats, (train, val)):
-            f.fill(r, progress=progress)
+        for turn in ("main", "others") if distributed.active() else ("main",):
+            if (turn == "main") == main:  # rank 0 fills the shared cache; the others then read it
+                for f, r in zip(feats, (train, val)):
+                    f.fill(r, progress=progress)
+            distributed.barrier()
         log.info("frozen image features: %d cached, %d computed in %.0fs", sum(f.hits for f in feats),
                  sum(f.misses for f in feats), time.perf_counter() - t0)
     tfeats = [None, None]
@@ -200,19 +208,28 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
                              text_features=tfeats[0])
     val_ds = RecordDataset(val, prep, cfg.modalities, cfg, y_va, cache=cache, features=feats[1],
                            text_features=tfeats[1])
-    train_dl = make_loader(train_ds, cfg, prep, True, device, tc.batch_size, tc.seed, tc.num_workers)
+    sampler = None
+    if distributed.active():  # each rank a disjoint, equally long share; the global batch stays batch_size
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train_ds, shuffle=True, seed=tc.seed)
+    per_rank = -(-tc.batch_size // distributed.world_size())
+    train_dl = make_loader(train_ds, cfg, prep, True, device, per_rank, tc.seed, tc.num_workers, sampler=sampler)
     val_dl = make_loader(val_ds, cfg, prep, False, device, tc.batch_size * 2, workers=tc.num_workers)
 
     loss_fn = Loss(task, class_balance(y_tr, task, prep.labels.num_outputs), tc.class_weights, tc.loss == "focal")
     opt = torch.optim.AdamW(param_groups(net, cfg), weight_decay=tc.weight_decay)
+    step_net = distributed.wrap(net, device)
     total = tc.epochs * len(train_dl)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, tc.warmup))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
     best = {"score": -math.inf, "epoch": -1, "state": None}
-    history, bad_rows, stale = [], {}, 0
+    history, bad_rows, stale, val_failed = [], {}, 0, 0
     t_start = time.perf_counter()
     for epoch in range(tc.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         net.train()
         seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
         bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", disable=not progress,
@@ -221,12 +238,17 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
             ok = batch["ok"]
             bad_rows.update({int(i): e for i, e in zip(batch["index"].tolist(), batch["error"]) if e})
             if ok.sum() < 1:
-                continue
+                if not distributed.active():
+                    continue
+                ok = torch.ones_like(ok)  # every rank must step together: this batch counts for nothing
+                idle = True
+            else:
+                idle = False
             b = to_device({k: (v[ok] if isinstance(v, torch.Tensor) and len(v) == len(ok) else v)
                            for k, v in batch.items()}, device)
             with autocast(device, amp):
-                logits, aux = net(b, return_aux=True)
-            loss = loss_fn(logits, b["y"])
+                logits, aux = step_net(b, return_aux=True)
+            loss = loss_fn(logits, b["y"]) * (0.0 if idle else 1.0)
             if cfg.fusion.aux_weight > 0:
                 parts = [loss_fn(z[p], b["y"][p]) for z, p in aux.values() if p.any()]
                 loss = loss + cfg.fusion.aux_weight * sum(parts) / max(len(parts), 1)
@@ -241,12 +263,14 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
             seen += n
             loss_sum += loss.item() * n
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", pat_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        out = run_inference(net, val_dl, device, task, amp)
-        if epoch == 0:
-            check_loadable(bad_rows, len(train), "training", cfg)
-            check_loadable({i: e for i, e in enumerate(out["errors"]) if e}, len(val), "validation", cfg)
-            val_failed = sum(e is not None for e in out["errors"])
-        score = validation_score(y_va, out["probs"], task)
+        if main:
+            out = run_inference(net, val_dl, device, task, amp)
+            if epoch == 0:
+                check_loadable(bad_rows, len(train) // distributed.world_size(), "training", cfg)
+                check_loadable({i: e for i, e in enumerate(out["errors"]) if e}, len(val), "validation", cfg)
+                val_failed = sum(e is not None for e in out["errors"])
+            score = validation_score(y_va, out["probs"], task)
+        score = distributed.from_main(score if main else None)  # rank 0's verdict steers every rank
         rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_auroc": score,
                "patients_per_s": seen / (time.perf_counter() - t0)}
         history.append(rec)
@@ -262,9 +286,10 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
             stale += 1
             if stale >= tc.patience:
                 break
-    if bad_rows:
-        log.warning("%d training records could not be loaded and were skipped", len(bad_rows))
+    n_bad = distributed.total(len(bad_rows))
+    if n_bad and main:
+        log.warning("%d training records could not be loaded and were skipped", n_bad)
     net.load_state_dict(best["state"])
     return {"history": history, "best_epoch": best["epoch"], "best_val_auroc": best["score"],
-            "train_seconds": time.perf_counter() - t_start, "n_train": len(train) - len(bad_rows),
-            "n_val": len(val) - val_failed, "skipped_records": len(bad_rows), "skipped_val_records": val_failed, "device": str(device), "amp": str(amp).replace("torch.", "")}
+            "train_seconds": time.perf_counter() - t_start, "n_train": len(train) - n_bad,
+            "n_val": len(val) - val_failed, "skipped_records": n_bad, "skipped_val_records": val_failed, "device": str(device), "processes": distributed.world_size(), "amp": str(amp).replace("torch.", "")}
