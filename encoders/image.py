@@ -128,6 +128,11 @@ class TimmImageEncoder(nn.Module):
         """`image_stage`: 0 for pixels, or the cut index when `image` holds cached frozen activations."""
         B, V = image_mask.shape
         present = image_mask.reshape(-1)
+        if getattr(self, "dense", False):  # export: every slot through the CNN, absent ones zeroed (no branches)
+            feats = self._tokens(image.reshape(B * V, *image.shape[2:]), int(image_stage))
+            feats = feats * present[:, None, None].to(feats.dtype)
+            return Tokens(feats.reshape(B, V * self.tokens_per_image, self.output_dim),
+                          image_mask.repeat_interleave(self.tokens_per_image, dim=1))
         out = image.new_zeros(B * V, self.tokens_per_image, self.output_dim)
         if present.any():
             feats = self._tokens(image.reshape(B * V, *image.shape[2:])[present], int(image_stage))

@@ -30,6 +30,7 @@ class DiagnosisModel:
                  metrics: Optional[dict] = None):
         self.config, self.prep, self.net, self.metrics = config, prep, net, metrics or {}
         self.model_dir: Optional[Path] = None
+        self.engine = None  # an OnnxNetwork that predict/evaluate run instead of self.net (use_onnx)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -149,7 +150,7 @@ class DiagnosisModel:
         self._require_trained()
         ds = RecordDataset(rec, self.prep, self.config.modalities, self.config)
         dl = make_loader(ds, self.config, self.prep, False, self.device, batch_size, workers=workers)
-        return run_inference(self.net, dl, self.device, self.config.task.type,
+        return run_inference(self.engine or self.net, dl, self.device, self.config.task.type,
                              amp_dtype(self.device, self.config.train.amp), progress=progress, absent=absent,
                              logits=logits)
 
@@ -161,6 +162,23 @@ class DiagnosisModel:
         rec = self.records(records)
         out = self._infer(rec, batch_size, workers, progress, absent)
         return self._frame(rec, out)
+
+    def export_onnx(self, out, records) -> dict:
+        """Write the network as ONNX (`out`), traced on a batch of `records`; see multimodal.export."""
+        from .export import export_onnx
+
+        self._require_trained()
+        return export_onnx(self, out, records)
+
+    def use_onnx(self, path, threads: Optional[int] = None) -> "DiagnosisModel":
+        """predict/evaluate run the forward pass in ONNX Runtime (CPU) from a file export_onnx wrote."""
+        from .export import OnnxNetwork
+
+        self._require_trained()
+        if self.device.type != "cpu":
+            raise UserError("the ONNX path runs on CPU; load the model with device='cpu'")
+        self.engine = OnnxNetwork(path, self, threads)
+        return self
 
     def predict_file(self, records, out, *, chunk_rows: int = 10_000, resume: bool = False, batch_size: int = 64,
                      workers: int = 0, progress: bool = False, shard=None) -> dict:

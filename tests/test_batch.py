@@ -130,3 +130,31 @@ def test_torchrun_sharded_predict_is_byte_identical(capsys, model_dir, big_recor
     assert r.stdout.count("wrote ") == 1  # one summary, from rank 0
     assert sharded.read_bytes() == single.read_bytes()
     assert _leftovers(sharded) == []
+
+
+def test_onnx_export_predicts_like_pytorch(capsys, cohort, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from conftest import REPO, TINY
+    from multimodal import DiagnosisModel
+
+    d = tmp_path / "m"
+    DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY, **{"text.encoder": "bow"}).fit(
+        cohort["train"], cohort["val"], progress=False).save(d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    code, out, err = run_cli(capsys, "export", "--model", d, "--records", cohort["val"], "--out", tmp_path / "m.onnx")
+    assert code == 0, err
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # the model directory is left as training wrote it
+    eager, fast = tmp_path / "eager.csv", tmp_path / "onnx.csv"
+    argv = ["predict", "--model", d, "--records", cohort["test"], "--batch-size", 7, "--quiet"]
+    assert run_cli(capsys, *argv, "--out", eager)[0] == 0
+    assert run_cli(capsys, *argv, "--out", fast, "--onnx", tmp_path / "m.onnx")[0] == 0
+    a, b = pd.read_csv(eager), pd.read_csv(fast)
+    assert list(a["id"]) == list(b["id"]) and list(a["status"]) == list(b["status"])
+    np.testing.assert_allclose(a["prob_1"], b["prob_1"], atol=1e-5)  # batches of 7, traced on 8
+
+    other = tmp_path / "other"
+    DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY, **{"text.encoder": "bow",
+                               "train.seed": 5}).fit(cohort["train"], cohort["val"], progress=False).save(other)
+    code, _, err = run_cli(capsys, "predict", "--model", other, "--records", cohort["test"], "--out",
+                           tmp_path / "x.csv", "--onnx", tmp_path / "m.onnx")
+    one_line_error(code, err, "was not exported from")

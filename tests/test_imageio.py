@@ -660,3 +660,28 @@ def test_reading_broken_dicom_emits_no_warnings_or_logs(tmp_path, caplog):
     assert not caught, [str(w.message) for w in caught]
     assert not [r for r in caplog.records if r.name.startswith("pydicom")]
     assert "Doe" not in str(e.value)
+
+
+def test_jpeg_draft_decodes_small_but_never_below_min_size(tmp_path):
+    """A 1600x1200 photo needed at 128 px is decoded at 1/8 scale (200x150), and once both are
+    shrunk to 128 px the pixels agree with the full decode within a few 1/255."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:1200, 0:1600]
+    rgb = np.stack([xx / 1600 * 255, yy / 1200 * 255, (xx + yy) % 256], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "big.jpg", quality=95)
+    full = read_image(tmp_path / "big.jpg")[0]
+    small = read_image(tmp_path / "big.jpg", min_size=128)[0]
+    assert full.shape == (1200, 1600, 3) and small.shape == (150, 200, 3)
+    assert read_image(tmp_path / "big.jpg", min_size=400)[0].shape == (600, 800, 3)
+
+    def shrink(a):
+        return F.interpolate(torch.from_numpy(a).permute(2, 0, 1)[None], size=(128, 128), mode="bilinear",
+                             antialias=True)[0]
+
+    diff = (shrink(full) - shrink(small)).abs()
+    assert float(diff[:2].mean()) < 2 / 255 and float(diff[:2].max()) < 12 / 255  # smooth channels
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    assert read_image(tmp_path / "big.png", min_size=128)[0].shape == (1200, 1600, 3)  # PNG: no draft

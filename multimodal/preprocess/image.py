@@ -53,7 +53,7 @@ class ImagePreprocessor:
             if not path.exists():
                 raise RecordError(f"image not found: {printable_path(path)}")
             images = read_image(path, window=self.cfg.window, frames=self.cfg.frames, max_count=remaining,
-                                limits=self.cfg.limits)
+                                limits=self.cfg.limits, min_size=self.cfg.size if self.cfg.jpeg_draft else None)
             out += [self._to_tensor(a) for a in images]
         if not out:
             return torch.zeros(0, self.cfg.in_chans, self.cfg.size, self.cfg.size)
