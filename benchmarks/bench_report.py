@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -120,6 +121,29 @@ def write_markdown(report: dict, path: Path, plots_base: Path) -> Path:
         lines += [FINDINGS.read_text().strip(), ""]
     for d in report["datasets"]:
         lines += _dataset(d, plots_base, md_dir)
+    kept = sections(path.read_text()) if path.exists() else {}  # other scripts' sections survive a rerun
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + "".join(f"\n{_fence(k, v)}\n" for k, v in kept.items()))
+    return path
+
+
+_SECTION = re.compile(r"<!-- section:(\w+) -->\n(.*?)\n<!-- /section:\1 -->", re.S)
+
+
+def _fence(name: str, body: str) -> str:
+    return f"<!-- section:{name} -->\n{body.strip()}\n<!-- /section:{name} -->"
+
+
+def sections(text: str) -> dict[str, str]:
+    """Blocks that another benchmark script (e.g. throughput.py) owns inside BENCHMARKS.md."""
+    return {m.group(1): m.group(2) for m in _SECTION.finditer(text)}
+
+
+def write_section(path: Path, name: str, body: str) -> Path:
+    """Replace (or append) the block `name` in `path`, leaving the rest of the file as it is."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = _fence(name, body)
+    text = _SECTION.sub(lambda m: block if m.group(1) == name else m.group(0), text) if name in sections(text) \
+        else text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
     return path

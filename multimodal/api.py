@@ -16,11 +16,11 @@ from .config import Config, config_from_dict, load_config
 from .data import RecordDataset
 from .errors import UserError
 from .inference import amp_dtype, resolve_device, run_inference, scored
-from .metrics import compute_metrics
+from .metrics import compute_metrics, predicted
 from .preprocess import Preprocessing
 from .records import Records, load_records
 from .train import fit as train_fit
-from .train import check_disjoint, holdout_split, labelled, make_loader, seed_everything
+from .train import check_disjoint, groups_of, holdout_split, labelled, make_loader, seed_everything
 
 RecordsLike = Union[str, Path, pd.DataFrame, Records]
 
@@ -61,7 +61,8 @@ class DiagnosisModel:
 
     @property
     def classes(self) -> list[str]:
-        return self.prep.labels.classes
+        """Class names as outputs show them (task.names), in output order."""
+        return self.prep.labels.names
 
     @property
     def device(self) -> torch.device:
@@ -99,8 +100,29 @@ class DiagnosisModel:
             return self
         if self.config.train.calibrate:
             summary.update(self._calibrate(val_rec))
+        summary.update(self._choose_thresholds(val_rec))
         self.metrics = {"training": summary, "validation": self.evaluate(val_rec, n_boot=200)}
         return self
+
+    def _choose_thresholds(self, val: Records) -> dict:
+        """The operating point (task.threshold) on the calibrated validation probabilities."""
+        from .operating import choose
+
+        task, rule = self.config.task.type, self.config.task.threshold
+        if task == "multiclass":
+            return {}
+        rec, y = labelled(val, self.prep)
+        P = self._infer(rec, 64, 0, False)["probs"]
+        if task == "binary":
+            ok = scored(P)
+            ts = [choose(y[ok], P[ok], rule)]
+        else:
+            ts = []
+            for j in range(P.shape[1]):
+                ok = ~np.isnan(P[:, j]) & ~np.isnan(y[:, j])
+                ts.append(choose(y[ok, j], P[ok, j], rule))
+        self.prep.labels.thresholds = ts
+        return {"threshold_rule": rule, "thresholds": ts}
 
     def _fitted_preprocessing(self, train_rec: Records) -> Preprocessing:
         """Under torchrun every rank must hold rank 0's vocabulary and statistics (the WordPiece
@@ -198,10 +220,11 @@ class DiagnosisModel:
         for j, c in enumerate(classes):
             df[f"prob_{c}"] = P[:, j]
         ok = scored(P)
+        decided = predicted(np.nan_to_num(P, nan=-1), task, self.prep.labels.thresholds)
         if task == "multilabel":
-            pred = [";".join(c for c, p in zip(classes, row) if p >= 0.5) for row in P]
+            pred = [";".join(c for c, d in zip(classes, row) if d) for row in decided]
         else:
-            pred = [classes[int(i)] for i in np.nan_to_num(P, nan=-1).argmax(1)]
+            pred = [classes[int(i)] for i in decided.argmax(1)]
         df["pred"] = np.where(ok, pred, None)
         df["status"] = np.where(ok, "ok", "error")
         df["error"] = [e if e else (None if k else "prediction failed") for e, k in zip(out["errors"], ok)]
@@ -218,14 +241,16 @@ class DiagnosisModel:
         ok = scored(P)
         if ok.sum() < 2:
             raise UserError(f"{rec.source}: fewer than 2 records could be scored")
+        groups = groups_of(rec, self.config)[ok] if self.config.data.group else None
         m = compute_metrics(y[ok], P[ok], self.config.task.type, self.classes, n_boot=n_boot,
-                            seed=self.config.train.seed)
+                            seed=self.config.train.seed, thresholds=self.prep.labels.thresholds, groups=groups)
         m["n_errors"] = int((~ok).sum())
         m["n_unlabelled"] = len(allrec) - len(rec)
         if plots_dir is not None:
             from .plots import write_plots
 
-            m["plots"] = [str(p) for p in write_plots(y[ok], P[ok], self.config.task.type, self.classes, plots_dir)]
+            m["plots"] = [str(p) for p in write_plots(y[ok], P[ok], self.config.task.type, self.classes, plots_dir,
+                                                      operating_point=m.get("operating_point"))]
         return m
 
     # -- explanations ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`mmdx` command line: train, predict, evaluate, explain, compare, synth, demo. User mistakes exit 2 with one line."""
+"""`mmdx` command line: train, cv, predict, export, evaluate, explain, compare, synth, demo. User mistakes exit 2 with one line."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +39,18 @@ def _train(a) -> None:
           f"in {t['train_seconds']:.0f}s on {on}; best epoch {t['best_epoch']}")
     print("validation:\n" + format_table(model.metrics["validation"]))
     print(f"model saved to {a.out}")
+
+
+def _cv(a) -> None:
+    from .config import load_config, parse_overrides
+    from .cv import cross_validate, format_cv
+
+    cfg = load_config(a.config, parse_overrides(a.overrides))
+    if a.image_root:
+        cfg.data.image_root = a.image_root
+    result = cross_validate(cfg, a.records, folds=a.folds, out=a.out, progress=not a.quiet, n_boot=a.n_boot)
+    print(format_cv(result))
+    print(f"out-of-fold predictions (one row per record) and metrics written to {a.out}")
 
 
 def _load(a):
@@ -161,6 +173,17 @@ def _demo(a) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmdx", description="Multimodal diagnosis: images + clinical text + tabular.")
     sub = p.add_subparsers(dest="cmd", required=True)
+
+    cv = sub.add_parser("cv", help="grouped, stratified k-fold cross-validation with out-of-fold predictions")
+    cv.add_argument("--config", required=True)
+    cv.add_argument("--records", required=True)
+    cv.add_argument("--folds", type=int, default=5)
+    cv.add_argument("--out", required=True, help="folder for predictions.csv (out-of-fold) and metrics.json")
+    cv.add_argument("--image-root", default=None)
+    cv.add_argument("--n-boot", type=int, default=1000)
+    cv.add_argument("--quiet", action="store_true")
+    cv.add_argument("overrides", nargs="*", help="key=value config overrides")
+    cv.set_defaults(fn=_cv)
 
     def common(sp, model=True):
         if model:

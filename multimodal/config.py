@@ -25,12 +25,44 @@ class TaskConfig(_Strict):
     """One column; for multilabel either several 0/1 columns or one column of ';'-joined labels."""
     classes: Optional[list[str]] = None
     """Class order; for binary the second class is the positive one. Inferred from training labels if unset."""
+    positive: Optional[list[str]] = None
+    """Binary task from a multiclass column: these label values are the positive class, every other value
+    the negative one (e.g. [mel, bcc, akiec]); no hand-made 0/1 column needed."""
+    names: Optional[dict[str, str]] = None
+    """Readable class names for outputs and reports, by label value, e.g. {0: benign, 1: melanoma}."""
+    threshold: Union[float, str] = 0.5
+    """Binary/multilabel operating point: a probability, `youden`, `sensitivity:0.9` or `specificity:0.95`,
+    chosen on the validation records at fit time and saved with the model; `pred` uses it."""
+
+    @field_validator("names", mode="before")
+    @classmethod
+    def _name_keys(cls, v):
+        return {str(k): str(n) for k, n in v.items()} if isinstance(v, dict) else v
+
+    @field_validator("positive", mode="before")
+    @classmethod
+    def _positive_values(cls, v):
+        return [str(x) for x in v] if isinstance(v, (list, tuple)) else v
 
     @model_validator(mode="after")
     def _values(self):
+        from .operating import parse_rule
+
         labels = [self.label] if isinstance(self.label, str) else self.label
         if not labels or any(not str(c).strip() for c in labels):
             raise ValueError("task.label must name a column")
+        parse_rule(self.threshold)
+        if self.type == "multiclass" and self.threshold != 0.5:
+            raise ValueError("task.threshold applies to binary and multilabel tasks; multiclass predicts the most "
+                             "probable class")
+        if self.positive is not None:
+            if self.type != "binary" or not self.positive or self.classes is not None:
+                raise ValueError("task.positive makes a binary task (type: binary, no task.classes) from the "
+                                 "values it lists")
+            if len(set(self.positive)) != len(self.positive):
+                raise ValueError("task.positive lists a value twice")
+        if self.names is not None and len(set(self.names.values())) != len(self.names):
+            raise ValueError("task.names gives two classes the same name")
         if self.classes is not None:
             if len(set(self.classes)) != len(self.classes):
                 raise ValueError("task.classes lists a class twice")

@@ -18,12 +18,41 @@ def onehot(y: np.ndarray, task: str, k: int) -> np.ndarray:
     return y.astype(int) if task == "multilabel" else np.eye(k, dtype=int)[y.astype(int)]
 
 
-def point_metrics(Y: np.ndarray, P: np.ndarray, task: str) -> dict[str, float]:
+def predicted(P: np.ndarray, task: str, thresholds=None) -> np.ndarray:
+    """[N, K] 0/1 decisions: binary and multilabel cut at the stored thresholds (0.5 if none),
+    multiclass takes the most probable class."""
+    if task == "multiclass":
+        return np.eye(P.shape[1], dtype=int)[P.argmax(1)]
+    if task == "binary":
+        t = thresholds[0] if thresholds else 0.5
+        pos = (P[:, 1] >= t).astype(int)
+        return np.stack([1 - pos, pos], 1)
+    t = np.asarray(thresholds if thresholds else [0.5] * P.shape[1])
+    return (P >= t).astype(int)
+
+
+def bootstrap_indices(n: int, n_boot: int, seed: int = 0, groups=None):
+    """Row indices of each percentile-bootstrap resample; with `groups`, whole patients are drawn, so a
+    patient's several records go in or out together (records of one patient are not independent)."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        for _ in range(n_boot):
+            yield rng.integers(0, n, n)
+        return
+    codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
+    order = np.argsort(codes, kind="stable")
+    starts = np.searchsorted(codes[order], np.arange(codes.max() + 2))
+    members = [order[starts[g]:starts[g + 1]] for g in range(codes.max() + 1)]
+    for _ in range(n_boot):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+
+
+def point_metrics(Y: np.ndarray, P: np.ndarray, task: str, thresholds=None) -> dict[str, float]:
     """Y: [N, K] 0/1 truth, P: [N, K] probabilities → flat metric dict (NaN where undefined)."""
     from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score  # 1 s to import
 
     out: dict[str, float] = {}
-    pred = (P >= 0.5).astype(int) if task == "multilabel" else np.eye(P.shape[1], dtype=int)[P.argmax(1)]
+    pred = predicted(P, task, thresholds)
     for j in range(P.shape[1]):
         both = 0 < Y[:, j].sum() < len(Y)
         out[f"auroc/{j}"] = roc_auc_score(Y[:, j], P[:, j]) if both else np.nan
@@ -42,17 +71,17 @@ def point_metrics(Y: np.ndarray, P: np.ndarray, task: str) -> dict[str, float]:
 
 
 def compute_metrics(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str],
-                    n_boot: int = 1000, seed: int = 0) -> dict:
+                    n_boot: int = 1000, seed: int = 0, thresholds=None, groups=None) -> dict:
     """Binary: AUROC/AUPRC/F1 of the positive (second) class. Multiclass/multilabel: macro over classes.
-    CIs resample patients with replacement; a resample where a metric is undefined is skipped for it."""
+    F1 and accuracy are at the model's `thresholds` (binary, multilabel). CIs resample patients
+    (`groups`, else rows) with replacement; a resample where a metric is undefined is skipped for it.
+    Binary and multilabel also get `operating_point`: sensitivity, specificity, PPV, NPV, F1 at the cut."""
     P = prob_matrix(probs, task)
     Y = onehot(np.asarray(y), task, P.shape[1])
-    point = point_metrics(Y, P, task)
-    rng = np.random.default_rng(seed)
+    point = point_metrics(Y, P, task, thresholds)
     boots = {k: [] for k in point}
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(Y), len(Y))
-        for k, v in point_metrics(Y[idx], P[idx], task).items():
+    for idx in bootstrap_indices(len(Y), n_boot, seed, groups):
+        for k, v in point_metrics(Y[idx], P[idx], task, thresholds).items():
             if np.isfinite(v):
                 boots[k].append(v)
 
@@ -64,7 +93,15 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, task: str, classes: list[s
     overall = {m: stat(m) for m in ("auroc", "auprc", "accuracy", "f1", "ece")}
     per_class = {c: {m: stat(f"{m}/{j}") for m in ("auroc", "auprc", "f1")} | {"support": int(Y[:, j].sum())}
                  for j, c in enumerate(classes)}
-    return {"n": int(len(Y)), "task": task, "overall": overall, "per_class": per_class, "n_bootstrap": n_boot}
+    out = {"n": int(len(Y)), "task": task, "overall": overall, "per_class": per_class, "n_bootstrap": n_boot}
+    if task != "multiclass":
+        from .operating import at_threshold
+
+        ts = list(thresholds) if thresholds else [0.5] * (1 if task == "binary" else P.shape[1])
+        cols = [1] if task == "binary" else range(P.shape[1])
+        ops = {classes[j]: at_threshold(Y[:, j], P[:, j], t, n_boot, seed, groups) for j, t in zip(cols, ts)}
+        out["operating_point"] = ops[classes[1]] if task == "binary" else ops
+    return out
 
 
 def _fmt(s: dict) -> str:
@@ -83,4 +120,10 @@ def format_table(metrics: dict) -> str:
         lines.append(f"{name:24s}{_fmt(s['auroc']):>24s}{_fmt(s['auprc']):>24s}{_fmt(s['f1']):>24s}")
     if "ece" in o:
         lines.append(f"expected calibration error (15 bins): {_fmt(o['ece'])}")
+    op = metrics.get("operating_point")
+    if op:
+        for name, d in ({"": op} if "threshold" in op else op).items():
+            lines.append(f"at threshold {d['threshold']:.3g}{' (' + name + ')' if name else ''}: " + ", ".join(
+                f"{k if k in ('sensitivity', 'specificity') else k.upper()} {_fmt(d[k])}"
+                for k in ("sensitivity", "specificity", "ppv", "npv", "f1")))
     return "\n".join(lines)

@@ -9,7 +9,9 @@ from .calibration import calibration_points
 from .metrics import onehot, prob_matrix
 
 
-def write_plots(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str], out_dir) -> list[Path]:
+def write_plots(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str], out_dir,
+                operating_point: dict | None = None) -> list[Path]:
+    """`operating_point`: evaluate's, drawn on the ROC curve where the model's threshold cuts it."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
     from sklearn.calibration import CalibrationDisplay
     from sklearn.metrics import RocCurveDisplay
@@ -24,6 +26,13 @@ def write_plots(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str],
     for j in ([1] if task == "binary" else range(P.shape[1])):
         if 0 < Y[:, j].sum() < len(Y):
             RocCurveDisplay.from_predictions(Y[:, j], P[:, j], name=str(classes[j]), ax=ax)
+    points = {} if not operating_point else (
+        {str(classes[1]): operating_point} if "threshold" in operating_point else operating_point)
+    for name, op in points.items():
+        ax.plot(1 - op["specificity"]["value"], op["sensitivity"]["value"], "o", ms=8, mfc="none", mew=2,
+                label=f"{name}: threshold {op['threshold']:.3g}")
+    if points:
+        ax.legend(loc="lower right")
     ax.plot([0, 1], [0, 1], ls=":", c="grey")
     ax.set_title("ROC")
     atomic_file(out / "roc.png", lambda t: fig.savefig(t, dpi=110, bbox_inches="tight", format="png"))

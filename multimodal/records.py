@@ -102,8 +102,13 @@ def checked(df: pd.DataFrame, config: Config, source: str, folder: Path, labels:
         cols = config.label_columns()
         if df[cols].isna().all(axis=None):
             raise UserError(f"{source}: label column {', '.join(map(repr, cols))} is empty")
-        dup = df[config.data.id].astype(str).duplicated()
+        ids = df[config.data.id].astype(str)
+        dup = ids.duplicated()
         if dup.any() and not config.data.group:
-            log.warning("%s: %d rows repeat an id; they are treated as one patient in splits. "
-                        "Set data.group to the patient column if ids name records.", source, int(dup.sum()))
+            raise UserError(f"{source}: {int(dup.sum())} rows repeat an id in '{config.data.id}' (e.g. "
+                            f"{ids[dup].iloc[0]!r}); ids must be unique, or set data.group to the patient column "
+                            f"when a patient has several records")
+        if dup.any():
+            log.warning("%s: %d rows repeat an id in '%s'; allowed because data.group is set", source,
+                        int(dup.sum()), config.data.id)
     return Records(df, root, source)

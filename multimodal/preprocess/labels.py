@@ -22,9 +22,22 @@ def _sort_key(s: str):
 
 
 class LabelEncoder:
-    def __init__(self, task: TaskConfig, classes: list[str] | None = None):
+    """`classes` are label values (what the records hold); `names` what outputs and reports show.
+    `thresholds`: the operating point per binary/multilabel output, chosen on validation at fit time."""
+
+    def __init__(self, task: TaskConfig, classes: list[str] | None = None, thresholds: list[float] | None = None):
         self.task = task
-        self.classes = list(classes or task.classes or [])
+        self.classes = list(classes or task.classes or (["0", "1"] if task.positive else []))
+        self.thresholds = [float(t) for t in thresholds] if thresholds else None
+        if self.thresholds and (len(self.thresholds) != self.num_outputs or not all(0 <= t <= 1 for t in self.thresholds)):
+            raise ValueError(f"thresholds {self.thresholds} do not fit {self.num_outputs} outputs")
+
+    @property
+    def names(self) -> list[str]:
+        given = self.task.names or {}
+        if self.task.positive and not given:
+            given = {"0": "other", "1": "+".join(self.task.positive)}
+        return [given.get(c, c) for c in self.classes]
 
     @property
     def columns(self) -> list[str]:
@@ -40,6 +53,16 @@ class LabelEncoder:
         return df[self.columns[0]].map(lambda v: [] if pd.isna(v) else [t.strip() for t in str(v).split(";") if t.strip()])
 
     def fit(self, df: pd.DataFrame, source: str = "records") -> "LabelEncoder":
+        if self.task.positive:
+            seen = {_as_str(v) for v in df[self.columns[0]].dropna()}
+            unknown = sorted(set(self.task.positive) - seen)
+            if unknown:
+                raise UserError(f"{source}: task.positive value{'s' if len(unknown) > 1 else ''} "
+                                f"{', '.join(map(repr, unknown))} never occur in '{self.columns[0]}' "
+                                f"(it has: {', '.join(sorted(seen)[:8])})")
+            if seen <= set(self.task.positive):
+                raise UserError(f"{source}: every label in '{self.columns[0]}' is in task.positive: no negatives")
+            return self
         if self.classes:
             return self
         t = self.task.type
@@ -74,8 +97,11 @@ class LabelEncoder:
                             out[i, index[x]] = 1.0
                 out[df[self.columns[0]].isna().to_numpy()] = np.nan
             return out
-        index = {c: j for j, c in enumerate(self.classes)}
         col = df[self.columns[0]]
+        if self.task.positive:
+            pos = set(self.task.positive)
+            return np.array([-1 if pd.isna(v) else int(_as_str(v) in pos) for v in col], np.int64)
+        index = {c: j for j, c in enumerate(self.classes)}
         return np.array([-1 if pd.isna(v) else index.get(_as_str(v), -2) for v in col], np.int64)
 
     def check(self, df: pd.DataFrame, y: np.ndarray, source: str) -> None:
@@ -86,4 +112,4 @@ class LabelEncoder:
                             f"not among the model's classes {self.classes}")
 
     def state(self) -> dict:
-        return {"classes": self.classes}
+        return {"classes": self.classes, "thresholds": self.thresholds}

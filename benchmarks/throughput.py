@@ -1,0 +1,244 @@
+"""Batch-prediction throughput, every figure measured side by side in one run → the `throughput`
+section of BENCHMARKS.md (the rest of that file is real_data.py's and is left as it is).
+
+    python benchmarks/throughput.py [--threads 2] [--data ../shared/data] [--rows 10000,100000]
+
+At equal work to the peer (issue #10): ResNet-18 at 128 px, image + tabular, every image of each
+lesion (image.max_images 4), HAM10000 validation. The model trains for one epoch the first time
+(the figures are about speed; AUROC is only checked to be unchanged between forward passes) and is
+kept under benchmarks/results/work/throughput. What is compared:
+
+- the pure forward pass on already collated batches: eager fp32 (what a user writes), channels_last,
+  and ONNX Runtime (`mmdx export`);
+- decoding + collation alone; in-process `predict`; a naive loop calling predict once per record;
+- `mmdx predict` end to end, process start and model load included, with each forward pass and with
+  one DataLoader worker; `mmdx --help`;
+- max RSS of `mmdx predict` at 10k and 100k records (rows repeated; a tabular-only model so that the
+  run measures the job's memory, not decoding time);
+- torchrun with 2 processes (1 thread each) against 1 process (2 threads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+EQUAL_WORK = {"modalities": "image,tabular", "image.encoder": "resnet18", "image.pretrained": None,
+              "image.size": 128, "image.max_images": 4, "image.token_grid": 2, "train.epochs": 1,
+              "train.min_epochs": 1, "train.batch_size": 64}
+MMDX = Path(sys.executable).with_name("mmdx")
+
+
+def _timed(argv: list[str], threads: int, extra_env=None) -> tuple[float, int]:
+    """Wall seconds and the max RSS (MB) of one child process (run through a fresh wrapper so that
+    RUSAGE_CHILDREN holds this command alone)."""
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)} | (extra_env or {})
+    wrapper = ("import resource, subprocess, sys, time\nt = time.perf_counter()\n"
+               "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+               "dt = time.perf_counter() - t\n"
+               "sys.stderr.write(r.stderr[-3000:])\n"
+               "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
+    out = subprocess.run([sys.executable, "-c", wrapper, *argv], env=env, capture_output=True, text=True)
+    dt, rss, rc = out.stdout.split()
+    if rc != "0":
+        raise RuntimeError(f"{' '.join(argv[:3])} failed: {out.stderr[-1500:]}")
+    return float(dt), int(rss) // 1024
+
+
+def _model(work: Path, records: Path, overrides: dict) -> Path:
+    from multimodal import DiagnosisModel
+
+    if not (work / "checksums.json").exists():
+        DiagnosisModel.from_config(ROOT / "configs" / "ham10000.yaml", **overrides).fit(
+            records, None, progress=False).save(work, overwrite=True)
+    return work
+
+
+def _auroc(pred_csv: Path, labels: pd.DataFrame) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    p = pd.read_csv(pred_csv, dtype={"id": str})
+    ok = p["status"] == "ok"
+    return float(roc_auc_score(labels["label_malignant"].astype(int)[ok], p["prob_1"][ok]))
+
+
+def forward_rates(model, records: Path, threads: int, onnx_path: Path) -> dict:
+    import torch
+
+    from multimodal.data import RecordDataset
+    from multimodal.export import OnnxNetwork
+    from multimodal.train import make_loader
+
+    torch.set_num_threads(threads)
+    cfg, rec = model.config, model.records(records)
+    t = time.perf_counter()
+    batches = list(make_loader(RecordDataset(rec, model.prep, cfg.modalities, cfg), cfg, model.prep, False,
+                               model.device, 64))
+    decode_s = time.perf_counter() - t
+    n_img = int(sum(b["image_mask"].sum() for b in batches))
+    net = model.net.eval()
+    out = {"n_records": len(rec), "n_images": n_img, "decode_images_per_s": n_img / decode_s}
+
+    def run(fn, name):
+        with torch.inference_mode():
+            fn(batches[0])  # warm-up
+            t = time.perf_counter()
+            probs = [torch.sigmoid(fn(b).float()[:, 0]) for b in batches]
+            out[f"{name}_images_per_s"] = n_img / (time.perf_counter() - t)
+        return torch.cat(probs).numpy()
+
+    eager = run(net, "forward_eager")
+    net.to(memory_format=torch.channels_last)
+    cl = run(lambda b: net({**b, "image": b["image"].contiguous(memory_format=torch.channels_last)}),
+             "forward_channels_last")
+    net.to(memory_format=torch.contiguous_format)
+    ort = run(OnnxNetwork(onnx_path, model, threads), "forward_onnxruntime")
+    out["max_abs_diff_channels_last"] = float(np.abs(cl - eager).max())
+    out["max_abs_diff_onnxruntime"] = float(np.abs(ort - eager).max())
+    t = time.perf_counter()
+    model.predict(rec)
+    out["api_predict_images_per_s"] = n_img / (time.perf_counter() - t)
+    model.use_onnx(onnx_path, threads)
+    t = time.perf_counter()
+    model.predict(rec)
+    out["api_predict_onnx_images_per_s"] = n_img / (time.perf_counter() - t)
+    model.engine = None
+    sub = rec.subset(np.arange(100))
+    n_sub = int(sum(len([p for p in str(c).split(";") if p]) for c in sub.df["image_path"]))
+    t = time.perf_counter()
+    for i in range(len(sub)):
+        model.predict(sub.subset([i]))
+    out["naive_loop_images_per_s"] = n_sub / (time.perf_counter() - t)
+    return out
+
+
+def cli_rates(model_dir: Path, onnx_path: Path, records: Path, labels: pd.DataFrame, n_img: int, work: Path,
+              threads: int) -> dict:
+    out = {}
+    base = [str(MMDX), "predict", "--model", str(model_dir), "--records", str(records), "--quiet"]
+    for name, extra in (("eager", []), ("onnx", ["--onnx", str(onnx_path)]),
+                        ("onnx_1_worker", ["--onnx", str(onnx_path), "--workers", "1"])):
+        pred = work / f"pred_{name}.csv"
+        dt, rss = _timed(base + ["--out", str(pred)] + extra, threads)
+        out[f"cli_{name}_images_per_s"] = n_img / dt
+        out[f"cli_{name}_seconds"] = dt
+        out[f"cli_{name}_auroc"] = _auroc(pred, labels)
+    dt, _ = _timed([str(MMDX), "--help"], threads)
+    out["help_seconds"] = dt
+    # 2 processes x 1 thread under torchrun against 1 process x 2 threads, same chunks
+    one = work / "pred_one.csv"
+    two = work / "pred_two.csv"
+    chunk = ["--chunk-rows", "128", "--onnx", str(onnx_path)]
+    out["one_process_seconds"], _ = _timed(base + ["--out", str(one)] + chunk, threads)
+    out["two_process_seconds"], _ = _timed([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                            "--nproc_per_node=2", str(MMDX), *base[1:], "--out", str(two)] + chunk,
+                                           max(1, threads // 2))
+    out["sharded_identical"] = one.read_bytes() == two.read_bytes()
+    return out
+
+
+def memory(records: Path, work: Path, rows: list[int], threads: int) -> dict:
+    """Max RSS of `mmdx predict` over n repeated rows, with a tabular-only model (no decoding)."""
+    model_dir = _model(work / "tabular_model", records, {"modalities": "tabular", "train.epochs": 1})
+    df = pd.read_csv(records, dtype=str)
+    out = {}
+    for n in rows:
+        big = pd.concat([df] * (n // len(df) + 1), ignore_index=True).iloc[:n]
+        big["patient_id"] = [f"r{i}" for i in range(n)]
+        src = work / f"rows_{n}.csv"
+        big.to_csv(src, index=False)
+        dt, rss = _timed([str(MMDX), "predict", "--model", str(model_dir), "--records", str(src), "--out",
+                          str(work / f"rows_{n}_pred.csv"), "--quiet"], threads)
+        assert len(pd.read_csv(work / f"rows_{n}_pred.csv")) == n
+        out[str(n)] = {"max_rss_mb": rss, "seconds": dt}
+        src.unlink()
+    return out
+
+
+def markdown(r: dict) -> str:
+    f, c, m = r["forward"], r["cli"], r["memory"]
+    eager = f["forward_eager_images_per_s"]
+    rows = [("pure forward, eager fp32 (plain PyTorch; the reference)", f["forward_eager_images_per_s"]),
+            ("pure forward, channels_last", f["forward_channels_last_images_per_s"]),
+            ("pure forward, ONNX Runtime (`mmdx export`)", f["forward_onnxruntime_images_per_s"]),
+            ("decode + collate only", f["decode_images_per_s"]),
+            ("in-process `predict`, eager", f["api_predict_images_per_s"]),
+            ("in-process `predict`, ONNX Runtime", f["api_predict_onnx_images_per_s"]),
+            ("naive loop: `predict` once per record (100 records)", f["naive_loop_images_per_s"]),
+            ("`mmdx predict` end to end, eager", c["cli_eager_images_per_s"]),
+            ("`mmdx predict --onnx` end to end", c["cli_onnx_images_per_s"]),
+            ("`mmdx predict --onnx --workers 1` end to end", c["cli_onnx_1_worker_images_per_s"])]
+    lines = ["## Batch prediction throughput", "",
+             f"Generated by `benchmarks/throughput.py` on {r['date']} ({r['seconds'] / 60:.1f} min), "
+             f"{r['threads']} torch threads, {r['cores']} cores. ResNet-18, 128 px, image + tabular, every image of "
+             f"each lesion: HAM10000 validation, {f['n_records']} lesions, {f['n_images']} images. *End to end* "
+             "includes process start, model load, decoding and writing the file.", "",
+             "| path | images/s | × eager forward |", "|---|---|---|"]
+    lines += [f"| {name} | {v:.0f} | {v / eager:.2f} |" for name, v in rows]
+    lines += ["", f"- Outputs: channels_last within {f['max_abs_diff_channels_last']:.1e} and ONNX Runtime within "
+              f"{f['max_abs_diff_onnxruntime']:.1e} of eager (probabilities). AUROC end to end: eager "
+              f"{c['cli_eager_auroc']:.4f}, ONNX {c['cli_onnx_auroc']:.4f} (difference "
+              f"{c['cli_onnx_auroc'] - c['cli_eager_auroc']:+.4f}).",
+              f"- `mmdx --help`: {c['help_seconds']:.2f} s (process start included).",
+              f"- torchrun, 2 processes × 1 thread: {c['two_process_seconds']:.1f} s against "
+              f"{c['one_process_seconds']:.1f} s for 1 process × 2 threads "
+              f"({c['one_process_seconds'] / c['two_process_seconds']:.2f}×); output byte-identical: "
+              f"{'yes' if c['sharded_identical'] else 'NO'}.",
+              "- Max RSS of `mmdx predict` (tabular-only model, rows repeated): " +
+              ", ".join(f"{int(n):,} rows {v['max_rss_mb']} MB ({v['seconds']:.0f} s)" for n, v in m.items()) +
+              (f"; growth {list(m.values())[-1]['max_rss_mb'] - list(m.values())[0]['max_rss_mb']} MB." if len(m) > 1
+               else "."), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rows", default="10000,100000")
+    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "work" / "throughput"))
+    ap.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    a = ap.parse_args(argv)
+    ham = Path(a.data) / "ham10000"
+    if not (ham / "records_val.csv").exists():
+        print(f"HAM10000 not found under {a.data}", file=sys.stderr)
+        return 2
+    import torch
+
+    from bench_report import write_section
+    from multimodal import DiagnosisModel
+
+    torch.set_num_threads(a.threads)
+    t0, work = time.perf_counter(), Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = _model(work / "model", ham / "records_train.csv", EQUAL_WORK)
+    model = DiagnosisModel.load(model_dir)
+    onnx_path = work / "model.onnx"
+    if not onnx_path.exists():
+        model.export_onnx(onnx_path, ham / "records_val.csv")
+    val = ham / "records_val.csv"
+    forward = forward_rates(model, val, a.threads, onnx_path)
+    labels = pd.read_csv(val, dtype=str)
+    report = {"date": time.strftime("%Y-%m-%d"), "threads": a.threads, "cores": os.cpu_count(), "forward": forward,
+              "cli": cli_rates(model_dir, onnx_path, val, labels, forward["n_images"], work, a.threads),
+              "memory": memory(ham / "records_train.csv", work, [int(n) for n in a.rows.split(",")], a.threads)}
+    report["seconds"] = time.perf_counter() - t0
+    (ROOT / "benchmarks" / "results" / "throughput.json").write_text(json.dumps(report, indent=1))
+    write_section(Path(a.markdown), "throughput", markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

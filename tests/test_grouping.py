@@ -1,0 +1,74 @@
+"""Patients with several records: no patient crosses the hold-out or a CV fold, duplicate ids need a
+group column, and `mmdx cv` writes one out-of-fold row per record."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO, TINY, one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def two_per_patient(cohort):
+    """Every patient twice: two studies (record ids) of one patient (patient column), same label."""
+    df = pd.read_csv(cohort["all"], dtype=str, keep_default_na=False)
+    a, b = df.copy(), df.copy()
+    a["patient"] = b["patient"] = df["patient_id"]
+    a["patient_id"] = df["patient_id"] + "-a"
+    b["patient_id"] = df["patient_id"] + "-b"
+    both = pd.concat([a, b], ignore_index=True).sample(frac=1, random_state=0).reset_index(drop=True)
+    path = cohort["dir"] / "two_per_patient.csv"
+    both.to_csv(path, index=False)
+    return path
+
+
+def _cfg(**extra):
+    from multimodal import load_config
+
+    return load_config(REPO / "configs" / "synthetic.yaml", {**TINY, "data.group": "patient", **extra})
+
+
+def test_holdout_and_folds_keep_patients_together(two_per_patient):
+    from multimodal.cv import fold_of
+    from multimodal.records import load_records
+    from multimodal.train import holdout_split
+
+    cfg = _cfg()
+    rec = load_records(two_per_patient, cfg, labels=True)
+    tr, va = holdout_split(rec, cfg)
+    assert not set(tr.df["patient"]) & set(va.df["patient"]) and len(va) > 0
+    folds = fold_of(rec, cfg, 5, seed=0)
+    per_patient = pd.Series(folds).groupby(rec.df["patient"].to_numpy()).nunique()
+    assert (per_patient == 1).all() and sorted(set(folds)) == [0, 1, 2, 3, 4]
+    rates = pd.Series(rec.df["label"].astype(int).to_numpy()).groupby(folds).mean()
+    assert rates.max() - rates.min() < 0.15  # stratified
+
+
+def test_duplicate_ids_are_an_error_without_a_group_column(capsys, two_per_patient, tmp_path):
+    df = pd.read_csv(two_per_patient, dtype=str, keep_default_na=False)
+    df["patient_id"] = df["patient"]
+    dup = tmp_path / "dup.csv"
+    df.to_csv(dup, index=False)
+    code, _, err = run_cli(capsys, "train", "--config", REPO / "configs" / "synthetic.yaml", "--records", dup,
+                           "--out", tmp_path / "m", "--quiet")
+    one_line_error(code, err, "repeat an id")
+
+
+def test_cv_writes_one_out_of_fold_row_per_record(capsys, two_per_patient, tmp_path):
+    out = tmp_path / "cv"
+    code, stdout, err = run_cli(capsys, "cv", "--config", REPO / "configs" / "synthetic.yaml", "--records",
+                                two_per_patient, "--folds", 3, "--out", out, "--n-boot", 50, "--quiet",
+                                *[f"{k}={v}" for k, v in TINY.items() if v is not None], "image.augment=null",
+                                "data.group=patient", "train.epochs=1")
+    assert code == 0, err
+    src = pd.read_csv(two_per_patient, dtype=str)
+    oof = pd.read_csv(out / "predictions.csv", dtype={"id": str})
+    assert list(oof["id"]) == list(src["patient_id"])  # every record once, in input order
+    assert oof.groupby(src["patient"].to_numpy())["fold"].nunique().max() == 1
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["per_fold"]) == 3 and m["n_patients"] == len(src) // 2
+    assert "fold 2: AUROC" in stdout and "pooled out-of-fold" in stdout
+    code, cmp_out, err = run_cli(capsys, "compare", out / "predictions.csv", out / "predictions.csv", "--labels",
+                                 two_per_patient, "--group-column", "patient", "--n-boot", 50, "--names", "a", "b")
+    assert code == 0, err
