@@ -427,9 +427,9 @@ def iter_batches(model, records, *, target=None, method: str = "ig", n_steps: in
     if method == "gradcam" and "image" in net.encoders:
         gradcam_layer = _last_feature_layer(net.encoders["image"].backbone, model.config.image.in_chans,
                                             model.config.image.size, device)
-    from tqdm.auto import tqdm
+    from multimodal.progress import bar as progress_bar
 
-    bar = tqdm(total=len(ds), desc=f"explain ({method})", unit="rec", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(ds), desc=f"explain ({method})", unit="rec", enabled=progress)
     kw = dict(target=target, method=method, n_steps=n_steps, internal_batch_size=internal_batch_size, net=net,
               gradcam_layer=gradcam_layer)
     with eval_mode(net), _cuda_safe(device), torch.autocast(device.type, enabled=False):

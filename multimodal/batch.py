@@ -155,7 +155,7 @@ def predict_file(model, records, out, *, chunk_rows: int = 10_000, resume: bool 
     """Predict every row of `records` (CSV or Parquet) into `out`, one row per input row, in input order.
 
     Returns {"rows", "ok", "errors", "chunks", "reused_chunks", "seconds"} (counts on rank 0 only)."""
-    from tqdm.auto import tqdm
+    from .progress import bar as progress_bar
 
     if chunk_rows < 1:
         raise UserError("chunk_rows must be at least 1")
@@ -174,7 +174,7 @@ def predict_file(model, records, out, *, chunk_rows: int = 10_000, resume: bool 
         reused = _prepare(parts, identity, resume) if shard.rank == 0 else 0
         _barrier(shard)
         n_chunks, done = 0, 0
-        bar = tqdm(desc="predict", unit="rec", disable=not progress or shard.rank != 0, dynamic_ncols=True)
+        bar = progress_bar(desc="predict", unit="rec", enabled=progress and shard.rank == 0)
         for i, rec in enumerate(iter_record_chunks(records, model.config, chunk_rows, model.config.data.image_root)):
             n_chunks = i + 1
             if i % shard.world != shard.rank or _part(parts, i).exists():

@@ -172,6 +172,7 @@ def _demo(a) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmdx", description="Multimodal diagnosis: images + clinical text + tabular.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="debug logging (before the command)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     cv = sub.add_parser("cv", help="grouped, stratified k-fold cross-validation with out-of-fold predictions")
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--image-root", default=None, help="folder relative image paths resolve against")
         sp.add_argument("--batch-size", type=int, default=64)
         sp.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--quiet", action="store_true", help="no progress: only warnings, errors and the summary")
 
     t = sub.add_parser("train", help="train a model and write its directory")
     t.add_argument("--config", required=True)
@@ -271,10 +272,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Format(logging.Formatter):
+    """`mmdx: message` for progress and summaries, `mmdx: warning: message` for what needs a look."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"mmdx: {level}{record.getMessage()}"
+
+
+def _logging(quiet: bool, verbose: int) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Format())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.getLogger("mmdx").setLevel(level)
+
+
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="mmdx: %(levelname)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    _logging(getattr(args, "quiet", False), args.verbose)
     try:
         args.fn(args)
     except UserError as e:

@@ -76,7 +76,7 @@ def cross_validate(config, records, folds: int = 5, out: Optional[str] = None, p
         per_fold.append({"fold": k, "n_test": int(ok.sum()), "auroc": m["overall"]["auroc"]["value"],
                          "best_epoch": model.metrics["training"]["best_epoch"],
                          "thresholds": model.prep.labels.thresholds})
-        log.warning("fold %d/%d: AUROC %.3f on %d records (%.0f s so far)", k + 1, folds, per_fold[-1]["auroc"],
+        log.info("fold %d/%d: AUROC %.3f on %d records (%.0f s so far)", k + 1, folds, per_fold[-1]["auroc"],
                     per_fold[-1]["n_test"], time.perf_counter() - t0)
     oof = pd.concat(rows).sort_index()
     for c in cfg.label_columns():

@@ -112,7 +112,7 @@ class FeatureCache:
     def fill(self, records, progress: bool = False) -> dict[int, str]:
         """Make sure every loadable record of `records` is cached; → {row index: error} for the others."""
         from safetensors.torch import load_file, save_file
-        from tqdm.auto import tqdm
+        from .progress import bar as progress_bar
 
         self.keys = [self.key(records, i) for i in range(len(records))]
         errors, todo = {}, []
@@ -129,7 +129,7 @@ class FeatureCache:
                 todo.append(i)
             else:
                 todo.append(i)
-        bar = tqdm(total=len(todo), desc="caching frozen features", unit="rec", disable=not progress or not todo)
+        bar = progress_bar(total=len(todo), desc="caching frozen features", unit="rec", enabled=progress and bool(todo))
         for j in range(0, len(todo), 32):
             chunk, xs = [], []
             for i in todo[j:j + 32]:

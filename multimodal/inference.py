@@ -8,9 +8,9 @@ from typing import Optional
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .data import to_device
+from .progress import bar as progress_bar
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -54,7 +54,7 @@ def run_inference(net, loader: DataLoader, device: torch.device, task: str, amp:
     n = len(loader.dataset)
     probs, errors = None, [None] * n
     t_model, t0 = 0.0, time.perf_counter()
-    bar = tqdm(total=n, desc=desc, unit="rec", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=n, desc=desc, unit="rec", enabled=progress)
     for batch in loader:
         idx = batch["index"].numpy()
         for i, e in zip(idx, batch["error"]):

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from . import distributed
 from .config import Config
@@ -24,6 +23,8 @@ from .errors import UserError
 from .inference import amp_dtype, autocast, resolve_device, run_inference, scored
 from .metrics import onehot, point_metrics, prob_matrix
 from .preprocess import Preprocessing
+from .progress import bar as progress_bar
+from .progress import say
 from .records import Records
 
 log = logging.getLogger("mmdx")
@@ -232,8 +233,7 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
             sampler.set_epoch(epoch)
         net.train()
         seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
-        bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", disable=not progress,
-                   dynamic_ncols=True, leave=False)
+        bar = progress_bar(train_dl, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", enabled=progress)
         for batch in bar:
             ok = batch["ok"]
             bad_rows.update({int(i): e for i, e in zip(batch["index"].tolist(), batch["error"]) if e})
@@ -275,8 +275,8 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
                "patients_per_s": seen / (time.perf_counter() - t0)}
         history.append(rec)
         if progress:
-            tqdm.write(f"epoch {epoch + 1}/{tc.epochs}  loss {rec['train_loss']:.4f}  val AUROC {score:.4f}  "
-                       f"({rec['patients_per_s']:.0f} patients/s)")
+            say(f"epoch {epoch + 1}/{tc.epochs}  loss {rec['train_loss']:.4f}  val AUROC {score:.4f}  "
+                f"({rec['patients_per_s']:.0f} patients/s)")
         if epoch + 1 < min(tc.min_epochs, tc.epochs):  # the last epoch is always a candidate
             continue
         if not math.isfinite(score) or score > best["score"]:
