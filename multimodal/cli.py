@@ -53,6 +53,19 @@ def _cv(a) -> None:
     print(f"out-of-fold predictions (one row per record) and metrics written to {a.out}")
 
 
+def _config(a) -> None:
+    if a.doc:
+        from .configdoc import config_reference
+
+        sys.stdout.write(config_reference())
+        return
+    if not a.config:
+        raise UserError("give --doc (the config reference) or --config FILE (check it and print it resolved)")
+    from .config import load_config, parse_overrides
+
+    print(json.dumps(load_config(a.config, parse_overrides(a.overrides)).model_dump(mode="json"), indent=2))
+
+
 def _load(a):
     from .api import DiagnosisModel
 
@@ -185,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--quiet", action="store_true")
     cv.add_argument("overrides", nargs="*", help="key=value config overrides")
     cv.set_defaults(fn=_cv)
+
+    cf = sub.add_parser("config", help="the config reference (--doc), or check a config and print it resolved")
+    cf.add_argument("--doc", action="store_true", help="print docs/config.md, generated from the validated models")
+    cf.add_argument("--config", default=None)
+    cf.add_argument("overrides", nargs="*", help="key=value config overrides")
+    cf.set_defaults(fn=_config)
 
     def common(sp, model=True):
         if model:

@@ -16,11 +16,13 @@ MODALITIES = ("image", "text", "tabular")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Attribute docstrings become field descriptions: the config reference (docs/config.md) is built from them.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
 
 
 class TaskConfig(_Strict):
     type: Literal["binary", "multiclass", "multilabel"] = "binary"
+    """binary, multiclass or multilabel."""
     label: Union[str, list[str]]
     """One column; for multilabel either several 0/1 columns or one column of ';'-joined labels."""
     classes: Optional[list[str]] = None
@@ -86,8 +88,11 @@ class DataConfig(_Strict):
 
 class AugmentConfig(_Strict):
     hflip: bool = True
+    """Random horizontal flips (training only)."""
     degrees: float = 10.0
+    """Random rotation range, ± degrees."""
     scale: tuple[float, float] = (0.85, 1.0)
+    """Random zoom range (RandomAffine scale)."""
     intensity: float = 0.1
     """Random brightness/contrast jitter, as a fraction."""
 
@@ -114,6 +119,7 @@ class DecodeLimits(_Strict):
 
 class ImageConfig(_Strict):
     columns: list[str] = ["image_path"]
+    """Columns holding image paths (several paths per cell joined with ';')."""
     encoder: str = "resnet10t"
     """Any timm model name."""
     pretrained: Union[bool, str, None] = None
@@ -130,10 +136,13 @@ class ImageConfig(_Strict):
     """With cache_features: how many flips/rotations of each image are cached; training draws one
     per epoch (1: the image as is; 2: + horizontal flip; 4: + vertical flips; 8: + 90-degree turns)."""
     in_chans: Literal[1, 3] = 1
+    """1 (grayscale: CT, MR, X-ray) or 3 (colour: dermoscopy, pathology)."""
     size: int = Field(128, ge=16)
+    """Images are resized to size x size pixels."""
     token_grid: int = Field(4, ge=1)
     """Feature maps larger than this are average-pooled to token_grid x token_grid tokens per image."""
     max_images: int = Field(4, ge=1)
+    """Images (views, slices, frames) per record; the rest are not decoded."""
     window: Union[Literal["auto", "none"], tuple[float, float]] = "auto"
     """DICOM VOI: the file's own window, min-max ("none"), or (center, width > 0)."""
     frames: Union[Literal["all", "first", "middle"], int] = "all"
@@ -142,12 +151,15 @@ class ImageConfig(_Strict):
     """Decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that is still at least `size` a side,
     instead of in full and then shrunk: several times faster, pixel values within a few 1/255."""
     mean: Optional[list[float]] = None
+    """Normalisation mean per channel; default: what the pretrained weights say, else 0.5."""
     std: Optional[list[float]] = None
     """Normalisation; default: the pretrained weights' own, else 0.5/0.5."""
     augment: Optional[AugmentConfig] = AugmentConfig()
+    """Training-time augmentation (null: none)."""
     cache: bool = True
     """Keep decoded, resized training/validation images in memory while training (augmentation still runs each epoch)."""
     limits: DecodeLimits = DecodeLimits()
+    """Decode limits checked from headers before any pixels are decoded."""
 
     @field_validator("window")
     @classmethod
@@ -201,6 +213,7 @@ class ImageConfig(_Strict):
 
 class TextConfig(_Strict):
     column: str = "report_text"
+    """Column holding the clinical text."""
     encoder: Literal["lstm", "hf", "bow"] = "lstm"
     """lstm: a BiLSTM over word pieces; bow: the mean of word-piece and bigram embeddings (one token;
     strongest on small cohorts of short reports); hf: a transformer."""
@@ -221,10 +234,12 @@ class TextConfig(_Strict):
     vocab_size: int = Field(2000, ge=50)
     """WordPiece vocabulary trained on the training reports (lstm, or hf without `pretrained`)."""
     max_length: int = Field(64, ge=4)
+    """Tokens per report that the model sees."""
     max_chars: int = Field(20_000, ge=100)
     """Characters of a cell that are read at all: the model sees max_length tokens, and a 10 MB cell
     must not cost gigabytes in tokenising or in a report."""
     lowercase: bool = True
+    """Lower-case before the trained WordPiece tokenizer (ignored for pretrained tokenizers)."""
     min_doc_freq: int = Field(2, ge=1)
     """A word joins the trained vocabulary only if it occurs in at least this many training reports.
     The vocabulary is saved in the model directory (tokenizer.json): names or record numbers that occur
@@ -233,8 +248,11 @@ class TextConfig(_Strict):
     """Also keep out of the vocabulary words that look like identifiers or dates (4+ digits, digit runs
     with separators), whatever their frequency."""
     embed_dim: int = Field(64, ge=1)
+    """Word-piece embedding width (lstm, bow)."""
     hidden_dim: int = Field(64, ge=1)
+    """LSTM hidden width per direction."""
     layers: int = Field(1, ge=1)
+    """LSTM layers."""
     bigram_buckets: int = Field(2 ** 16, ge=0)
     """bow: hashed bigram embeddings (0: word pieces only)."""
 
@@ -253,8 +271,11 @@ class TextConfig(_Strict):
 
 class TabularConfig(_Strict):
     numeric: list[str] = []
+    """Numeric columns (standardised on the training records; missing values get their own token)."""
     categorical: list[str] = []
+    """Categorical columns (one embedding per value seen in training)."""
     embed_dim: int = Field(32, ge=1)
+    """Width of each feature token."""
     min_category_count: int = Field(2, ge=1)
     """A category gets its own embedding (and is written to preprocessing.json) only if at least this
     many training records have it; rarer values share the unknown bucket, so a value unique to one
@@ -274,9 +295,13 @@ class FusionConfig(_Strict):
     type: str = "attention"
     """attention | concat (or any registered fusion head)."""
     dim: int = Field(64, ge=1)
+    """Token width inside the fusion head."""
     layers: int = Field(2, ge=1)
+    """Transformer blocks (attention) or hidden layers (concat)."""
     heads: int = Field(4, ge=1)
+    """Attention heads; `dim` must divide by it."""
     dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout inside the fusion head."""
     modality_dropout: float = Field(0.15, ge=0, lt=1)
     """Per patient and modality, the chance a modality is hidden during training."""
     aux_weight: float = Field(0.0, ge=0)
@@ -293,18 +318,24 @@ class FusionConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(20, ge=1)
+    """Maximum epochs (early stopping may end sooner)."""
     batch_size: int = Field(32, ge=1)
+    """Records per step (the global batch under torchrun)."""
     lr: float = Field(1e-3, gt=0)
+    """AdamW learning rate (warmup then cosine decay)."""
     encoder_lr: Optional[dict[Literal["image", "text", "tabular"], float]] = None
     """Per-modality encoder learning rates, e.g. {image: 3e-4}; entries for disabled modalities are
     ignored, so `modalities=text` baselines need no config change."""
     weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
     warmup: float = Field(0.05, ge=0, lt=1)
     """Fraction of all steps spent in linear warmup, before cosine decay."""
     grad_clip: float = Field(1.0, gt=0)
+    """Gradient norm clipping."""
     loss: Literal["bce", "focal"] = "bce"
     """bce means cross-entropy for multiclass."""
     class_weights: bool = True
+    """Weight the loss by inverse class frequency."""
     patience: int = Field(5, ge=1)
     """Epochs without validation AUROC gain before stopping."""
     min_epochs: int = Field(1, ge=1)
@@ -321,9 +352,13 @@ class TrainConfig(_Strict):
     """Stop with an error when more than this fraction of training or validation records cannot be
     loaded: a wrong window, frame index or image root must not yield a model trained on a few rows."""
     seed: int = 0
+    """Seeds splits, initialisation and shuffling."""
     device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
     amp: bool = True
+    """Mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU."""
     num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes for training."""
 
     @field_validator("encoder_lr")
     @classmethod
@@ -335,14 +370,23 @@ class TrainConfig(_Strict):
 
 class Config(_Strict):
     name: str = "model"
+    """Shown in summaries and reports."""
     task: TaskConfig
+    """What to predict."""
     data: DataConfig = DataConfig()
+    """Ids, patients and where files are."""
     modalities: list[Literal["image", "text", "tabular"]] = list(MODALITIES)
+    """Which inputs the model uses; each needs its section below (a list, or "image,text" on the CLI)."""
     image: Optional[ImageConfig] = None
+    """Image modality."""
     text: Optional[TextConfig] = None
+    """Text modality."""
     tabular: Optional[TabularConfig] = None
+    """Tabular modality."""
     fusion: FusionConfig = FusionConfig()
+    """How modality tokens are combined."""
     train: TrainConfig = TrainConfig()
+    """Optimisation and early stopping."""
 
     @field_validator("modalities", mode="before")
     @classmethod

@@ -34,3 +34,14 @@ def test_bad_config_is_one_line_naming_the_problem(raw, needle):
 def test_bad_override_syntax():
     with pytest.raises(UserError, match="not key=value"):
         parse_overrides(["epochs"])
+
+
+def test_config_reference_is_current():
+    """docs/config.md is generated (`mmdx config --doc > docs/config.md`); regenerate it when a field changes."""
+    from pathlib import Path
+
+    from multimodal.configdoc import config_reference
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == config_reference(), "docs/config.md is stale: run mmdx config --doc > docs/config.md"
+    assert "| `threshold` |" in doc.read_text() and "sensitivity:0.9" in doc.read_text()
