@@ -1,7 +1,7 @@
 """Image cells → fixed-size tensors: read (DICOM/PNG/JPEG), fix channels, resize, augment, normalise.
 
-A cell may hold several paths joined with ';' (views, slices); multi-frame DICOM adds one image per
-selected frame. Mean/std are a preprocessing fact of the weights, so they are saved with the model.
+A cell may hold several paths joined with ';' (views, slices), or a folder holding one DICOM series
+(multimodal.series); multi-frame DICOM adds one image per selected frame. Mean/std are a preprocessing fact of the weights, so they are saved with the model.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..config import ImageConfig
 from ..errors import RecordError
 from ..imageio import printable_path, read_image
+from ..series import series_slices
 
 
 def split_paths(cell) -> list[str]:
@@ -52,9 +53,14 @@ class ImagePreprocessor:
             path = self._locate(rel, Path(root))
             if not path.exists():
                 raise RecordError(f"image not found: {printable_path(path)}")
-            images = read_image(path, window=self.cfg.window, frames=self.cfg.frames, max_count=remaining,
-                                limits=self.cfg.limits, min_size=self.cfg.size if self.cfg.jpeg_draft else None)
-            out += [self._to_tensor(a) for a in images]
+            files = series_slices(path, remaining, printable_path(path)) if path.is_dir() else [path]
+            for f in files:  # a folder is one series: its slices in order, evenly spaced
+                if len(out) >= self.cfg.max_images:
+                    break
+                images = read_image(f, window=self.cfg.window, frames=self.cfg.frames,
+                                    max_count=self.cfg.max_images - len(out), limits=self.cfg.limits,
+                                    min_size=self.cfg.size if self.cfg.jpeg_draft else None)
+                out += [self._to_tensor(a) for a in images]
         if not out:
             return torch.zeros(0, self.cfg.in_chans, self.cfg.size, self.cfg.size)
         return torch.stack(out[: self.cfg.max_images])
