@@ -359,6 +359,22 @@ def _probs_pred(p: np.ndarray, classes: list[str], task: str) -> tuple[dict[str,
     return probs, classes[int(np.argmax(p))]
 
 
+def _view_labels(row, cfg, n: int) -> list[str]:
+    """The column of each view, when every path gave one image; else plain numbers (a multi-frame file
+    or a series folder gives several images per path, and which is which is not worth re-reading)."""
+    from multimodal.preprocess.image import split_paths
+
+    cols = [c for c in cfg.image.columns for _ in split_paths(row[c])]
+    if len(cols) != n:
+        return [f"image {k + 1}" for k in range(n)]
+    seen: dict[str, int] = {}
+    out = []
+    for c in cols:
+        seen[c] = seen.get(c, 0) + 1
+        out.append(c if cols.count(c) == 1 else f"{c} {seen[c]}")
+    return out
+
+
 def _explanations(model, rec, res: _BatchResult, method: str, ablation: bool, net) -> list[PatientExplanation]:
     cfg, task, classes = model.config, model.config.task.type, model.classes
     batch = res.batch
@@ -375,6 +391,7 @@ def _explanations(model, rec, res: _BatchResult, method: str, ablation: bool, ne
         if has.get("image"):
             views = batch["image_mask"][b].nonzero(as_tuple=True)[0].tolist()
             e.images = [_display(model, batch["image"][b, v]) for v in views]
+            e.image_labels = _view_labels(row, cfg, len(views))
             e.image_maps = [res.image[b, v].numpy().astype(np.float32) for v in views]
             if method == "ig":
                 totals["image"] = float(sum(np.abs(m).sum() for m in e.image_maps))

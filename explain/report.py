@@ -94,7 +94,8 @@ def write_reports(explanations: list[PatientExplanation], out_dir: Union[str, Pa
         written[rel_json] = out / rel_json
         pred, pred_prob = _prediction(e)
         row = {"n": i + 1, "id": str(e.id), "pred": pred, "pred_prob": _fmt_prob(pred_prob),
-               "target": e.target, "method": _method_name(e.method), "error": e.error, "href": None}
+               "target": e.target, "target_prob": _fmt_prob(_finite((e.probs or {}).get(e.target))),
+               "method": _method_name(e.method), "error": e.error, "href": None}
         if e.error is None:
             rel = f"patient_{name}.html"
             ctx = _patient_context(e, modalities)
@@ -222,6 +223,22 @@ def _model_context(info: dict) -> dict:
     }
 
 
+def delta_quality(delta: Optional[float]) -> Optional[dict]:
+    """A plain-language reading of the Integrated Gradients convergence delta (logit units: the sum of
+    attributions minus the model's logit change from the baseline). Under 0.05 the attributions account
+    for the prediction; under 0.25 roughly; above, the path integral is too coarse to trust the sizes."""
+    d = _finite(delta)
+    if d is None:
+        return None
+    a = abs(d)
+    if a < 0.05:
+        return {"level": "good", "text": "good: the attributions account for the prediction"}
+    if a < 0.25:
+        return {"level": "fair", "text": "fair: the attributions roughly account for the prediction; rankings "
+                                         "are reliable, exact sizes less so"}
+    return {"level": "poor", "text": "poor: sizes are unreliable; rerun with more steps (--n-steps 64 or 128)"}
+
+
 def _method_name(method: Optional[str]) -> str:
     m = str(method or "unknown")
     full = METHOD_NAMES.get(m.lower())
@@ -264,6 +281,7 @@ def _patient_context(e: PatientExplanation, modalities: list[str]) -> dict:
         "method_key": str(e.method or "").lower(),
         "convergence_delta": _finite(e.convergence_delta),
         "has_delta": e.convergence_delta is not None,
+        "delta_quality": delta_quality(e.convergence_delta),
         "modalities": mods,
         "labels": {m: MODALITY_LABELS.get(m, m.capitalize()) for m in mods},
         "present": present,
@@ -344,7 +362,9 @@ def _images_context(e: PatientExplanation) -> dict:
     for i, img in enumerate(e.images[:MAX_IMAGES]):
         amap = e.image_maps[i] if i < len(e.image_maps) else None
         png, note = _image_figure(np.asarray(img), None if amap is None else np.asarray(amap, dtype=np.float64))
-        items.append({"n": i + 1, "png": png, "note": note, "shape": "×".join(str(s) for s in np.shape(img))})
+        label = e.image_labels[i] if i < len(e.image_labels) else f"image {i + 1}"
+        items.append({"n": i + 1, "label": label, "png": png, "note": note,
+                      "shape": "×".join(str(s) for s in np.shape(img))})
     return {"figures": items, "n_omitted": max(0, len(e.images) - MAX_IMAGES)}
 
 
@@ -399,7 +419,7 @@ def _image_figure(img: np.ndarray, amap: Optional[np.ndarray]) -> tuple[str, Opt
         note = "no attribution map for this image"
 
     aspect = h / max(w, 1)
-    panel = 2.6
+    panel = 4.2  # inches per panel at 100 dpi: a 128-px input shows at about 3x, enough to read a lesion
     fig = Figure(figsize=(2 * panel + 0.7, panel * aspect + 0.45), dpi=100)
     gs = fig.add_gridspec(1, 3, width_ratios=[1, 1, 0.06], wspace=0.08)
     ax0, ax1, cax = fig.add_subplot(gs[0]), fig.add_subplot(gs[1]), fig.add_subplot(gs[2])

@@ -17,6 +17,8 @@ class PatientExplanation:
     method: str = "ig"
     images: list[np.ndarray] = field(default_factory=list)
     """Model-input images in display space, [H, W] or [H, W, 3] in [0, 1]."""
+    image_labels: list[str] = field(default_factory=list)
+    """Caption per image: the records column it came from (never a file name: names can carry PHI)."""
     image_maps: list[np.ndarray] = field(default_factory=list)
     """One signed attribution map [H, W] per image (positive = pushes towards `target`)."""
     words: list[str] = field(default_factory=list)

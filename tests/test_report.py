@@ -374,3 +374,31 @@ def test_patient_page_renders_in_headless_chromium(reports, explanations, tmp_pa
     assert any("mmdx-probe 3/3" in ln for ln in lines), "console capture did not see the probe"
     assert not [ln for ln in lines if "mmdx-probe" not in ln], lines
     print(f"browser checks took {time.perf_counter() - t0:.1f} s")
+
+
+def test_index_says_which_probability_is_which_and_captions_name_columns(tmp_path):
+    """A benign nevus explained for melanoma must not read '0.996' beside 'explained class = melanoma'."""
+    from explain.report import write_reports
+
+    e = PatientExplanation(id="nevus", target="melanoma", probs={"benign": 0.996, "melanoma": 0.004}, pred="benign",
+                           images=[np.full((16, 16), 0.5)], image_labels=["dermoscopic"],
+                           image_maps=[np.ones((16, 16))], modality_share={"image": 1.0}, convergence_delta=0.9)
+    written = write_reports([e], tmp_path / "r", model_info={**MODEL_INFO, "classes": ["benign", "melanoma"],
+                                                               "modalities": ["image"]})
+    index = written["index.html"]
+    rows = _page(index).rows
+    assert len(rows) == 1
+    cells = " ".join(rows[0]["text"].split())
+    assert "benign 0.996 melanoma 0.004" in cells  # predicted class, P(predicted), explained class, P(explained)
+    head = index.read_text()
+    assert "P(predicted)" in head and "P(explained class)" in head
+    page = next(v for k, v in written.items() if k.startswith("patient_")).read_text()
+    assert "dermoscopic (16×16" in page and "Image 1" not in page
+    assert "poor: sizes are unreliable" in page  # |delta| 0.9 on the logit scale
+
+
+def test_delta_quality_bands():
+    from explain.report import delta_quality
+
+    assert delta_quality(0.01)["level"] == "good" and delta_quality(-0.1)["level"] == "fair"
+    assert delta_quality(0.5)["level"] == "poor" and delta_quality(None) is None and delta_quality(float("nan")) is None
