@@ -104,6 +104,15 @@ class DiagnosisModel:
         self.metrics = {"training": summary, "validation": self.evaluate(val_rec, n_boot=200)}
         return self
 
+    def set_operating_point(self, records: RecordsLike, rule=None) -> list[float]:
+        """Choose the threshold again on labelled `records` (validation patients, never test ones), by
+        `rule` (default task.threshold); `save()` then stores it. Returns the threshold(s)."""
+        self._require_trained()
+        if rule is not None:
+            self.config = config_from_dict(self.config.model_dump(mode="json"), {"task.threshold": rule})
+            self.prep.labels.task = self.config.task
+        return self._choose_thresholds(self.records(records, labels=True)).get("thresholds", [])
+
     def _choose_thresholds(self, val: Records) -> dict:
         """The operating point (task.threshold) on the calibrated validation probabilities."""
         from .operating import choose

@@ -99,3 +99,16 @@ def test_bad_operating_settings_are_one_line(capsys, cohort, tmp_path):
     one_line_error(*run_cli(capsys, *base, "task.type=multiclass", "task.threshold=youden")[::2], "multiclass")
     one_line_error(*run_cli(capsys, *base, "task.positive=[a]", "task.classes=[a,b]")[::2], "task.positive")
     assert not (tmp_path / "m").exists()
+
+
+def test_operating_point_can_be_chosen_again_and_saved(thresholded, cohort, tmp_path):
+    from multimodal import DiagnosisModel
+
+    _, d = thresholded
+    model = DiagnosisModel.load(d)
+    t = model.set_operating_point(cohort["val"], "specificity:0.9")[0]
+    model.save(tmp_path / "m2")
+    again = DiagnosisModel.load(tmp_path / "m2")
+    assert again.prep.labels.thresholds == [t] and again.config.task.threshold == "specificity:0.9"
+    spec = again.evaluate(cohort["val"], n_boot=20)["operating_point"]["specificity"]["value"]
+    assert spec >= 0.9
