@@ -87,14 +87,18 @@ def positive(model, df: pd.DataFrame) -> np.ndarray:
     return df[f"prob_{model.classes[-1]}"].to_numpy(dtype=float)
 
 
-def train_one(cfg_path: Path, overrides: dict, train, test, cache: Path, keep_model: bool = False) -> dict:
+def train_one(cfg_path: Path, overrides: dict, train, test, cache: Path, keep_model: bool = False,
+              saved: Path | None = None) -> dict:
     """Train one (variant, seed, split); predict the test patients calibrated, raw, and with each
     modality removed (fusion variants). Cached as .npz + .json so a rerun skips it."""
     from multimodal import DiagnosisModel
 
-    if cache.with_suffix(".json").exists() and not keep_model:
+    if cache.with_suffix(".json").exists():
         meta = json.loads(cache.with_suffix(".json").read_text())
-        return meta | {"preds": dict(np.load(cache.with_suffix(".npz")))}
+        if not keep_model:
+            return meta | {"preds": dict(np.load(cache.with_suffix(".npz")))}
+        if saved is not None and (saved / "checksums.json").exists():  # the run's own model, kept by throughput()
+            return meta | {"preds": dict(np.load(cache.with_suffix(".npz"))), "model": DiagnosisModel.load(saved)}
     model = DiagnosisModel.from_config(cfg_path, **overrides)
     model.fit(train, None, progress=False)
     preds = {"calibrated": positive(model, model.predict(test))}
@@ -177,7 +181,7 @@ def throughput(model, test, records_csv: Path, work: Path, threads: int) -> dict
     from multimodal.data import RecordDataset, to_device
     from multimodal.train import make_loader
 
-    model_dir = model.save(work / "model")
+    model_dir = model.model_dir or model.save(work / "model", overwrite=True)
     mmdx = Path(sys.executable).with_name("mmdx")
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
     t = time.perf_counter()
@@ -228,15 +232,22 @@ def run_dataset(name: str, args, out: Path) -> dict:
                 key = f"{name}__{vname.replace(' ', '_').replace('+', '')}__s{seed}__{split}"
                 t1 = time.perf_counter()
                 keep = vname == "attention" and seed == seeds[0] and split == parts[0][0]  # throughput, plots
-                r = train_one(cfg_path, base | ov | {"train.seed": seed}, train, test, out / "runs" / key, keep)
+                r = train_one(cfg_path, base | ov | {"train.seed": seed}, train, test, out / "runs" / key, keep,
+                              saved=out / "work" / name / "model")
                 for k, p in r.pop("preds").items():
                     by_key.setdefault(k, np.full(len(y), np.nan))[pos] = p
                 model = r.pop("model", None)
                 if model is not None:
+                    kept = out / "work" / name / "measured.json"  # slow side measurements, reused on a rerun
+                    done = json.loads(kept.read_text()) if kept.exists() else {}
                     if name in args.cache_speed and "image" in model.config.modalities:
-                        extra["cache_speed"] = cached_epoch_speed(cfg_path, base | ov | {"train.seed": seed}, train)
-                    extra["throughput"] = throughput(model, test, Path(args.data) / name / "records_val.csv",
-                                                     out / "work" / name, args.threads) if not cv else None
+                        extra["cache_speed"] = done.get("cache_speed") or cached_epoch_speed(
+                            cfg_path, base | ov | {"train.seed": seed}, train)
+                    extra["throughput"] = (done.get("throughput") or throughput(
+                        model, test, Path(args.data) / name / "records_val.csv", out / "work" / name, args.threads)) \
+                        if not cv else None
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    kept.write_text(json.dumps({k: extra.get(k) for k in ("cache_speed", "throughput")}))
                     extra["plots"] = [str(p.relative_to(out)) for p in write_plots(
                         y[pos], np.stack([1 - by_key["calibrated"][pos], by_key["calibrated"][pos]], 1),
                         "binary", model.classes, out / "plots" / name)]

@@ -212,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--records", required=True, help="CSV or Parquet, one row per patient")
         sp.add_argument("--image-root", default=None, help="folder relative image paths resolve against")
         sp.add_argument("--batch-size", type=int, default=64)
-        sp.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+        sp.add_argument("--workers", type=int, default=None,
+                        help="DataLoader processes decoding records (default: none on 2 cores, else up to 4 "
+                             "while 2 cores stay for the model)")
         sp.add_argument("--quiet", action="store_true", help="no progress: only warnings, errors and the summary")
 
     t = sub.add_parser("train", help="train a model and write its directory")
@@ -307,9 +309,18 @@ def _logging(quiet: bool, verbose: int) -> None:
     logging.getLogger("mmdx").setLevel(level)
 
 
+def default_workers() -> int:
+    """Decoding workers only where cores are to spare: on 2 cores a worker competes with the forward
+    pass for the same cores (measured in BENCHMARKS.md, throughput)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores <= 2 else min(4, cores - 2)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if getattr(args, "workers", 0) is None:
+        args.workers = default_workers()
     _logging(getattr(args, "quiet", False), args.verbose)
     try:
         args.fn(args)
