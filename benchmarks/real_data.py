@@ -315,6 +315,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cv-datasets", default="", help="with --cv: only these datasets use CV, the others train→val")
     ap.add_argument("--cache-speed", default="ham10000",
                     help="datasets on which to time a cached epoch against an end-to-end one ('' for none)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from results.json, run nothing")
     ap.add_argument("--variants", default="", help="comma-separated subset, e.g. 'attention,image only'")
     ap.add_argument("--seeds-for", nargs="*", default=[], metavar="DATASET=SEEDS",
                     help="per-dataset seeds, e.g. ham10000=0 (others use --seeds)")
@@ -331,6 +332,10 @@ def main(argv=None) -> int:
     args.n_boot = args.n_boot or (100 if args.quick else 1000)
     out = Path(args.out or ("bench-quick" if args.quick else ROOT / "benchmarks" / "results"))
     md = Path(args.markdown or (out / "BENCHMARKS.md" if args.quick else ROOT / "BENCHMARKS.md"))
+    if args.report_only:  # findings.md edited: rewrite BENCHMARKS.md from the last run's results.json
+        write_markdown(json.loads((out / "results.json").read_text()), md, plots_base=out)
+        print(f"{md} rewritten from {out / 'results.json'}")
+        return 0
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = [d for d in names if d not in DATASETS]
     if unknown:
