@@ -111,8 +111,11 @@ class TimmImageEncoder(nn.Module):
 
     def _pool(self, f: torch.Tensor) -> torch.Tensor:
         if f.ndim == 4:  # CNN feature map [n, D, h, w]
-            if f.shape[-1] > self.token_grid or f.shape[-2] > self.token_grid:
-                f = F.adaptive_avg_pool2d(f, self.token_grid)
+            h, w, g = int(f.shape[-2]), int(f.shape[-1]), self.token_grid
+            if getattr(self, "dense", False) and (h > g or w > g) and h % g == 0 and w % g == 0:
+                f = F.avg_pool2d(f, (h // g, w // g))  # the same numbers; ONNX export cannot size adaptive pooling
+            elif h > g or w > g:
+                f = F.adaptive_avg_pool2d(f, g)
             f = f.flatten(2).transpose(1, 2)
         return f
 

@@ -138,7 +138,8 @@ def test_onnx_export_predicts_like_pytorch(capsys, cohort, tmp_path):
     from multimodal import DiagnosisModel
 
     d = tmp_path / "m"
-    DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY, **{"text.encoder": "bow"}).fit(
+    grid = {"text.encoder": "bow", "image.size": 64, "image.token_grid": 2}  # pooled 2x2: a fixed-size pool
+    DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **{**TINY, **grid}).fit(
         cohort["train"], cohort["val"], progress=False).save(d)
     before = {p.name: p.read_bytes() for p in d.iterdir()}
     code, out, err = run_cli(capsys, "export", "--model", d, "--records", cohort["val"], "--out", tmp_path / "m.onnx")
@@ -153,8 +154,8 @@ def test_onnx_export_predicts_like_pytorch(capsys, cohort, tmp_path):
     np.testing.assert_allclose(a["prob_1"], b["prob_1"], atol=1e-5)  # batches of 7, traced on 8
 
     other = tmp_path / "other"
-    DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY, **{"text.encoder": "bow",
-                               "train.seed": 5}).fit(cohort["train"], cohort["val"], progress=False).save(other)
+    DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **{**TINY, **grid, "train.seed": 5}).fit(
+        cohort["train"], cohort["val"], progress=False).save(other)
     code, _, err = run_cli(capsys, "predict", "--model", other, "--records", cohort["test"], "--out",
                            tmp_path / "x.csv", "--onnx", tmp_path / "m.onnx")
     one_line_error(code, err, "was not exported from")
