@@ -99,9 +99,8 @@ def forward_rates(model, records: Path, threads: int, onnx_path: Path) -> dict:
         return torch.cat(probs).numpy()
 
     eager = run(net, "forward_eager")
-    net.to(memory_format=torch.channels_last)
-    cl = run(lambda b: net({**b, "image": b["image"].contiguous(memory_format=torch.channels_last)}),
-             "forward_channels_last")
+    net.to(memory_format=torch.channels_last)  # weights channels_last: convolutions then run NHWC
+    cl = run(net, "forward_channels_last")
     net.to(memory_format=torch.contiguous_format)
     ort = run(OnnxNetwork(onnx_path, model, threads), "forward_onnxruntime")
     out["max_abs_diff_channels_last"] = float(np.abs(cl - eager).max())
