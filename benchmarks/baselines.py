@@ -28,8 +28,8 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
-from multimodal.comparison import auroc
-from multimodal.preprocess.labels import LabelEncoder
+from multimodal.engine.comparison import auroc
+from multimodal.data.preprocess.labels import LabelEncoder
 
 N_FOLDS = 5
 CS = np.logspace(-3, 2, 11)

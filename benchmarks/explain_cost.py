@@ -25,9 +25,9 @@ from captum.attr import LayerIntegratedGradients  # noqa: E402
 
 from explain.attribution import AttributionForward, baseline_batch, explain  # noqa: E402
 from multimodal import DiagnosisModel  # noqa: E402
-from multimodal.build import build_network  # noqa: E402
-from multimodal.data import Collate, RecordDataset  # noqa: E402
-from multimodal.preprocess import Preprocessing  # noqa: E402
+from multimodal.model.build import build_network  # noqa: E402
+from multimodal.data.batches import Collate, RecordDataset  # noqa: E402
+from multimodal.data.preprocess import Preprocessing  # noqa: E402
 from multimodal.synth import make_cohort  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"

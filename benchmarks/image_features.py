@@ -19,7 +19,7 @@ def pooled_features(records, cfg, cache: Optional[Path] = None, arch: str = "tf_
 
     from encoders import ENCODERS
     from encoders.weights import pretrained_stats, resolve
-    from multimodal.preprocess.image import ImagePreprocessor
+    from multimodal.data.preprocess.image import ImagePreprocessor
 
     if cache is not None and cache.is_file():
         return np.load(cache)["x"]

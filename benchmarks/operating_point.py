@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(2)
 from multimodal import DiagnosisModel
-from multimodal.records import load_records
-from multimodal.train import holdout_split
+from multimodal.data.records import load_records
+from multimodal.engine.train import holdout_split
 D = str(ROOT.parent / "shared" / "data" / "ham10000") + "/"
 t0 = time.time()
 model = DiagnosisModel.load(ROOT / "benchmarks/results/work/ham10000/model")

@@ -65,7 +65,7 @@ def variants(cfg, text_model: str | None) -> dict[str, dict]:
 def splits(ds_dir: Path, cfg, cv: int, quick: bool, seed: int = 0):
     """[(name, train Records, test Records, test positions in the pool)], pool Records.
     Without CV: train → validation. With CV: stratified folds grouped by patient over train+val."""
-    from multimodal.records import Records, load_records
+    from multimodal.data.records import Records, load_records
 
     tr = load_records(ds_dir / "records_train.csv", cfg, labels=True)
     va = load_records(ds_dir / "records_val.csv", cfg, labels=True)
@@ -131,7 +131,7 @@ def run_baselines(cfg, parts, pool, n: int, work: Path) -> tuple[dict[str, np.nd
 
     import hashlib
 
-    from multimodal.records import Records
+    from multimodal.data.records import Records
 
     features = None
     if "image" in cfg.modalities:
@@ -178,8 +178,8 @@ def throughput(model, test, records_csv: Path, work: Path, threads: int) -> dict
     the pure forward pass on the same, already collated batches."""
     import torch
 
-    from multimodal.data import RecordDataset, to_device
-    from multimodal.train import make_loader
+    from multimodal.data.batches import RecordDataset, to_device
+    from multimodal.engine.train import make_loader
 
     model_dir = model.model_dir or model.save(work / "model", overwrite=True)
     mmdx = Path(sys.executable).with_name("mmdx")
@@ -210,8 +210,8 @@ def throughput(model, test, records_csv: Path, work: Path, threads: int) -> dict
 
 def run_dataset(name: str, args, out: Path) -> dict:
     from multimodal.config import load_config
-    from multimodal.plots import write_plots
-    from multimodal.preprocess.labels import LabelEncoder
+    from multimodal.engine.plots import write_plots
+    from multimodal.data.preprocess.labels import LabelEncoder
 
     cfg_path = ROOT / "configs" / DATASETS[name]
     cfg = load_config(cfg_path)

@@ -76,9 +76,9 @@ def _auroc(pred_csv: Path, labels: pd.DataFrame) -> float:
 def forward_rates(model, records: Path, threads: int, onnx_path: Path) -> dict:
     import torch
 
-    from multimodal.data import RecordDataset
-    from multimodal.export import OnnxNetwork
-    from multimodal.train import make_loader
+    from multimodal.data.batches import RecordDataset
+    from multimodal.model.export import OnnxNetwork
+    from multimodal.engine.train import make_loader
 
     torch.set_num_threads(threads)
     cfg, rec = model.config, model.records(records)

@@ -3,7 +3,7 @@
 Pretrained weights on a few hundred patients want most of the network frozen: `freeze` keeps all,
 none, or all but the last N stages fixed (frozen BatchNorm stays in eval mode, so its statistics are
 the pretrained ones). The frozen part is a prefix of the network, so its output can be computed once
-per image and cached (multimodal/features.py); `forward` then takes that activation instead of pixels
+per image and cached (multimodal/data/features.py); `forward` then takes that activation instead of pixels
 (`stage` = where it was cut) and runs only the trainable rest.
 """
 from __future__ import annotations

@@ -34,7 +34,7 @@ class Explanations(list):
 
 def model_info(model, model_dir=None) -> dict:
     """What a report says about the model: never anything from the patients' DICOM headers."""
-    from multimodal.artifact import library_versions
+    from multimodal.model.artifact import library_versions
 
     return {"name": model.config.name, "model_dir": str(model_dir) if model_dir else None,
             "classes": list(model.classes), "modalities": list(model.config.modalities),

@@ -59,10 +59,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from multimodal.data import RecordDataset, one_line, to_device
-from multimodal.inference import probabilities
-from multimodal.preprocess.text import clean
-from multimodal.train import make_loader
+from multimodal.data.batches import RecordDataset, one_line, to_device
+from multimodal.engine.inference import probabilities
+from multimodal.data.preprocess.text import clean
+from multimodal.engine.train import make_loader
 
 from .types import PatientExplanation
 
@@ -362,7 +362,7 @@ def _probs_pred(p: np.ndarray, classes: list[str], task: str) -> tuple[dict[str,
 def _view_labels(row, cfg, n: int) -> list[str]:
     """The column of each view, when every path gave one image; else plain numbers (a multi-frame file
     or a series folder gives several images per path, and which is which is not worth re-reading)."""
-    from multimodal.preprocess.image import split_paths
+    from multimodal.data.preprocess.image import split_paths
 
     cols = [c for c in cfg.image.columns for _ in split_paths(row[c])]
     if len(cols) != n:

@@ -52,9 +52,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from multimodal.data import to_device
-from multimodal.imageio import read_image
-from multimodal.preprocess.image import split_paths
+from multimodal.data.batches import to_device
+from multimodal.data.imageio import read_image
+from multimodal.data.preprocess.image import split_paths
 
 from .attribution import class_probs, eval_mode, baseline_batch, iter_batches, with_net
 

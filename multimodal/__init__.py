@@ -1,6 +1,12 @@
 """mmdx: a multimodal diagnosis engine (medical images + clinical text + tabular features).
 
-Data flow: records → preprocess (image/text/tabular) → encoders → fusion → head → predictions → explanations.
+Data flow, one folder per stage:
+
+    data/    records → decode (imageio, image_guard, series) → preprocess → batches (+ cached features)
+    model/   build (config → modules) → network → artifact (the model directory), export (ONNX)
+    engine/  train (+ distributed) → calibrate → infer, batch (streamed predict) → evaluate (metrics,
+             operating points, plots), cv, comparison
+    api.py and cli.py are the front doors; config.py says what to build; output.py is how anything is written.
 
 The public names load on first use (PEP 562), so `mmdx --help` and `import multimodal.cli` do not pull
 in torch, transformers or scikit-learn.
@@ -8,8 +14,8 @@ in torch, transformers or scikit-learn.
 from importlib import import_module
 
 __version__ = "0.1.0"
-_EXPORTS = {"DiagnosisModel": "api", "compare": "comparison", "Config": "config", "load_config": "config",
-            "load_records": "records", "Records": "records", "UserError": "errors", "RecordError": "errors"}
+_EXPORTS = {"DiagnosisModel": "api", "compare": "engine.comparison", "Config": "config", "load_config": "config",
+            "load_records": "data.records", "Records": "data.records", "UserError": "errors", "RecordError": "errors"}
 __all__ = list(_EXPORTS)
 
 

@@ -10,17 +10,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import artifact, distributed
-from .build import build_network
-from .config import Config, config_from_dict, load_config
-from .data import RecordDataset
-from .errors import UserError
-from .inference import amp_dtype, resolve_device, run_inference, scored
-from .metrics import compute_metrics, predicted
-from .preprocess import Preprocessing
-from .records import Records, load_records
-from .train import fit as train_fit
-from .train import check_disjoint, groups_of, holdout_split, labelled, make_loader, seed_everything
+from multimodal.model import artifact
+from multimodal.engine import distributed
+from multimodal.model.build import build_network
+from multimodal.config import Config, config_from_dict, load_config
+from multimodal.data.batches import RecordDataset
+from multimodal.errors import UserError
+from multimodal.engine.inference import amp_dtype, resolve_device, run_inference, scored
+from multimodal.engine.metrics import compute_metrics, predicted
+from multimodal.data.preprocess import Preprocessing
+from multimodal.data.records import Records, load_records
+from multimodal.engine.train import fit as train_fit
+from multimodal.engine.train import check_disjoint, groups_of, holdout_split, labelled, make_loader, seed_everything
 
 RecordsLike = Union[str, Path, pd.DataFrame, Records]
 
@@ -115,7 +116,7 @@ class DiagnosisModel:
 
     def _choose_thresholds(self, val: Records) -> dict:
         """The operating point (task.threshold) on the calibrated validation probabilities."""
-        from .operating import choose
+        from multimodal.engine.operating import choose
 
         task, rule = self.config.task.type, self.config.task.threshold
         if task == "multiclass":
@@ -160,7 +161,7 @@ class DiagnosisModel:
 
     def _calibrate(self, val: Records) -> dict:
         """Temperature (and bias) scaling on the validation patients (the same ones early stopping used)."""
-        from .calibration import fit_temperature
+        from multimodal.engine.calibration import fit_temperature
 
         rec, y = labelled(val, self.prep)
         net, bias = self.net, self.config.train.calibrate_bias
@@ -195,15 +196,15 @@ class DiagnosisModel:
         return self._frame(rec, out)
 
     def export_onnx(self, out, records) -> dict:
-        """Write the network as ONNX (`out`), traced on a batch of `records`; see multimodal.export."""
-        from .export import export_onnx
+        """Write the network as ONNX (`out`), traced on a batch of `records`; see multimodal.model.export."""
+        from multimodal.model.export import export_onnx
 
         self._require_trained()
         return export_onnx(self, out, records)
 
     def use_onnx(self, path, threads: Optional[int] = None) -> "DiagnosisModel":
         """predict/evaluate run the forward pass in ONNX Runtime (CPU) from a file export_onnx wrote."""
-        from .export import OnnxNetwork
+        from multimodal.model.export import OnnxNetwork
 
         self._require_trained()
         if self.device.type != "cpu":
@@ -214,8 +215,8 @@ class DiagnosisModel:
     def predict_file(self, records, out, *, chunk_rows: int = 10_000, resume: bool = False, batch_size: int = 64,
                      workers: int = 0, progress: bool = False, shard=None) -> dict:
         """predict() for files of any length, straight to `out` (.csv or .parquet): streamed in chunks,
-        resumable after a crash (`resume=True`), shardable under torchrun (see multimodal.batch)."""
-        from .batch import predict_file
+        resumable after a crash (`resume=True`), shardable under torchrun (see multimodal.engine.batch)."""
+        from multimodal.engine.batch import predict_file
 
         self._require_trained()
         return predict_file(self, records, out, chunk_rows=chunk_rows, resume=resume, batch_size=batch_size,
@@ -256,7 +257,7 @@ class DiagnosisModel:
         m["n_errors"] = int((~ok).sum())
         m["n_unlabelled"] = len(allrec) - len(rec)
         if plots_dir is not None:
-            from .plots import write_plots
+            from multimodal.engine.plots import write_plots
 
             m["plots"] = [str(p) for p in write_plots(y[ok], P[ok], self.config.task.type, self.classes, plots_dir,
                                                       operating_point=m.get("operating_point"))]

@@ -9,15 +9,15 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from multimodal.errors import UserError
 
 
 def _train(a) -> None:
-    from . import distributed
-    from .api import DiagnosisModel
-    from .config import load_config, parse_overrides
-    from .metrics import format_table
-    from .output import check_dir_target, claim
+    from multimodal.engine import distributed
+    from multimodal.api import DiagnosisModel
+    from multimodal.config import load_config, parse_overrides
+    from multimodal.engine.metrics import format_table
+    from multimodal.output import check_dir_target, claim
 
     cfg = load_config(a.config, parse_overrides(a.overrides))
     if a.image_root:
@@ -42,8 +42,8 @@ def _train(a) -> None:
 
 
 def _cv(a) -> None:
-    from .config import load_config, parse_overrides
-    from .cv import cross_validate, format_cv
+    from multimodal.config import load_config, parse_overrides
+    from multimodal.engine.cv import cross_validate, format_cv
 
     cfg = load_config(a.config, parse_overrides(a.overrides))
     if a.image_root:
@@ -55,19 +55,19 @@ def _cv(a) -> None:
 
 def _config(a) -> None:
     if a.doc:
-        from .configdoc import config_reference
+        from multimodal.configdoc import config_reference
 
         sys.stdout.write(config_reference())
         return
     if not a.config:
         raise UserError("give --doc (the config reference) or --config FILE (check it and print it resolved)")
-    from .config import load_config, parse_overrides
+    from multimodal.config import load_config, parse_overrides
 
     print(json.dumps(load_config(a.config, parse_overrides(a.overrides)).model_dump(mode="json"), indent=2))
 
 
 def _load(a):
-    from .api import DiagnosisModel
+    from multimodal.api import DiagnosisModel
 
     model = DiagnosisModel.load(a.model, device=a.device)
     if a.image_root:
@@ -80,8 +80,8 @@ def _inputs(a) -> list:
 
 
 def _predict(a) -> None:
-    from .batch import Shard
-    from .output import check_file_target
+    from multimodal.engine.batch import Shard
+    from multimodal.output import check_file_target
 
     check_file_target(a.out, _inputs(a))  # before the model loads
     shard = Shard.from_env()
@@ -107,8 +107,8 @@ def _export(a) -> None:
 
 
 def _evaluate(a) -> None:
-    from .metrics import format_table
-    from .output import check_file_target, write_json
+    from multimodal.engine.metrics import format_table
+    from multimodal.output import check_file_target, write_json
 
     if a.out:
         check_file_target(a.out, _inputs(a))
@@ -132,7 +132,7 @@ def _evaluate(a) -> None:
 
 
 def _explain(a) -> None:
-    from .output import check_dir_target
+    from multimodal.output import check_dir_target
 
     check_dir_target(a.out, "report", inputs=_inputs(a))
     model = _load(a)
@@ -153,8 +153,8 @@ def _explain(a) -> None:
 
 
 def _compare(a) -> None:
-    from .comparison import compare, format_report
-    from .output import check_file_target, write_json
+    from multimodal.engine.comparison import compare, format_report
+    from multimodal.output import check_file_target, write_json
 
     inputs = [a.labels, *a.predictions]
     if a.out:
@@ -170,7 +170,7 @@ def _compare(a) -> None:
 
 
 def _synth(a) -> None:
-    from .synth import make_cohort
+    from multimodal.synth import make_cohort
 
     paths = make_cohort(a.out, n=a.n, seed=a.seed)
     print(f"synthetic cohort of {a.n} patients in {paths['dir']}: " +
@@ -178,7 +178,7 @@ def _synth(a) -> None:
 
 
 def _demo(a) -> None:
-    from .demo import run_demo
+    from multimodal.demo import run_demo
 
     run_demo(a.out, n=a.n, epochs=a.epochs, seed=a.seed)
 

@@ -1,6 +1,6 @@
 """Typed, validated config: the YAML a user writes, and the JSON a model directory keeps.
 
-Everything the engine builds is described here; `multimodal.build` turns it into objects.
+Everything the engine builds is described here; `multimodal.model.build` turns it into objects.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from multimodal.errors import UserError
 
 MODALITIES = ("image", "text", "tabular")
 
@@ -48,7 +48,7 @@ class TaskConfig(_Strict):
 
     @model_validator(mode="after")
     def _values(self):
-        from .operating import parse_rule
+        from multimodal.engine.operating import parse_rule
 
         labels = [self.label] if isinstance(self.label, str) else self.label
         if not labels or any(not str(c).strip() for c in labels):

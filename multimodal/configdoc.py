@@ -56,7 +56,7 @@ def _section(title: str, model: type[BaseModel], out: list[str]) -> None:
 
 
 def config_reference() -> str:
-    from .config import Config
+    from multimodal.config import Config
 
     out = [HEADER]
     _section("top level", Config, out)

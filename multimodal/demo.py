@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .api import DiagnosisModel
-from .metrics import format_table
-from .output import write_json, write_table
-from .synth import make_cohort
+from multimodal.api import DiagnosisModel
+from multimodal.engine.metrics import format_table
+from multimodal.output import write_json, write_table
+from multimodal.synth import make_cohort
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml"
 SINGLE = ("image", "text", "tabular")

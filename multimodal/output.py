@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
-from .errors import UserError
+from multimodal.errors import UserError
 
 PathLike = Union[str, Path]
 TMP_TAG = ".mmdx-tmp-"

@@ -17,8 +17,8 @@ import torch
 from explain.attribution import explain, merge_words
 from explain.faithfulness import faithfulness, inside, lesion_in_input, peak, randomized_copy
 from multimodal import DiagnosisModel
-from multimodal.build import build_network
-from multimodal.preprocess import Preprocessing
+from multimodal.model.build import build_network
+from multimodal.data.preprocess import Preprocessing
 from multimodal.synth import make_cohort
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def fixed_vocabulary(texts, cfg):
     (huggingface/tokenizers#1794), which made this small model, and the thresholds below, vary."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    from multimodal.preprocess.text import SPECIALS, TextPreprocessor
+    from multimodal.data.preprocess.text import SPECIALS, TextPreprocessor
 
     norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     words = sorted({w for t in texts if isinstance(t, str) for w, _ in pre.pre_tokenize_str(norm.normalize_str(t))})
@@ -61,7 +61,7 @@ def fixed_vocabulary(texts, cfg):
 
 @pytest.fixture(scope="module")
 def model(data, one_thread):
-    from multimodal.preprocess import Preprocessing
+    from multimodal.data.preprocess import Preprocessing
 
     m = DiagnosisModel.from_config(CONFIG, **FAST)
     train = m.records(data["train"], labels=True)
@@ -100,7 +100,7 @@ def _untrained(data, **overrides) -> DiagnosisModel:
 
 def _logit_at_baseline(model, df: pd.DataFrame, root) -> tuple[np.ndarray, np.ndarray]:
     """Independent of the module under test: logits at the input and at the documented baseline."""
-    from multimodal.data import Collate, RecordDataset
+    from multimodal.data.batches import Collate, RecordDataset
 
     rec = model.records(_abs_images(df, root))
     ds = RecordDataset(rec, model.prep, model.config.modalities, model.config)
@@ -148,7 +148,7 @@ def test_shapes_and_fields(model, few):
 
 def test_images_are_display_space_model_inputs(model, data, few):
     """`images` are the model inputs mapped back to [0, 1]: re-normalising gives the batch tensor."""
-    from multimodal.data import RecordDataset
+    from multimodal.data.batches import RecordDataset
 
     df, ex = few
     ds = RecordDataset(model.records(_abs_images(df, data["dir"])), model.prep, model.config.modalities,

@@ -57,19 +57,19 @@ def test_counts_say_how_many_records_were_used(cohort, tmp_path):
 
 
 def test_holdout_keeps_each_patient_on_one_side(cohort):
-    from multimodal.records import load_records
-    from multimodal.train import holdout_split
+    from multimodal.data.records import load_records
+    from multimodal.engine.train import holdout_split
 
     cfg = load_config(CFG)
     df = pd.read_csv(cohort["train"], dtype=str)
     two = pd.concat([df, df]).reset_index(drop=True)  # every patient has 2 records
-    tr, va = holdout_split(load_records(two, cfg, labels=True), cfg)
-    a, b = set(tr.df["patient_id"]), set(va.df["patient_id"])
-    assert not a & b and len(va) >= 2 and len(tr) + len(va) == len(two)
+    with pytest.raises(UserError, match="repeat an id"):  # repeated ids need a group column (issue #11)
+        load_records(two, cfg, labels=True)
     grouped = config_from_dict(cfg.model_dump() | {"data": {"id": "record", "group": "patient_id"}})
     two["record"] = [f"r{i}" for i in range(len(two))]
     tr, va = holdout_split(load_records(two, grouped, labels=True), grouped)
     assert not set(tr.df["patient_id"]) & set(va.df["patient_id"])
+    assert len(va) >= 2 and len(tr) + len(va) == len(two)
 
 
 def test_val_equal_to_records_or_sharing_patients_is_refused(capsys, cohort, tmp_path):

@@ -96,7 +96,7 @@ def test_a_patient_never_straddles_folds(how):
 
 def test_iu_xray_validation_aurocs(capsys):
     path = shared("iu_xray", "records_train.csv")
-    from multimodal.records import load_records
+    from multimodal.data.records import load_records
 
     cfg = load_config(REPO / "configs" / "iu_xray.yaml")
     train = load_records(path, cfg, labels=True).df

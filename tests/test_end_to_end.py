@@ -107,7 +107,7 @@ def test_auxiliary_modality_heads_train_and_round_trip(cohort, tmp_path):
     model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY, **{"fusion.aux_weight": 0.5})
     model.fit(cohort["train"], cohort["val"], progress=False)
     assert set(model.net.aux_heads) == {"image", "text", "tabular"}
-    from multimodal.data import Collate, RecordDataset
+    from multimodal.data.batches import Collate, RecordDataset
 
     ds = RecordDataset(model.records(cohort["test"]), model.prep, model.config.modalities, model.config)
     batch = Collate(model.prep, model.config.modalities, model.config)([ds[i] for i in range(8)])

@@ -30,9 +30,9 @@ def _cfg(**extra):
 
 
 def test_holdout_and_folds_keep_patients_together(two_per_patient):
-    from multimodal.cv import fold_of
-    from multimodal.records import load_records
-    from multimodal.train import holdout_split
+    from multimodal.engine.cv import fold_of
+    from multimodal.data.records import load_records
+    from multimodal.engine.train import holdout_split
 
     cfg = _cfg()
     rec = load_records(two_per_patient, cfg, labels=True)

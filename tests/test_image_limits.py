@@ -17,9 +17,9 @@ from test_imageio import write_dicom  # noqa: E402
 
 from multimodal.config import DecodeLimits, ImageConfig  # noqa: E402
 from multimodal.errors import RecordError  # noqa: E402
-from multimodal.image_guard import looks_like_dicom  # noqa: E402
-from multimodal.imageio import read_image  # noqa: E402
-from multimodal.preprocess.image import ImagePreprocessor  # noqa: E402
+from multimodal.data.image_guard import looks_like_dicom  # noqa: E402
+from multimodal.data.imageio import read_image  # noqa: E402
+from multimodal.data.preprocess.image import ImagePreprocessor  # noqa: E402
 
 
 def multiframe_dicom(path, n, size=8):

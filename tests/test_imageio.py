@@ -1,4 +1,4 @@
-"""Tests for multimodal.imageio.read_image, checked against known pixel values."""
+"""Tests for multimodal.data.imageio.read_image, checked against known pixel values."""
 
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from pydicom.uid import (  # noqa: E402
 )
 
 from multimodal.errors import RecordError  # noqa: E402
-from multimodal.imageio import read_image  # noqa: E402
+from multimodal.data.imageio import read_image  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DICOM_DIR = SHARED / "dicom"

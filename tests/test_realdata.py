@@ -37,7 +37,7 @@ def test_medpix2_train_predict_subset(tmp_path):
     ("medpix2.yaml", "medpix2", 2), ("medpix2_location.yaml", "medpix2", 5), ("ham10000.yaml", "ham10000", 2),
     ("ham10000_dx.yaml", "ham10000", 7), ("iu_xray.yaml", "iu_xray", 2)])
 def test_dataset_configs_match_their_records(config, dataset, n_classes):
-    from multimodal.preprocess.labels import LabelEncoder
+    from multimodal.data.preprocess.labels import LabelEncoder
 
     d = shared(dataset)
     cfg = load_config(REPO / "configs" / config)

@@ -42,7 +42,7 @@ def _cfg(**kw):
 
 
 def test_slices_come_in_position_order_evenly_spaced(series_dir):
-    from multimodal.preprocess.image import ImagePreprocessor
+    from multimodal.data.preprocess.image import ImagePreprocessor
 
     prep = ImagePreprocessor(_cfg(max_images=5), [0.5], [0.5])
     x = prep.load([series_dir.name], series_dir.parent)
@@ -52,7 +52,7 @@ def test_slices_come_in_position_order_evenly_spaced(series_dir):
 
 
 def test_a_folder_of_two_series_is_refused_without_uids_in_the_message(series_dir):
-    from multimodal.preprocess.image import ImagePreprocessor
+    from multimodal.data.preprocess.image import ImagePreprocessor
 
     _slice(series_dir / "scout.dcm", 0, 1, series="9.9.9.9")
     with pytest.raises(RecordError) as e:
@@ -62,7 +62,7 @@ def test_a_folder_of_two_series_is_refused_without_uids_in_the_message(series_di
 
 
 def test_instance_number_orders_slices_without_positions(tmp_path):
-    from multimodal.series import series_slices
+    from multimodal.data.series import series_slices
 
     d = tmp_path / "mr"
     d.mkdir()

@@ -180,9 +180,9 @@ def test_lesion_bright_in_display_space(cohort):
 
 
 def test_lesion_bright_with_engine_reader(cohort):
-    imageio = pytest.importorskip("multimodal.imageio")
+    imageio = pytest.importorskip("multimodal.data.imageio")
     if not hasattr(imageio, "read_image"):
-        pytest.skip("multimodal.imageio.read_image not available yet")
+        pytest.skip("multimodal.data.imageio.read_image not available yet")
     for path, r in _lesion_images(cohort):
         frames = imageio.read_image(path, window="auto", frames="all")
         img = frames[max(int(r.lesion_frame), 0)]

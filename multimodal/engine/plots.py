@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibration import calibration_points
-from .metrics import onehot, prob_matrix
+from multimodal.engine.calibration import calibration_points
+from multimodal.engine.metrics import onehot, prob_matrix
 
 
 def write_plots(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str], out_dir,
@@ -16,7 +16,7 @@ def write_plots(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str],
     from sklearn.calibration import CalibrationDisplay
     from sklearn.metrics import RocCurveDisplay
 
-    from .output import atomic_file
+    from multimodal.output import atomic_file
 
     out = Path(out_dir)
     P = prob_matrix(probs, task)

@@ -18,8 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .errors import UserError
-from .output import atomic_file
+from multimodal.errors import UserError
+from multimodal.output import atomic_file
 
 # The collated tensors a network may take, in the order the graph takes them.
 INPUTS = ("image", "image_mask", "text_ids", "text_mask", "num", "num_missing", "cat")
@@ -67,8 +67,8 @@ def _weights_digest(model) -> str:
 
 
 def _example_batch(model, records) -> dict:
-    from .data import RecordDataset
-    from .train import make_loader
+    from multimodal.data.batches import RecordDataset
+    from multimodal.engine.train import make_loader
 
     rec = model.records(records)
     dl = make_loader(RecordDataset(rec, model.prep, model.config.modalities, model.config), model.config, model.prep,

@@ -24,9 +24,9 @@ from typing import Optional
 
 import torch
 
-from .config import Config
-from .errors import RecordError
-from .preprocess.image import split_paths
+from multimodal.config import Config
+from multimodal.errors import RecordError
+from multimodal.data.preprocess.image import split_paths
 
 log = logging.getLogger("mmdx")
 FORMAT = 1
@@ -112,7 +112,7 @@ class FeatureCache:
     def fill(self, records, progress: bool = False) -> dict[int, str]:
         """Make sure every loadable record of `records` is cached; → {row index: error} for the others."""
         from safetensors.torch import load_file, save_file
-        from .progress import bar as progress_bar
+        from multimodal.progress import bar as progress_bar
 
         self.keys = [self.key(records, i) for i in range(len(records))]
         errors, todo = {}, []

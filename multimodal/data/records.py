@@ -8,8 +8,8 @@ from typing import Iterator, Optional, Union
 
 import pandas as pd
 
-from .config import Config
-from .errors import UserError
+from multimodal.config import Config
+from multimodal.errors import UserError
 
 log = logging.getLogger("mmdx")
 

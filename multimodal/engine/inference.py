@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data import to_device
-from .progress import bar as progress_bar
+from multimodal.data.batches import to_device
+from multimodal.progress import bar as progress_bar
 
 
 def resolve_device(name: str = "auto") -> torch.device:

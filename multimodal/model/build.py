@@ -8,10 +8,10 @@ import fusion  # noqa: F401  (registers fusion heads)
 from encoders.base import ENCODERS
 from fusion.base import FUSION_HEADS
 
-from .config import Config
-from .errors import UserError
-from .network import DiagnosisNet
-from .preprocess import Preprocessing
+from multimodal.config import Config
+from multimodal.errors import UserError
+from multimodal.model.network import DiagnosisNet
+from multimodal.data.preprocess import Preprocessing
 
 
 def _offline_timm_name(name: str) -> str:

@@ -12,8 +12,8 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from ..config import TextConfig
-from ..errors import RecordError, UserError
+from multimodal.config import TextConfig
+from multimodal.errors import RecordError, UserError
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MAX_CHARS = 20_000

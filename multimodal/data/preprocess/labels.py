@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..config import TaskConfig
-from ..errors import UserError
+from multimodal.config import TaskConfig
+from multimodal.errors import UserError
 
 
 def _as_str(v) -> str:

@@ -11,8 +11,8 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from ..config import TabularConfig
-from ..errors import RecordError
+from multimodal.config import TabularConfig
+from multimodal.errors import RecordError
 
 
 def _number(col: str, v) -> float:

@@ -27,9 +27,9 @@ from typing import Iterable, Optional
 
 import pandas as pd
 
-from .errors import UserError
-from .output import atomic_file, check_file_target, claim, defuse_frame, strict_json
-from .records import iter_record_chunks
+from multimodal.errors import UserError
+from multimodal.output import atomic_file, check_file_target, claim, defuse_frame, strict_json
+from multimodal.data.records import iter_record_chunks
 
 log = logging.getLogger("mmdx")
 PARTS_TAG = ".mmdx-parts"
@@ -155,7 +155,7 @@ def predict_file(model, records, out, *, chunk_rows: int = 10_000, resume: bool 
     """Predict every row of `records` (CSV or Parquet) into `out`, one row per input row, in input order.
 
     Returns {"rows", "ok", "errors", "chunks", "reused_chunks", "seconds"} (counts on rank 0 only)."""
-    from .progress import bar as progress_bar
+    from multimodal.progress import bar as progress_bar
 
     if chunk_rows < 1:
         raise UserError("chunk_rows must be at least 1")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RecordError
-from .image_guard import looks_like_dicom
+from multimodal.errors import RecordError
+from multimodal.data.image_guard import looks_like_dicom
 
 MAX_FILES = 5000  # a "series" folder bigger than this is more likely a whole archive
 

@@ -16,8 +16,8 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from .errors import UserError
-from .records import read_table
+from multimodal.errors import UserError
+from multimodal.data.records import read_table
 
 MIN_PAIRED = 10
 PathOrFrame = Union[str, Path, pd.DataFrame]

@@ -17,9 +17,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .errors import UserError
-from .output import staged_dir, strict_json
-from .records import Records
+from multimodal.errors import UserError
+from multimodal.output import staged_dir, strict_json
+from multimodal.data.records import Records
 
 log = logging.getLogger("mmdx")
 
@@ -28,7 +28,7 @@ def fold_of(records: Records, cfg, folds: int, seed: int) -> np.ndarray:
     """Fold index per record; no patient in two folds."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from .train import groups_of
+    from multimodal.engine.train import groups_of
 
     groups = groups_of(records, cfg)
     if len(set(groups)) < folds:
@@ -47,11 +47,11 @@ def cross_validate(config, records, folds: int = 5, out: Optional[str] = None, p
     """Train `folds` models; return per-fold and pooled out-of-fold metrics (95% CIs over patients) and
     the out-of-fold predictions (one row per record, in input order). `out`: a folder for
     predictions.csv and metrics.json."""
-    from .api import DiagnosisModel
-    from .metrics import compute_metrics
-    from .output import check_dir_target
-    from .records import load_records
-    from .train import groups_of, labelled
+    from multimodal.api import DiagnosisModel
+    from multimodal.engine.metrics import compute_metrics
+    from multimodal.output import check_dir_target
+    from multimodal.data.records import load_records
+    from multimodal.engine.train import groups_of, labelled
 
     if folds < 2:
         raise UserError("--folds must be at least 2")
@@ -93,7 +93,7 @@ def cross_validate(config, records, folds: int = 5, out: Optional[str] = None, p
               "n_records": len(rec), "n_patients": int(len(set(groups_of(rec, cfg)))),
               "seconds": time.perf_counter() - t0}
     if out is not None:
-        from .output import defuse_frame
+        from multimodal.output import defuse_frame
 
         with staged_dir(out, "report", inputs=[records]) as tmp:
             defuse_frame(oof).to_csv(tmp / "predictions.csv", index=False)
@@ -113,7 +113,7 @@ def _probs(pred: pd.DataFrame, classes: list[str], task: str) -> np.ndarray:
 
 
 def format_cv(result: dict) -> str:
-    from .metrics import format_table
+    from multimodal.engine.metrics import format_table
 
     lines = [f"{result['folds']}-fold grouped CV over {result['n_records']} records of {result['n_patients']} "
              f"patients ({result['seconds']:.0f} s)"]

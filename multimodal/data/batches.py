@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import RecordError
-from .preprocess import Preprocessing
-from .records import Records
+from multimodal.errors import RecordError
+from multimodal.data.preprocess import Preprocessing
+from multimodal.data.records import Records
 
 
 def one_line(e: BaseException) -> str:
@@ -27,7 +27,7 @@ class RecordDataset(Dataset):
                  labels: Optional[np.ndarray] = None, train: bool = False, cache: bool = False,
                  features=None, text_features: Optional[dict] = None):
         """`train`: augment images. `cache`: keep decoded, resized images in memory across epochs.
-        `features`: a filled multimodal.features.FeatureCache: images come as frozen activations.
+        `features`: a filled multimodal.data.features.FeatureCache: images come as frozen activations.
         `text_features`: {record index: frozen text encoder output [L, D]} (see features.text_features)."""
         self.records, self.prep, self.mods, self.cfg = records, prep, modalities, cfg
         self.labels, self.train, self.use_cache = labels, train, cache

@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from . import distributed
-from .config import Config
-from .data import Collate, RecordDataset, to_device
-from .errors import UserError
-from .inference import amp_dtype, autocast, resolve_device, run_inference, scored
-from .metrics import onehot, point_metrics, prob_matrix
-from .preprocess import Preprocessing
-from .progress import bar as progress_bar
-from .progress import say
-from .records import Records
+from multimodal.engine import distributed
+from multimodal.config import Config
+from multimodal.data.batches import Collate, RecordDataset, to_device
+from multimodal.errors import UserError
+from multimodal.engine.inference import amp_dtype, autocast, resolve_device, run_inference, scored
+from multimodal.engine.metrics import onehot, point_metrics, prob_matrix
+from multimodal.data.preprocess import Preprocessing
+from multimodal.progress import bar as progress_bar
+from multimodal.progress import say
+from multimodal.data.records import Records
 
 log = logging.getLogger("mmdx")
 
@@ -188,7 +188,7 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
     cache = "image" in cfg.modalities and cfg.image.cache
     feats = [None, None]
     if "image" in cfg.modalities and cfg.image.cache_features:
-        from .features import FeatureCache
+        from multimodal.data.features import FeatureCache
 
         enc = net.encoders["image"]
         feats = [FeatureCache(cfg, prep, enc, enc.weights_digest) for _ in range(2)]
@@ -202,7 +202,7 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
                  sum(f.misses for f in feats), time.perf_counter() - t0)
     tfeats = [None, None]
     if "text" in cfg.modalities and cfg.text.cache_features:
-        from .features import text_features
+        from multimodal.data.features import text_features
 
         tfeats = [text_features(r, cfg, prep, net.encoders["text"]) for r in (train, val)]
     train_ds = RecordDataset(train, prep, cfg.modalities, cfg, y_tr, train=True, cache=cache, features=feats[0],

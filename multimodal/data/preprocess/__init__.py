@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import Config
-from ..records import Records
-from .image import ImagePreprocessor
-from .labels import LabelEncoder
-from .tabular import TabularPreprocessor
-from .text import TextPreprocessor
+from multimodal.config import Config
+from multimodal.data.records import Records
+from multimodal.data.preprocess.image import ImagePreprocessor
+from multimodal.data.preprocess.labels import LabelEncoder
+from multimodal.data.preprocess.tabular import TabularPreprocessor
+from multimodal.data.preprocess.text import TextPreprocessor
 
 
 def _image_stats(cfg: Config) -> tuple[list[float], list[float]]:
@@ -29,7 +29,7 @@ def _image_stats(cfg: Config) -> tuple[list[float], list[float]]:
 def _text_source(spec: str) -> str:
     from encoders.weights import WeightsError, text_source
 
-    from ..errors import UserError
+    from multimodal.errors import UserError
 
     try:
         return text_source(spec)

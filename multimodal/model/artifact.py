@@ -28,10 +28,10 @@ import torch
 
 from encoders.weights import sha256_file
 
-from .config import Config, config_from_dict
-from .errors import UserError
-from .output import MODEL_MANIFEST as CHECKSUMS
-from .output import staged_dir, strict_json
+from multimodal.config import Config, config_from_dict
+from multimodal.errors import UserError
+from multimodal.output import MODEL_MANIFEST as CHECKSUMS
+from multimodal.output import staged_dir, strict_json
 
 FORMAT_VERSION = 1
 REQUIRED = frozenset({"config.json", "model.safetensors", "preprocessing.json", "metrics.json", "versions.json"})
@@ -124,8 +124,8 @@ def load(model_dir, device: Optional[torch.device] = None):
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    from .build import build_network
-    from .preprocess import Preprocessing
+    from multimodal.model.build import build_network
+    from multimodal.data.preprocess import Preprocessing
 
     d = Path(model_dir)
     sums = verify(d)

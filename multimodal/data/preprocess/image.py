@@ -1,7 +1,7 @@
 """Image cells → fixed-size tensors: read (DICOM/PNG/JPEG), fix channels, resize, augment, normalise.
 
 A cell may hold several paths joined with ';' (views, slices), or a folder holding one DICOM series
-(multimodal.series); multi-frame DICOM adds one image per selected frame. Mean/std are a preprocessing fact of the weights, so they are saved with the model.
+(multimodal.data.series); multi-frame DICOM adds one image per selected frame. Mean/std are a preprocessing fact of the weights, so they are saved with the model.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ImageConfig
-from ..errors import RecordError
-from ..imageio import printable_path, read_image
-from ..series import series_slices
+from multimodal.config import ImageConfig
+from multimodal.errors import RecordError
+from multimodal.data.imageio import printable_path, read_image
+from multimodal.data.series import series_slices
 
 
 def split_paths(cell) -> list[str]:

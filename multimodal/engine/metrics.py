@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 
-from .calibration import expected_calibration_error
+from multimodal.engine.calibration import expected_calibration_error
 
 
 def prob_matrix(probs: np.ndarray, task: str) -> np.ndarray:
@@ -95,7 +95,7 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, task: str, classes: list[s
                  for j, c in enumerate(classes)}
     out = {"n": int(len(Y)), "task": task, "overall": overall, "per_class": per_class, "n_bootstrap": n_boot}
     if task != "multiclass":
-        from .operating import at_threshold
+        from multimodal.engine.operating import at_threshold
 
         ts = list(thresholds) if thresholds else [0.5] * (1 if task == "binary" else P.shape[1])
         cols = [1] if task == "binary" else range(P.shape[1])

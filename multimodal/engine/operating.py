@@ -72,7 +72,7 @@ def at_threshold(y: np.ndarray, p: np.ndarray, t: float, n_boot: int = 1000, see
                  groups: np.ndarray | None = None) -> dict:
     """Sensitivity, specificity, PPV, NPV and F1 at the cut, with 95% percentile bootstrap CIs over
     patients (`groups`: resample patients, keeping their records together)."""
-    from .metrics import bootstrap_indices
+    from multimodal.engine.metrics import bootstrap_indices
 
     point = confusion_metrics(y, p, t)
     boots = {k: [] for k in point}

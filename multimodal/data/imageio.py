@@ -10,7 +10,7 @@ chooses which step to run and maps the result to [0, 1]. Every failure is a
 ``RecordError`` with one line naming the file; messages never carry DICOM
 header values other than technical ones (a known transfer syntax or
 photometric interpretation, sizes, frame count). Size limits are checked from
-headers first (``multimodal.image_guard``), and only the frames a caller will
+headers first (``multimodal.data.image_guard``), and only the frames a caller will
 use are decoded, so a small file cannot cost gigabytes.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from multimodal.config import DecodeLimits
 from multimodal.errors import RecordError
-from multimodal.image_guard import (
+from multimodal.data.image_guard import (
     PIXEL_KEYWORDS,
     check_file_size,
     check_pixels,
