@@ -101,8 +101,10 @@ class DiagnosisModel:
             return self
         if self.config.train.calibrate:
             summary.update(self._calibrate(val_rec))
-        summary.update(self._choose_thresholds(val_rec))
-        self.metrics = {"training": summary, "validation": self.evaluate(val_rec, n_boot=200)}
+        rec, y = labelled(val_rec, self.prep)
+        P = self._infer(rec, 64, 0, False)["probs"]  # calibrated: one pass for the threshold and the metrics
+        summary.update(self._set_thresholds(y, P))
+        self.metrics = {"training": summary, "validation": self._scored_metrics(val_rec, rec, y, P, n_boot=200)}
         return self
 
     def set_operating_point(self, records: RecordsLike, rule=None) -> list[float]:
@@ -116,13 +118,15 @@ class DiagnosisModel:
 
     def _choose_thresholds(self, val: Records) -> dict:
         """The operating point (task.threshold) on the calibrated validation probabilities."""
+        rec, y = labelled(val, self.prep)
+        return self._set_thresholds(y, self._infer(rec, 64, 0, False)["probs"])
+
+    def _set_thresholds(self, y: np.ndarray, P: np.ndarray) -> dict:
         from multimodal.engine.operating import choose
 
         task, rule = self.config.task.type, self.config.task.threshold
         if task == "multiclass":
             return {}
-        rec, y = labelled(val, self.prep)
-        P = self._infer(rec, 64, 0, False)["probs"]
         if task == "binary":
             ok = scored(P)
             ts = [choose(y[ok], P[ok], rule)]
@@ -246,8 +250,11 @@ class DiagnosisModel:
         Rows without a label are counted in `n_unlabelled`, rows that fail to load in `n_errors`."""
         allrec = self.records(records, labels=True)
         rec, y = labelled(allrec, self.prep)
-        out = self._infer(rec, batch_size, workers, progress, absent)
-        P = out["probs"]
+        P = self._infer(rec, batch_size, workers, progress, absent)["probs"]
+        return self._scored_metrics(allrec, rec, y, P, n_boot, plots_dir)
+
+    def _scored_metrics(self, allrec: Records, rec: Records, y: np.ndarray, P: np.ndarray, n_boot: int,
+                        plots_dir=None) -> dict:
         ok = scored(P)
         if ok.sum() < 2:
             raise UserError(f"{rec.source}: fewer than 2 records could be scored")

@@ -103,8 +103,9 @@ def cross_validate(config, records, folds: int = 5, out: Optional[str] = None, p
 
 
 def _labelled_rows(rec: Records, prep) -> np.ndarray:
-    y = prep.labels.encode(rec.df)
-    return ~np.isnan(y).all(1) if y.ndim == 2 else y >= 0
+    from multimodal.engine.train import has_label
+
+    return has_label(prep.labels.encode(rec.df))
 
 
 def _probs(pred: pd.DataFrame, classes: list[str], task: str) -> np.ndarray:

@@ -31,6 +31,13 @@ def predicted(P: np.ndarray, task: str, thresholds=None) -> np.ndarray:
     return (P >= t).astype(int)
 
 
+def percentile_ci(values: list[float]) -> list[float]:
+    """95% percentile interval of bootstrap values; undefined (NaN) with fewer than 10 usable resamples."""
+    if len(values) < 10:
+        return [np.nan, np.nan]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
 def bootstrap_indices(n: int, n_boot: int, seed: int = 0, groups=None):
     """Row indices of each percentile-bootstrap resample; with `groups`, whole patients are drawn, so a
     patient's several records go in or out together (records of one patient are not independent)."""
@@ -86,9 +93,7 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, task: str, classes: list[s
                 boots[k].append(v)
 
     def stat(k):
-        b = boots[k]
-        ci = [float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))] if len(b) >= 10 else [np.nan, np.nan]
-        return {"value": float(point[k]), "ci95": ci}
+        return {"value": float(point[k]), "ci95": percentile_ci(boots[k])}
 
     overall = {m: stat(m) for m in ("auroc", "auprc", "accuracy", "f1", "ece")}
     per_class = {c: {m: stat(f"{m}/{j}") for m in ("auroc", "auprc", "f1")} | {"support": int(Y[:, j].sum())}

@@ -72,7 +72,7 @@ def at_threshold(y: np.ndarray, p: np.ndarray, t: float, n_boot: int = 1000, see
                  groups: np.ndarray | None = None) -> dict:
     """Sensitivity, specificity, PPV, NPV and F1 at the cut, with 95% percentile bootstrap CIs over
     patients (`groups`: resample patients, keeping their records together)."""
-    from multimodal.engine.metrics import bootstrap_indices
+    from multimodal.engine.metrics import bootstrap_indices, percentile_ci
 
     point = confusion_metrics(y, p, t)
     boots = {k: [] for k in point}
@@ -80,9 +80,4 @@ def at_threshold(y: np.ndarray, p: np.ndarray, t: float, n_boot: int = 1000, see
         for k, v in confusion_metrics(y[idx], p[idx], t).items():
             if np.isfinite(v):
                 boots[k].append(v)
-    out = {"threshold": float(t)}
-    for k, v in point.items():
-        b = boots[k]
-        ci = [float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))] if len(b) >= 10 else [np.nan, np.nan]
-        out[k] = {"value": float(v), "ci95": ci}
-    return out
+    return {"threshold": float(t)} | {k: {"value": float(v), "ci95": percentile_ci(boots[k])} for k, v in point.items()}

@@ -36,11 +36,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def has_label(y: np.ndarray) -> np.ndarray:
+    """Rows with a target: class index >= 0, or a multilabel row that is not all NaN."""
+    return ~np.isnan(y).all(1) if y.ndim == 2 else y >= 0
+
+
 def labelled(records: Records, prep: Preprocessing) -> tuple[Records, np.ndarray]:
     """Encode labels and drop unlabelled rows (training/evaluation need a target)."""
     y = prep.labels.encode(records.df)
     prep.labels.check(records.df, y, records.source)
-    keep = ~np.isnan(y).all(1) if y.ndim == 2 else y >= 0
+    keep = has_label(y)
     if not keep.all():
         log.warning("%s: %d records without a label are skipped", records.source, int((~keep).sum()))
     return records.subset(np.flatnonzero(keep)), y[keep]
