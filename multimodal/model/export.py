@@ -83,9 +83,8 @@ def export_onnx(model, out, records, opset: int = 17) -> dict:
     """Trace the network on a batch of `records` into `out` (.onnx), check ONNX Runtime agrees with
     PyTorch on that batch within TOLERANCE, and return {"path", "max_abs_diff", "inputs"}."""
     import onnx
-    import onnxruntime as ort
 
-    if model.config.modalities and "text" in model.config.modalities and model.config.text.encoder == "lstm":
+    if "text" in model.config.modalities and model.config.text.encoder == "lstm":
         raise UserError("export: the BiLSTM text encoder (packed sequences) has no ONNX form; use text.encoder "
                         "bow or hf")
     digest = _weights_digest(model)
@@ -118,7 +117,6 @@ def export_onnx(model, out, records, opset: int = 17) -> dict:
     if diff > TOLERANCE:
         Path(path).unlink()
         raise UserError(f"export: ONNX Runtime differs from PyTorch by {diff:.2g} (over {TOLERANCE}); not written")
-    del ort
     return {"path": str(path), "max_abs_diff": diff, "inputs": keys}
 
 
