@@ -56,6 +56,9 @@ class TimmImageEncoder(nn.Module):
                  weights: Optional[Weights] = None, freeze: Union[str, int] = "none"):
         super().__init__()
         self.backbone = create_backbone(model_name, weights or Weights(), in_chans)
+        # NHWC convolutions: 1.3-1.4x the images/s of NCHW on 2 CPU cores, forward and backward
+        # (BENCHMARKS.md, throughput); outputs equal within 2e-7. Saved weights are made contiguous.
+        self.backbone.to(memory_format=torch.channels_last)
         self.output_dim = self.backbone.num_features
         self.token_grid = token_grid
         self._seq, stages = _flat_sequence(self.backbone)
@@ -99,7 +102,9 @@ class TimmImageEncoder(nn.Module):
 
     def _run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         if start == 0 and stop == len(self._seq) and not getattr(self, "sequential", True):
-            return self.backbone.forward_features(x)
+            return self.backbone.forward_features(x.contiguous(memory_format=torch.channels_last))
+        if x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         for _, m in self._seq[start:stop]:
             x = m(x)
         return x

@@ -117,3 +117,18 @@ def test_modality_dropout_keeps_one_present_modality():
     present = torch.stack([t.present for t in out.values()], 1)
     assert present.any(1).all() and not present[:, 1].any()
     assert 0.05 < present.float().mean() < 0.6
+
+
+def test_timm_encoder_runs_channels_last_with_the_numbers_of_plain_nchw():
+    import timm
+
+    torch.manual_seed(0)
+    enc = ENCODERS.create("timm", model_name="resnet10t", in_chans=3, image_size=64, token_grid=1).eval()
+    conv = next(p for p in enc.backbone.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    plain = timm.create_model("resnet10t", pretrained=False, num_classes=0, in_chans=3).eval()
+    plain.load_state_dict({k: v.contiguous() for k, v in enc.backbone.state_dict().items()})
+    x = torch.rand(3, 1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x, torch.ones(3, 1, dtype=torch.bool)).x[:, 0], plain(x[:, 0]),
+                                   atol=1e-5, rtol=1e-4)
