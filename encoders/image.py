@@ -50,7 +50,7 @@ class TimmImageEncoder(nn.Module):
     `freeze`: "none", "all", or an int N = train only the last N stages (and what follows them).
     """
 
-    input_keys = ("image", "image_mask", "image_stage")
+    input_keys = ("image", "image_mask", "image_stage", "image_slot")
 
     def __init__(self, model_name: str, in_chans: int = 1, image_size: int = 128, token_grid: int = 4,
                  weights: Optional[Weights] = None, freeze: Union[str, int] = "none"):
@@ -117,8 +117,8 @@ class TimmImageEncoder(nn.Module):
     def _pool(self, f: torch.Tensor) -> torch.Tensor:
         if f.ndim == 4:  # CNN feature map [n, D, h, w]
             h, w, g = int(f.shape[-2]), int(f.shape[-1]), self.token_grid
-            if getattr(self, "dense", False) and (h > g or w > g) and h % g == 0 and w % g == 0:
-                f = F.avg_pool2d(f, (h // g, w // g))  # the same numbers; ONNX export cannot size adaptive pooling
+            if (h > g or w > g) and h % g == 0 and w % g == 0:
+                f = F.avg_pool2d(f, (h // g, w // g))  # = adaptive pooling here, and ONNX can export it
             elif h > g or w > g:
                 f = F.adaptive_avg_pool2d(f, g)
             f = f.flatten(2).transpose(1, 2)
@@ -132,18 +132,19 @@ class TimmImageEncoder(nn.Module):
             stage = self.cut
         return self._pool(self._run(x, stage, len(self._seq)))
 
-    def forward(self, image: torch.Tensor, image_mask: torch.Tensor, image_stage: int = 0) -> Tokens:
-        """`image_stage`: 0 for pixels, or the cut index when `image` holds cached frozen activations."""
+    def forward(self, image: torch.Tensor, image_mask: torch.Tensor, image_stage: int = 0,
+                image_slot: Optional[torch.Tensor] = None) -> Tokens:
+        """`image_stage`: 0 for pixels, or the cut index when `image` holds cached frozen activations.
+        `image_slot`: `image` is then only the present images [N, C, H, W], image_slot[n] = b * V + v
+        their place (the ONNX graph's layout: no data-dependent indexing inside it)."""
         B, V = image_mask.shape
-        present = image_mask.reshape(-1)
-        if getattr(self, "dense", False):  # export: every slot through the CNN, absent ones zeroed (no branches)
-            feats = self._tokens(image.reshape(B * V, *image.shape[2:]), int(image_stage))
-            feats = feats * present[:, None, None].to(feats.dtype)
-            return Tokens(feats.reshape(B, V * self.tokens_per_image, self.output_dim),
-                          image_mask.repeat_interleave(self.tokens_per_image, dim=1))
+        if image_slot is None:
+            present = image_mask.reshape(-1)
+            image_slot = present.nonzero(as_tuple=True)[0]
+            image = image.reshape(B * V, *image.shape[2:])[present]
         out = image.new_zeros(B * V, self.tokens_per_image, self.output_dim)
-        if present.any():
-            feats = self._tokens(image.reshape(B * V, *image.shape[2:])[present], int(image_stage))
-            out = out.to(feats.dtype).index_put((present.nonzero(as_tuple=True)[0],), feats)
+        if len(image):
+            feats = self._tokens(image, int(image_stage))
+            out = out.to(feats.dtype).index_put((image_slot,), feats)
         return Tokens(out.reshape(B, V * self.tokens_per_image, self.output_dim),
                       image_mask.repeat_interleave(self.tokens_per_image, dim=1))

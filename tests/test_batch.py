@@ -155,6 +155,15 @@ def test_onnx_export_predicts_like_pytorch(capsys, cohort, tmp_path):
     a, b = pd.read_csv(eager), pd.read_csv(fast)
     assert list(a["id"]) == list(b["id"]) and list(a["status"]) == list(b["status"])
     np.testing.assert_allclose(a["prob_1"], b["prob_1"], atol=1e-5)  # batches of 7, traced on 8
+    # the graph takes only the present images: batches with none at all still run, and agree
+    blank = pd.read_csv(cohort["test"], dtype=str).assign(image_path="")
+    blank.to_csv(tmp_path / "no_images.csv", index=False)
+    argv[4] = tmp_path / "no_images.csv"
+    assert run_cli(capsys, *argv, "--out", eager)[0] == 0
+    assert run_cli(capsys, *argv, "--out", fast, "--onnx", tmp_path / "m.onnx")[0] == 0
+    a, b = pd.read_csv(eager), pd.read_csv(fast)
+    assert (a["status"] == "ok").all() and a["prob_1"].nunique() > 1  # tabular and text still differ per row
+    np.testing.assert_allclose(a["prob_1"], b["prob_1"], atol=1e-5)
 
     other = tmp_path / "other"
     DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **{**TINY, **grid, "train.seed": 5}).fit(

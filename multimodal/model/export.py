@@ -22,21 +22,29 @@ from multimodal.errors import UserError
 from multimodal.output import atomic_file
 
 # The collated tensors a network may take, in the order the graph takes them.
-INPUTS = ("image", "image_mask", "text_ids", "text_mask", "num", "num_missing", "cat")
-_AXES = {k: {0: "batch"} for k in INPUTS}  # views and tokens are padded to their maxima (fixed_shapes)
+INPUTS = ("image", "image_slot", "image_mask", "text_ids", "text_mask", "num", "num_missing", "cat")
+# only the batch size and the number of present images vary (graph_inputs pads views and tokens)
+_AXES = {k: {0: "images" if k in ("image", "image_slot") else "batch"} for k in INPUTS}
 TOLERANCE = 1e-4  # largest |probability difference| export accepts against the PyTorch network
 
 
-def fixed_shapes(batch: dict, cfg, pad_id: int = 0) -> dict:
-    """Views padded to image.max_images and text to text.max_length (masked, so outputs are unchanged):
-    the traced attention has its sequence length built in; only the batch size may vary."""
+def graph_inputs(batch: dict, cfg, pad_id: int = 0) -> dict:
+    """The collated batch as the graph takes it. Images: only the present ones, [N, C, H, W], with
+    image_slot[n] = b * max_images + v, so the CNN runs on what is there and not on padding. Text:
+    padded to text.max_length (masked, so outputs are unchanged): the traced attention has its sequence
+    length built in."""
     out = dict(batch)
     if "image" in batch:
-        V = cfg.image.max_images - batch["image"].shape[1]
+        img, mask = batch["image"], batch["image_mask"]
+        V = cfg.image.max_images - mask.shape[1]
         if V > 0:
-            img = batch["image"]
-            out["image"] = torch.cat([img, img.new_zeros(img.shape[0], V, *img.shape[2:])], 1)
-            out["image_mask"] = torch.cat([batch["image_mask"], batch["image_mask"].new_zeros(img.shape[0], V)], 1)
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], V)], 1)
+        flat = mask.reshape(-1)
+        slot = flat.nonzero(as_tuple=True)[0]
+        present = img.reshape(-1, *img.shape[2:])[batch["image_mask"].reshape(-1)]
+        if not len(slot):  # no image in the batch: one blank image in a masked slot keeps the shapes valid
+            slot, present = slot.new_zeros(1), img.new_zeros(1, *img.shape[2:])
+        out["image"], out["image_slot"], out["image_mask"] = present.contiguous(), slot, mask
     if "text_ids" in batch:
         L = cfg.text.max_length - batch["text_ids"].shape[1]
         if L > 0:
@@ -89,29 +97,22 @@ def export_onnx(model, out, records, opset: int = 17) -> dict:
                         "bow or hf")
     digest = _weights_digest(model)
     net = model.net.to("cpu").eval()
-    batch = fixed_shapes(_example_batch(model, records), model.config, _pad_id(model))
+    batch = graph_inputs(_example_batch(model, records), model.config, _pad_id(model))
     keys = [k for k in INPUTS if k in batch]
-    image = net.encoders["image"] if "image" in net.encoders else None
-    try:
-        if image is not None:
-            image.dense = True  # no data-dependent branches in the traced graph
-        graph = _Graph(net, keys).eval()
-        args = tuple(batch[k] for k in keys)
-        with torch.no_grad():
-            ref = graph(*args).numpy()
+    graph = _Graph(net, keys).eval()
+    args = tuple(batch[k] for k in keys)
+    with torch.no_grad():
+        ref = graph(*args).numpy()
 
-        def write(tmp: str) -> None:
-            torch.onnx.export(graph, args, tmp, dynamo=False, input_names=keys, output_names=["logits"],
-                              dynamic_axes={k: _AXES[k] for k in keys} | {"logits": {0: "batch"}},
-                              opset_version=opset)
-            m = onnx.load(tmp)
-            onnx.helper.set_model_props(m, {"mmdx_weights_sha256": digest, "mmdx_inputs": ",".join(keys)})
-            onnx.save(m, tmp)
+    def write(tmp: str) -> None:
+        torch.onnx.export(graph, args, tmp, dynamo=False, input_names=keys, output_names=["logits"],
+                          dynamic_axes={k: _AXES[k] for k in keys} | {"logits": {0: "batch"}},
+                          opset_version=opset)
+        m = onnx.load(tmp)
+        onnx.helper.set_model_props(m, {"mmdx_weights_sha256": digest, "mmdx_inputs": ",".join(keys)})
+        onnx.save(m, tmp)
 
-        path = atomic_file(out, write, inputs=[model.model_dir])
-    finally:
-        if image is not None:
-            image.dense = False
+    path = atomic_file(out, write, inputs=[model.model_dir])
     got = OnnxNetwork(path, model).session.run(None, {k: batch[k].numpy() for k in keys})[0]
     diff = float(np.abs(torch.sigmoid(torch.from_numpy(got)) - torch.sigmoid(torch.from_numpy(ref))).max())
     if diff > TOLERANCE:
@@ -137,6 +138,8 @@ class OnnxNetwork:
         if props.get("mmdx_weights_sha256") != _weights_digest(model):
             raise UserError(f"{path} was not exported from {model.model_dir} (weights differ); run mmdx export again")
         self.keys = props["mmdx_inputs"].split(",")
+        if "image" in self.keys and "image_slot" not in self.keys:
+            raise UserError(f"{path} has the padded image layout of an older mmdx; run mmdx export again")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
@@ -150,5 +153,5 @@ class OnnxNetwork:
     def __call__(self, batch: dict, absent=None) -> torch.Tensor:
         if absent:
             raise UserError("absent= needs the PyTorch network; predict without --onnx")
-        batch = fixed_shapes(batch, self.cfg, self.pad_id)
+        batch = graph_inputs(batch, self.cfg, self.pad_id)
         return torch.from_numpy(self.session.run(None, {k: batch[k].numpy() for k in self.keys})[0])

@@ -28,7 +28,7 @@ class DiagnosisNet(nn.Module):
         return list(self.encoders)
 
     def encode(self, batch: dict) -> dict[str, Tokens]:
-        return {m: enc(*[batch[k] for k in enc.input_keys if k in batch]) for m, enc in self.encoders.items()}
+        return {m: enc(**{k: batch[k] for k in enc.input_keys if k in batch}) for m, enc in self.encoders.items()}
 
     def forward(self, batch: dict, absent: Optional[Iterable[str]] = None, return_attention: bool = False,
                 return_aux: bool = False):
