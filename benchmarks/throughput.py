@@ -248,8 +248,7 @@ def main(argv=None) -> int:
     model_dir = _model(work / "model", ham / "records_train.csv", EQUAL_WORK)
     model = DiagnosisModel.load(model_dir)
     onnx_path = work / "model.onnx"
-    if not onnx_path.exists():
-        model.export_onnx(onnx_path, ham / "records_val.csv")
+    model.export_onnx(onnx_path, ham / "records_val.csv")  # seconds; never a stale graph from older code
     val = ham / "records_val.csv"
     forward = forward_rates(model, val, a.threads, onnx_path)
     labels = pd.read_csv(val, dtype=str)

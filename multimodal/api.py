@@ -43,14 +43,24 @@ class DiagnosisModel:
         return cls(cfg)
 
     @classmethod
-    def load(cls, model_dir: Union[str, Path], device: Optional[str] = None) -> "DiagnosisModel":
+    def load(cls, model_dir: Union[str, Path], device: Optional[str] = None, onnx=None,
+             threads: Optional[int] = None) -> "DiagnosisModel":
         """Builds the network from the directory alone (no network, no code from it). The training
         image root is not used: relative image paths resolve against each records file's folder, or
-        an `image_root` given here and now (`model.config.data.image_root = ...`, CLI --image-root)."""
-        cfg, prep, net, metrics = artifact.load(model_dir, resolve_device(device or "auto"))
+        an `image_root` given here and now (`model.config.data.image_root = ...`, CLI --image-root).
+
+        `onnx`: a file `export_onnx` wrote from this directory. predict/evaluate then run in ONNX Runtime
+        (CPU) and the PyTorch network is not built at all; use use_onnx() to keep both."""
+        if onnx is not None and resolve_device(device or "cpu").type != "cpu":
+            raise UserError("the ONNX path runs on CPU; load the model with device='cpu'")
+        cfg, prep, net, metrics = artifact.load(model_dir, resolve_device(device or "auto"), network=onnx is None)
         cfg.data.image_root = None
         model = cls(cfg, prep, net, metrics)
         model.model_dir = Path(model_dir)
+        if onnx is not None:
+            from multimodal.model.export import OnnxNetwork
+
+            model.engine = OnnxNetwork(onnx, model, threads)
         return model
 
     def save(self, model_dir: Union[str, Path], overwrite: bool = False, inputs=()) -> Path:
@@ -67,13 +77,13 @@ class DiagnosisModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.net.parameters()).device
+        return next(self.net.parameters()).device if self.net is not None else torch.device("cpu")
 
     def records(self, obj: RecordsLike, labels: bool = False) -> Records:
         return obj if isinstance(obj, Records) else load_records(obj, self.config, labels=labels)
 
     def _require_trained(self) -> None:
-        if self.net is None:
+        if self.net is None and self.engine is None:
             raise UserError("model is not trained: call fit() or DiagnosisModel.load()")
 
     # -- training -------------------------------------------------------------------------------

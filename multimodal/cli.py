@@ -69,7 +69,7 @@ def _config(a) -> None:
 def _load(a):
     from multimodal.api import DiagnosisModel
 
-    model = DiagnosisModel.load(a.model, device=a.device)
+    model = DiagnosisModel.load(a.model, device=a.device, onnx=getattr(a, "onnx", None))
     if a.image_root:
         model.config.data.image_root = a.image_root
     return model
@@ -85,11 +85,9 @@ def _predict(a) -> None:
 
     check_file_target(a.out, _inputs(a))  # before the model loads
     shard = Shard.from_env()
-    if shard.world > 1 and a.device is None and os.environ.get("LOCAL_RANK"):
+    if shard.world > 1 and a.device is None and os.environ.get("LOCAL_RANK") and not a.onnx:
         a.device = f"cuda:{os.environ['LOCAL_RANK']}"  # falls back to cpu where there is no GPU
     model = _load(a)
-    if a.onnx:
-        model.use_onnx(a.onnx)
     s = model.predict_file(a.records, a.out, chunk_rows=a.chunk_rows, resume=a.resume, batch_size=a.batch_size,
                      workers=a.workers, progress=not a.quiet, shard=shard)
     if shard.rank == 0:

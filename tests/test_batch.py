@@ -155,6 +155,12 @@ def test_onnx_export_predicts_like_pytorch(capsys, cohort, tmp_path):
     a, b = pd.read_csv(eager), pd.read_csv(fast)
     assert list(a["id"]) == list(b["id"]) and list(a["status"]) == list(b["status"])
     np.testing.assert_allclose(a["prob_1"], b["prob_1"], atol=1e-5)  # batches of 7, traced on 8
+    # ONNX predict builds no PyTorch network, and so never imports timm (seconds of start-up)
+    probe = ("import sys; from multimodal import DiagnosisModel; "
+             f"m = DiagnosisModel.load({str(d)!r}, onnx={str(tmp_path / 'm.onnx')!r}); "
+             f"p = m.predict({str(cohort['test'])!r}); print(m.net is None, 'timm' in sys.modules, len(p))")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.stdout.split() == ["True", "False", str(len(a))], r.stderr[-2000:]
     # the graph takes only the present images: batches with none at all still run, and agree
     blank = pd.read_csv(cohort["test"], dtype=str).assign(image_path="")
     blank.to_csv(tmp_path / "no_images.csv", index=False)

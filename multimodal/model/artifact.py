@@ -116,11 +116,13 @@ def _read_json(d: Path, name: str):
         raise UserError(f"{d}: {name} is not valid JSON") from None
 
 
-def load(model_dir, device: Optional[torch.device] = None):
+def load(model_dir, device: Optional[torch.device] = None, network: bool = True):
     """→ (config, preprocessing, network on `device`, metrics). Works whatever device it was trained on.
 
     The network is built from config.json, preprocessing.json and model.safetensors alone: no hub or
-    folder lookups, no pretrained weights fetched, no remote code (see build.build_network(offline=True))."""
+    folder lookups, no pretrained weights fetched, no remote code (see build.build_network(offline=True)).
+    `network=False`: checksums verified but no network built (None): the ONNX path runs without it,
+    and without importing timm (seconds of a short job's start)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -146,6 +148,8 @@ def load(model_dir, device: Optional[torch.device] = None):
         raise
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise UserError(f"{d}: preprocessing.json does not fit config.json ({type(e).__name__}: {e})") from None
+    if not network:
+        return cfg, prep, None, _read_json(d, "metrics.json")
     net = build_network(cfg, prep, text_config=state.get("text_encoder_config"), offline=True)
     device = device or torch.device("cpu")
     try:

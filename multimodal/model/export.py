@@ -1,8 +1,9 @@
 """An ONNX copy of a model's network, run by ONNX Runtime in place of the PyTorch forward pass.
 
-On a CPU, ONNX Runtime runs the same CNN 1.5-2x faster than eager PyTorch (BENCHMARKS.md, throughput),
+On a CPU, ONNX Runtime runs the same CNN about 2x faster than eager PyTorch (BENCHMARKS.md, throughput),
 and batch prediction is mostly forward pass. mmdx keeps decoding and preprocessing (they are the
 same code either way), so only the network is exported: calibrated logits from the collated tensors.
+`DiagnosisModel.load(dir, onnx=file)` then builds no PyTorch network and imports no timm.
 
 The file is written beside the model directory, never into it (the directory's checksums stay what
 training wrote), and it records the sha256 of the weights it was exported from: a predict that pairs
@@ -125,14 +126,17 @@ class OnnxNetwork:
     """Stands in for the PyTorch network in run_inference: same batch dict in, calibrated logits out."""
 
     def __init__(self, path, model, threads: Optional[int] = None):
-        import onnx
         import onnxruntime as ort
 
         path = Path(path)
         if not path.is_file():
             raise UserError(f"ONNX file not found: {path}")
-        try:
-            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        try:  # the graph is parsed once, here; its metadata comes from the same session
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            props = self.session.get_modelmeta().custom_metadata_map
         except Exception as e:
             raise UserError(f"{path}: not an ONNX model ({' '.join(str(e).split())[:120]})") from None
         if props.get("mmdx_weights_sha256") != _weights_digest(model):
@@ -140,11 +144,7 @@ class OnnxNetwork:
         self.keys = props["mmdx_inputs"].split(",")
         if "image" in self.keys and "image_slot" not in self.keys:
             raise UserError(f"{path} has the padded image layout of an older mmdx; run mmdx export again")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.num_outputs = model.net.num_outputs
+        self.num_outputs = model.prep.labels.num_outputs
         self.cfg, self.pad_id = model.config, _pad_id(model)
 
     def eval(self):
