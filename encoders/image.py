@@ -138,12 +138,12 @@ class TimmImageEncoder(nn.Module):
         `image_slot`: `image` is then only the present images [N, C, H, W], image_slot[n] = b * V + v
         their place (the ONNX graph's layout: no data-dependent indexing inside it)."""
         B, V = image_mask.shape
+        out = image.new_zeros(B * V, self.tokens_per_image, self.output_dim)
         if image_slot is None:
             present = image_mask.reshape(-1)
             image_slot = present.nonzero(as_tuple=True)[0]
             image = image.reshape(B * V, *image.shape[2:])[present]
-        out = image.new_zeros(B * V, self.tokens_per_image, self.output_dim)
-        if len(image):
+        if image_slot.shape[0]:
             feats = self._tokens(image, int(image_stage))
             out = out.to(feats.dtype).index_put((image_slot,), feats)
         return Tokens(out.reshape(B, V * self.tokens_per_image, self.output_dim),

@@ -13,6 +13,7 @@ built-in operators, and no custom-op library is ever registered.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -106,9 +107,11 @@ def export_onnx(model, out, records, opset: int = 17) -> dict:
         ref = graph(*args).numpy()
 
     def write(tmp: str) -> None:
-        torch.onnx.export(graph, args, tmp, dynamo=False, input_names=keys, output_names=["logits"],
-                          dynamic_axes={k: _AXES[k] for k in keys} | {"logits": {0: "batch"}},
-                          opset_version=opset)
+        with warnings.catch_warnings():  # shapes the graph fixes on purpose (image size, token grid)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(graph, args, tmp, dynamo=False, input_names=keys, output_names=["logits"],
+                              dynamic_axes={k: _AXES[k] for k in keys} | {"logits": {0: "batch"}},
+                              opset_version=opset)
         m = onnx.load(tmp)
         onnx.helper.set_model_props(m, {"mmdx_weights_sha256": digest, "mmdx_inputs": ",".join(keys)})
         onnx.save(m, tmp)
