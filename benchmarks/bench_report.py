@@ -79,7 +79,7 @@ def _dataset(d: dict, plots_base: Path, md_dir: Path) -> list[str]:
                   f"(`image.freeze: 1`): an epoch over cached frozen activations ran at "
                   f"{cs['cached_patients_per_s']:.0f} patients/s, an end-to-end epoch (pixels through the frozen "
                   f"layers every step, with augmentation) at {cs['end_to_end_patients_per_s']:.0f} patients/s: "
-                  f"**{cs['speedup']:.1f}×** faster, side by side in this run (epochs include their validation "
+                  f"**{cs['speedup']:.1f}×** faster, side by side in {cs.get('measured', 'this run')} (epochs include their validation "
                   f"pass; filling the cache took {cs['cache_fill_seconds']:.0f} s once, before the first epoch)."]
     if d.get("plots"):
         links = ", ".join(f"[{Path(p).stem}]({os.path.relpath(plots_base / p, md_dir)})" for p in d["plots"])
