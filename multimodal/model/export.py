@@ -41,8 +41,7 @@ def graph_inputs(batch: dict, cfg, pad_id: int = 0) -> dict:
         V = cfg.image.max_images - mask.shape[1]
         if V > 0:
             mask = torch.cat([mask, mask.new_zeros(mask.shape[0], V)], 1)
-        flat = mask.reshape(-1)
-        slot = flat.nonzero(as_tuple=True)[0]
+        slot = mask.reshape(-1).nonzero(as_tuple=True)[0]
         present = img.reshape(-1, *img.shape[2:])[batch["image_mask"].reshape(-1)]
         if not len(slot):  # no image in the batch: one blank image in a masked slot keeps the shapes valid
             slot, present = slot.new_zeros(1), img.new_zeros(1, *img.shape[2:])
