@@ -57,11 +57,7 @@ class DiagnosisModel:
         cfg.data.image_root = None
         model = cls(cfg, prep, net, metrics)
         model.model_dir = Path(model_dir)
-        if onnx is not None:
-            from multimodal.model.export import OnnxNetwork
-
-            model.engine = OnnxNetwork(onnx, model, threads)
-        return model
+        return model.use_onnx(onnx, threads) if onnx is not None else model
 
     def save(self, model_dir: Union[str, Path], overwrite: bool = False, inputs=()) -> Path:
         """Writes a new directory; replaces an earlier model directory only with `overwrite=True`, and
@@ -220,10 +216,9 @@ class DiagnosisModel:
         """predict/evaluate run the forward pass in ONNX Runtime (CPU) from a file export_onnx wrote."""
         from multimodal.model.export import OnnxNetwork
 
-        self._require_trained()
         if self.device.type != "cpu":
             raise UserError("the ONNX path runs on CPU; load the model with device='cpu'")
-        self.engine = OnnxNetwork(path, self, threads)
+        self.engine = OnnxNetwork(path, self, threads)  # refuses a model that is not a saved directory
         return self
 
     def predict_file(self, records, out, *, chunk_rows: int = 10_000, resume: bool = False, batch_size: int = 64,
