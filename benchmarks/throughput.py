@@ -90,12 +90,16 @@ def forward_rates(model, records: Path, threads: int, onnx_path: Path) -> dict:
     net = model.net.eval()
     out = {"n_records": len(rec), "n_images": n_img, "decode_images_per_s": n_img / decode_s}
 
-    def run(fn, name):
+    def rate(fn, xs):
+        """images/s of fn over xs (after one warm-up call), and its outputs."""
         with torch.inference_mode():
-            fn(batches[0])  # warm-up
+            fn(xs[0])
             t = time.perf_counter()
-            probs = [torch.sigmoid(fn(b).float()[:, 0]) for b in batches]
-            out[f"{name}_images_per_s"] = n_img / (time.perf_counter() - t)
+            ys = [fn(x) for x in xs]
+            return n_img / (time.perf_counter() - t), ys
+
+    def run(fn, name):  # a network over the collated batches → P(positive) per record
+        out[f"{name}_images_per_s"], probs = rate(lambda b: torch.sigmoid(fn(b).float()[:, 0]), batches)
         return torch.cat(probs).numpy()
 
     # the reference: what a user writes, the bare timm CNN (NCHW, fp32) over the same batches' present images
@@ -106,14 +110,6 @@ def forward_rates(model, records: Path, threads: int, onnx_path: Path) -> dict:
                               in_chans=cfg.image.in_chans).eval()
     plain.load_state_dict({k: v.contiguous() for k, v in enc.backbone.state_dict().items()})
     present = [b["image"][b["image_mask"]].contiguous() for b in batches]
-
-    def rate(fn, xs):
-        with torch.inference_mode():
-            fn(xs[0])
-            t = time.perf_counter()
-            ys = [fn(x) for x in xs]
-            return n_img / (time.perf_counter() - t), ys
-
     out["forward_eager_images_per_s"], ref = rate(plain, present)
     cl = plain.to(memory_format=torch.channels_last)
     out["forward_channels_last_images_per_s"], _ = rate(
