@@ -63,6 +63,7 @@ from multimodal.data.batches import RecordDataset, one_line, to_device
 from multimodal.engine.inference import probabilities
 from multimodal.data.preprocess.text import clean
 from multimodal.engine.train import make_loader
+from multimodal.model.network import members
 
 from .types import PatientExplanation
 
@@ -102,6 +103,21 @@ def eval_mode(net: nn.Module):
         yield
     finally:
         net.train(was)
+
+
+def _per_member(net: nn.Module, layer) -> list[nn.Module]:
+    """`layer(encoders)` of every ensemble member, each module once (members may share an encoder)."""
+    out: dict[int, nn.Module] = {}
+    for n in members(net):
+        mod = layer(n.encoders)
+        out.setdefault(id(mod), mod)
+    return list(out.values())
+
+
+def gradcam_layers(net: nn.Module, cfg, device) -> list[nn.Module]:
+    """The last feature stage of each member's image backbone (Grad-CAM's layer)."""
+    return _per_member(net, lambda e: _last_feature_layer(e["image"].backbone, cfg.image.in_chans, cfg.image.size,
+                                                          device))
 
 
 def _last_feature_layer(backbone: nn.Module, in_chans: int, size: int, device) -> nn.Module:
@@ -238,11 +254,11 @@ def _gradcam(fwd: AttributionForward, layer: nn.Module, inputs: tuple, extra: tu
 
 def attribute_batch(model, batch: dict, *, target=None, method: str = "ig", n_steps: int = 32,
                     internal_batch_size: Optional[int] = None, net: Optional[nn.Module] = None,
-                    gradcam_layer: Optional[nn.Module] = None) -> _BatchResult:
+                    cam_layers: Optional[list[nn.Module]] = None) -> _BatchResult:
     """Attributions for one collated batch whose rows all loaded (ok). Raw tensors on CPU."""
     net = net if net is not None else model.net
     cfg, task, device = model.config, model.config.task.type, next(net.parameters()).device
-    mods = list(net.encoders)
+    mods = net.modalities
     batch = to_device(batch, device)
     rows = batch["index"].tolist()
     present = _present(net, batch)
@@ -261,17 +277,21 @@ def attribute_batch(model, batch: dict, *, target=None, method: str = "ig", n_st
     base = baseline_batch(model, batch, present)
     # a modality nobody in the batch has is left out of the path (its layer would get no gradient)
     ig_mods = [m for m in mods if bool(present[m].any()) and not (m == "image" and method == "gradcam")]
-    layer_of = {"image": lambda: fwd.pixels, "text": lambda: net.encoders["text"].embedding,
-                "tabular": lambda: net.encoders["tabular"].tokens}
+    # an ensemble has one such layer per member (one if the members share the encoder); IG over all of
+    # them at once, summed, is the attribution of the members' mean logit
+    layer_of = {"image": lambda: [fwd.pixels], "text": lambda: _per_member(net, lambda e: e["text"].embedding),
+                "tabular": lambda: _per_member(net, lambda e: e["tabular"].tokens)}
     res = _BatchResult(batch=batch, rows=rows, target=tgt.cpu(), probs=probs.cpu(), present={
         m: p.cpu() for m, p in present.items()})
     if ig_mods:
         baselines = tuple(base[k] if m in ig_mods else batch[k] for m in mods for k in MODALITY_INPUTS[m])
-        attrs, delta = _ig(fwd, [layer_of[m]() for m in ig_mods], inputs, baselines, extra, tgt, n_steps,
+        layers = [layer_of[m]() for m in ig_mods]
+        attrs, delta = _ig(fwd, [l for ls in layers for l in ls], inputs, baselines, extra, tgt, n_steps,
                            internal_batch_size)
         res.delta = delta.detach().float().cpu()
-        for m, a in zip(ig_mods, attrs):
-            a = a.detach().float()
+        for m, ls in zip(ig_mods, layers):
+            a = sum(attrs[j].detach().float() for j in range(len(ls)))
+            attrs = attrs[len(ls):]
             if m == "image":
                 res.image = a.sum(2).cpu()               # [b, V, C, H, W] → [b, V, H, W]
             elif m == "text":
@@ -279,9 +299,10 @@ def attribute_batch(model, batch: dict, *, target=None, method: str = "ig", n_st
             else:
                 res.tabular = a.sum(-1).cpu()            # [b, F, D] → [b, F]
     if "image" in mods and method == "gradcam" and bool(present["image"].any()):
-        layer = gradcam_layer or _last_feature_layer(net.encoders["image"].backbone, cfg.image.in_chans,
-                                                     cfg.image.size, device)
-        res.image = _gradcam(fwd, layer, inputs, extra, tgt, batch["image_mask"]).float().cpu()
+        layers = cam_layers or gradcam_layers(net, cfg, device)
+        # Grad-CAM is linear in the gradient, so the mean logit's map is the sum of each member layer's
+        res.image = sum(_gradcam(fwd, layer, inputs, extra, tgt, batch["image_mask"]).float().cpu()
+                        for layer in layers)
     return res
 
 
@@ -289,21 +310,25 @@ def _ablation(net, batch: dict, probs: torch.Tensor, tgt: torch.Tensor, task: st
     out = {}
     with torch.no_grad():
         p_full = probs.gather(1, tgt[:, None])[:, 0]
-        for m in net.encoders:
+        for m in net.modalities:
             p = class_probs(net(batch, absent=[m]).float(), task).cpu().gather(1, tgt[:, None])[:, 0]
             out[m] = p_full - p
     return out
 
 
 def _attention(net, batch: dict) -> Optional[dict[str, torch.Tensor]]:
-    fusion = getattr(net, "fusion", None)
-    if fusion is None or not hasattr(fusion, "last_attention"):
+    """Attention per modality token, averaged over ensemble members."""
+    heads = [n.fusion for n in members(net)]
+    if not all(hasattr(f, "last_attention") for f in heads):
         return None
-    fusion.last_attention = None
+    for f in heads:
+        f.last_attention = None
     with torch.no_grad():
         net(batch, return_attention=True)
-    att = fusion.last_attention
-    return {m: a.float().sum(1).cpu() for m, a in att.items()} if att else None
+    atts = [f.last_attention for f in heads]
+    if not all(atts):
+        return None
+    return {m: sum(a[m].float().sum(1) for a in atts).cpu() / len(atts) for m in atts[0]}
 
 
 # -- per-patient assembly -----------------------------------------------------------------------
@@ -440,15 +465,14 @@ def iter_batches(model, records, *, target=None, method: str = "ig", n_steps: in
     device = next(net.parameters()).device
     ds = RecordDataset(rec, model.prep, model.config.modalities, model.config)
     dl = make_loader(ds, model.config, model.prep, False, device, batch_size)
-    gradcam_layer = None
-    if method == "gradcam" and "image" in net.encoders:
-        gradcam_layer = _last_feature_layer(net.encoders["image"].backbone, model.config.image.in_chans,
-                                            model.config.image.size, device)
+    cam_layers = None
+    if method == "gradcam" and "image" in net.modalities:
+        cam_layers = gradcam_layers(net, model.config, device)
     from multimodal.progress import bar as progress_bar
 
     bar = progress_bar(total=len(ds), desc=f"explain ({method})", unit="rec", enabled=progress)
     kw = dict(target=target, method=method, n_steps=n_steps, internal_batch_size=internal_batch_size, net=net,
-              gradcam_layer=gradcam_layer)
+              cam_layers=cam_layers)
     with eval_mode(net), _cuda_safe(device), torch.autocast(device.type, enabled=False):
         for batch in dl:
             idx, ok = batch["index"].tolist(), batch["ok"]

@@ -101,7 +101,7 @@ class DiagnosisModel:
             self.prep = self._fitted_preprocessing(train_rec)
         seed_everything(self.config.train.seed)  # weight init is part of what the seed fixes
         self.net = build_network(self.config, self.prep)
-        summary = train_fit(self.net, self.prep, self.config, train_rec, val_rec, progress=progress)
+        summary = self._train(train_rec, val_rec, progress)
         if not distributed.is_main():  # rank 0 calibrates, scores and saves
             self.metrics = {"training": summary}
             return self
@@ -112,6 +112,29 @@ class DiagnosisModel:
         summary.update(self._set_thresholds(y, P))
         self.metrics = {"training": summary, "validation": self._scored_metrics(val_rec, rec, y, P, n_boot=200)}
         return self
+
+    def _train(self, train_rec: Records, val_rec: Records, progress: bool) -> dict:
+        """Train the network, or each ensemble member in turn with its own seed on the same split."""
+        from multimodal.model.network import members
+
+        nets = members(self.net)
+        if len(nets) == 1:
+            return train_fit(self.net, self.prep, self.config, train_rec, val_rec, progress=progress)
+        runs, memo = [], {}
+        for i, net in enumerate(nets):
+            cfg = self.config.model_copy(deep=True)
+            cfg.train.seed = self.config.train.seed + i
+            if progress:
+                from multimodal.progress import say
+
+                say(f"ensemble member {i + 1}/{len(nets)} (seed {cfg.train.seed})")
+            runs.append(train_fit(net, self.prep, cfg, train_rec, val_rec, progress=progress, memo=memo))
+        summary = dict(runs[0])
+        summary["train_seconds"] = sum(r["train_seconds"] for r in runs)
+        summary["members"] = [{"seed": self.config.train.seed + i, "best_epoch": r["best_epoch"],
+                               "best_val_auroc": r["best_val_auroc"], "epochs": len(r["history"]),
+                               "train_seconds": r["train_seconds"]} for i, r in enumerate(runs)]
+        return summary
 
     def set_operating_point(self, records: RecordsLike, rule=None) -> list[float]:
         """Choose the threshold again on labelled `records` (validation patients, never test ones), by

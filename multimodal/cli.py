@@ -36,7 +36,9 @@ def _train(a) -> None:
     t = model.metrics["training"]
     on = f"{t['device']}" + (f" x {t['processes']} processes" if t.get("processes", 1) > 1 else "")
     print(f"trained {cfg.name} ({'+'.join(cfg.modalities)}, {cfg.fusion.type} fusion) on {t['n_train']} records "
-          f"in {t['train_seconds']:.0f}s on {on}; best epoch {t['best_epoch']}")
+          f"in {t['train_seconds']:.0f}s on {on}; best epoch " +
+          ("/".join(str(r["best_epoch"]) for r in t["members"]) + f" ({len(t['members'])} ensemble members)"
+           if "members" in t else str(t["best_epoch"])))
     print("validation:\n" + format_table(model.metrics["validation"]))
     print(f"model saved to {a.out}")
 

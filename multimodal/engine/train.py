@@ -10,6 +10,7 @@ from collections import Counter
 import math
 import random
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -179,7 +180,9 @@ def validation_score(y: np.ndarray, probs: np.ndarray, task: str) -> float:
 
 
 def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
-        progress: bool = True) -> dict:
+        progress: bool = True, memo: Optional[dict] = None) -> dict:
+    """`memo`: kept across calls on the same train/val split (ensemble members), so a frozen text
+    encoder that the members share runs over the reports once, not once per member."""
     tc, task = cfg.train, cfg.task.type
     seed_everything(tc.seed)
     device = distributed.device_for_rank(resolve_device(tc.device))
@@ -209,7 +212,12 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
     if "text" in cfg.modalities and cfg.text.cache_features:
         from multimodal.data.features import text_features
 
-        tfeats = [text_features(r, cfg, prep, net.encoders["text"]) for r in (train, val)]
+        enc = net.encoders["text"]
+        memo = {} if memo is None else memo
+        key = ("text", id(enc))
+        if key not in memo:
+            memo[key] = [text_features(r, cfg, prep, enc) for r in (train, val)]
+        tfeats = memo[key]
     train_ds = RecordDataset(train, prep, cfg.modalities, cfg, y_tr, train=True, cache=cache, features=feats[0],
                              text_features=tfeats[0])
     val_ds = RecordDataset(val, prep, cfg.modalities, cfg, y_va, cache=cache, features=feats[1],

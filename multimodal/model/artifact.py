@@ -30,6 +30,7 @@ from encoders.weights import sha256_file
 
 from multimodal.config import Config, config_from_dict
 from multimodal.errors import UserError
+from multimodal.model.network import members
 from multimodal.output import MODEL_MANIFEST as CHECKSUMS
 from multimodal.output import staged_dir, strict_json
 
@@ -56,23 +57,51 @@ def save(out_dir, cfg: Config, prep, net, metrics: Optional[dict] = None, overwr
          inputs=()) -> Path:
     """Fill a temporary sibling folder, then swap it in (see output.staged_dir): a crash never leaves half
     a model, and a folder that is not an earlier model directory is never replaced."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     out = Path(out_dir)
     with staged_dir(out, "model", overwrite=overwrite, inputs=inputs) as tmp:
         _dump(tmp / "config.json", {"model_class": "DiagnosisModel", "format_version": FORMAT_VERSION,
                                     "config": cfg.model_dump(mode="json")})
         state = prep.state()
-        text_enc = net.encoders["text"] if "text" in net.encoders else None
+        first = members(net)[0]
+        text_enc = first.encoders["text"] if "text" in first.encoders else None
         state["text_encoder_config"] = text_enc.config_dict() if hasattr(text_enc, "config_dict") else None
         _dump(tmp / "preprocessing.json", state)
         if prep.text is not None:
             (tmp / "tokenizer.json").write_text(prep.text.to_json(), encoding="utf-8")
-        save_model(net, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        names = stored_names(net)
+        state = net.state_dict()
+        save_file({k: state[k].contiguous() for k in dict.fromkeys(names.values())},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _dump(tmp / "metrics.json", metrics or {})
         _dump(tmp / "versions.json", library_versions())
         _dump(tmp / CHECKSUMS, {p.name: sha256_file(p) for p in sorted(tmp.iterdir())})
     return out
+
+
+def stored_names(net) -> dict[str, str]:
+    """state_dict name → the name its tensor is stored under. A module shared by ensemble members
+    appears in state_dict once per member; the file keeps the first name only (safetensors' own
+    shared-tensor handling cannot read channels_last weights)."""
+    first: dict[tuple, str] = {}
+    out = {}
+    for k, v in net.state_dict().items():
+        ident = (v.device, v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else (k,)
+        out[k] = first.setdefault(ident, k)
+    return out
+
+
+def _load_weights(net, path: Path, device: torch.device) -> None:
+    from safetensors.torch import load_file
+
+    names = stored_names(net)
+    stored = load_file(str(path), device=str(device))
+    expected = set(names.values())
+    if set(stored) != expected:
+        odd = sorted(set(stored) ^ expected)[0]
+        raise RuntimeError(f"{'unexpected' if odd in stored else 'missing'} tensor {odd}")
+    net.load_state_dict({k: stored[v] for k, v in names.items()}, strict=True)
 
 
 def _required(cfg_raw: dict) -> set[str]:
@@ -124,7 +153,6 @@ def load(model_dir, device: Optional[torch.device] = None, network: bool = True)
     `network=False`: checksums verified but no network built (None): the ONNX path runs without it,
     and without importing timm (seconds of a short job's start)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
 
     from multimodal.model.build import build_network
     from multimodal.data.preprocess import Preprocessing
@@ -153,7 +181,7 @@ def load(model_dir, device: Optional[torch.device] = None, network: bool = True)
     net = build_network(cfg, prep, text_config=state.get("text_encoder_config"), offline=True)
     device = device or torch.device("cpu")
     try:
-        load_model(net, str(d / "model.safetensors"), device=str(device))
+        _load_weights(net, d / "model.safetensors", device)
     except (RuntimeError, SafetensorError, OSError) as e:
         first = " ".join(str(e).split())[:200]
         raise UserError(f"{d}: model.safetensors does not fit the network config.json describes ({first})") from None

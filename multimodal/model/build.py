@@ -10,7 +10,7 @@ from fusion.base import FUSION_HEADS
 
 from multimodal.config import Config
 from multimodal.errors import UserError
-from multimodal.model.network import DiagnosisNet
+from multimodal.model.network import DiagnosisNet, Ensemble
 from multimodal.data.preprocess import Preprocessing
 
 
@@ -73,9 +73,38 @@ def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: 
 
 
 def build_network(cfg: Config, prep: Preprocessing, text_config: Optional[dict] = None,
-                  offline: bool = False) -> DiagnosisNet:
+                  offline: bool = False):
+    """A DiagnosisNet, or an Ensemble of `train.ensemble` of them. Member i's weights are initialised
+    from seed + i, so a member built here is the one `fit` trains with that seed."""
+    import torch
+
+    n = cfg.train.ensemble
+    if n == 1:
+        return _build_one(cfg, prep, text_config, offline)
+    nets, shared = [], {}
+    for i in range(n):
+        torch.manual_seed(cfg.train.seed + i)
+        nets.append(_build_one(cfg, prep, text_config, offline, shared))
+    return Ensemble(nets)
+
+
+def _frozen(module) -> bool:
+    return not any(p.requires_grad for p in module.parameters())
+
+
+def _build_one(cfg: Config, prep: Preprocessing, text_config: Optional[dict], offline: bool,
+               shared: Optional[dict] = None) -> DiagnosisNet:
+    """`shared`: encoders with nothing to train, filled by the first ensemble member and reused by the
+    others (the same weights whatever the seed)."""
     try:
-        encs = {m: build_encoder(cfg, m, prep, text_config, offline) for m in cfg.modalities}
+        encs = {}
+        for m in cfg.modalities:
+            if shared is not None and m in shared:
+                encs[m] = shared[m]
+                continue
+            encs[m] = build_encoder(cfg, m, prep, text_config, offline)
+            if shared is not None and _frozen(encs[m]):
+                shared[m] = encs[m]
         fc = cfg.fusion
         head = FUSION_HEADS.create(fc.type, input_dims={m: e.output_dim for m, e in encs.items()},
                                    num_outputs=prep.labels.num_outputs, dim=fc.dim, layers=fc.layers,

@@ -34,7 +34,12 @@ class DiagnosisNet(nn.Module):
                 return_aux: bool = False):
         """`absent`: modalities to treat as missing for every patient (ablation), via the mask path.
         `return_aux`: also return {modality: (logits from that modality alone, present mask)}."""
-        tokens = self.encode(batch)
+        return self.fuse(self.encode(batch), absent, return_attention, return_aux)
+
+    def fuse(self, tokens: dict[str, Tokens], absent: Optional[Iterable[str]] = None,
+             return_attention: bool = False, return_aux: bool = False):
+        """Tokens → calibrated logits: the part of forward after the encoders."""
+        tokens = dict(tokens)
         for m in absent or ():
             t = tokens[m]
             tokens[m] = Tokens(t.x, torch.zeros_like(t.mask))
@@ -43,3 +48,46 @@ class DiagnosisNet(nn.Module):
             return logits
         aux = {m: (head(tokens[m].mean()), tokens[m].present) for m, head in (self.aux_heads or {}).items()}
         return logits, aux
+
+
+class Ensemble(nn.Module):
+    """Members of one architecture trained from different seeds (train.ensemble). On a few thousand
+    patients the seed alone moves validation AUROC by about 0.01; the mean of the members' raw logits
+    moves less. Calibration is fitted once, on that mean, so the buffers live here and the members'
+    own stay at temperature 1, bias 0. An encoder with nothing to train is one module shared by every
+    member (safetensors stores it once)."""
+
+    def __init__(self, members: list[DiagnosisNet]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.num_outputs = members[0].num_outputs
+        self.register_buffer("temperature", torch.ones(1))
+        self.register_buffer("logit_bias", torch.zeros(self.num_outputs))
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.members[0].modalities
+
+    def encode(self, batch: dict) -> dict[str, Tokens]:
+        """The first member's tokens: which inputs are present is the same for every member."""
+        return self.members[0].encode(batch)
+
+    def forward(self, batch: dict, absent: Optional[Iterable[str]] = None, return_attention: bool = False,
+                return_aux: bool = False):
+        if return_aux:
+            raise ValueError("an ensemble is trained one member at a time; train a member for aux outputs")
+        done: dict[int, Tokens] = {}  # a shared encoder runs once per batch, not once per member
+        z = []
+        for net in self.members:
+            tokens = {}
+            for m, enc in net.encoders.items():
+                if id(enc) not in done:
+                    done[id(enc)] = enc(**{k: batch[k] for k in enc.input_keys if k in batch})
+                tokens[m] = done[id(enc)]
+            z.append(net.fuse(tokens, absent, return_attention))
+        return torch.stack(z).mean(0) / self.temperature + self.logit_bias
+
+
+def members(net: nn.Module) -> list[DiagnosisNet]:
+    """The DiagnosisNets inside `net`: its ensemble members, or `net` itself."""
+    return list(net.members) if isinstance(net, Ensemble) else [net]
