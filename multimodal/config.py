@@ -293,7 +293,8 @@ class TabularConfig(_Strict):
 
 class FusionConfig(_Strict):
     type: str = "attention"
-    """attention | concat (or any registered fusion head)."""
+    """attention | concat | additive (one logit per modality, summed: no interactions), or any registered
+    fusion head."""
     dim: int = Field(64, ge=1)
     """Token width inside the fusion head."""
     layers: int = Field(2, ge=1)

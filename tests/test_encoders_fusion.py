@@ -79,7 +79,7 @@ def _tokens(B=4):
             "tabular": Tokens(torch.randn(B, 3, 8), torch.ones(B, 3, dtype=torch.bool))}
 
 
-@pytest.mark.parametrize("head", ["attention", "concat"])
+@pytest.mark.parametrize("head", ["attention", "concat", "additive"])
 @pytest.mark.parametrize("missing", ["image", "text", "tabular"])
 def test_fusion_ignores_absent_modality(head, missing):
     toks = _tokens()
@@ -132,3 +132,15 @@ def test_timm_encoder_runs_channels_last_with_the_numbers_of_plain_nchw():
     with torch.no_grad():
         torch.testing.assert_close(enc(x, torch.ones(3, 1, dtype=torch.bool)).x[:, 0], plain(x[:, 0]),
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_additive_fusion_is_the_sum_of_per_modality_logits():
+    """No interaction: changing one modality moves the logit by the same amount whatever the others hold."""
+    toks = _tokens()
+    f = FUSION_HEADS.create("additive", input_dims={m: t.x.shape[-1] for m, t in toks.items()}, num_outputs=1,
+                            dim=16).eval()
+    moved = dict(toks, text=Tokens(toks["text"].x * 2 + 1, toks["text"].mask))
+    other = dict(toks, image=Tokens(-toks["image"].x, toks["image"].mask))
+    other_moved = dict(other, text=moved["text"])
+    torch.testing.assert_close(f(moved) - f(toks), f(other_moved) - f(other), atol=1e-5, rtol=0)
+    assert not torch.allclose(f(moved), f(toks))
