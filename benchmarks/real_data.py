@@ -1,7 +1,7 @@
 """Real-data benchmark (issue #4): does fusion beat every single modality, and is it calibrated?
 
     python benchmarks/real_data.py                 # full run: 3 datasets x all variants x 3 seeds → BENCHMARKS.md
-    python benchmarks/real_data.py --quick         # minutes: subsampled data, 2 epochs, 2 seeds → bench-quick/
+    python benchmarks/real_data.py --quick         # minutes: subsampled data, 2 epochs, 2 seeds, no seed ensembles → bench-quick/
     python benchmarks/real_data.py --datasets medpix2 --cv 5   # grouped k-fold CV over train+val instead
 
 For each dataset's main task (configs/<dataset>.yaml), every variant trains with the same config, budget
@@ -36,7 +36,7 @@ from bench_report import write_markdown  # noqa: E402
 BASELINE = "baseline: "  # prefix of the scikit-learn baselines' variant names
 
 DATASETS = {"medpix2": "medpix2.yaml", "ham10000": "ham10000.yaml", "iu_xray": "iu_xray.yaml"}
-QUICK = {"train.epochs": 2, "train.min_epochs": 1, "train.patience": 1}
+QUICK = {"train.epochs": 2, "train.min_epochs": 1, "train.patience": 1, "train.ensemble": 1}
 QUICK_IMAGE = {"image.size": 48, "image.max_images": 1}
 QUICK_N = (200, 100)  # train, validation records per dataset
 
