@@ -70,9 +70,8 @@ def save(out_dir, cfg: Config, prep, net, metrics: Optional[dict] = None, overwr
         _dump(tmp / "preprocessing.json", state)
         if prep.text is not None:
             (tmp / "tokenizer.json").write_text(prep.text.to_json(), encoding="utf-8")
-        names = stored_names(net)
-        state = net.state_dict()
-        save_file({k: state[k].contiguous() for k in dict.fromkeys(names.values())},
+        weights = net.state_dict()
+        save_file({k: weights[k].contiguous() for k in dict.fromkeys(stored_names(weights).values())},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _dump(tmp / "metrics.json", metrics or {})
         _dump(tmp / "versions.json", library_versions())
@@ -80,13 +79,13 @@ def save(out_dir, cfg: Config, prep, net, metrics: Optional[dict] = None, overwr
     return out
 
 
-def stored_names(net) -> dict[str, str]:
+def stored_names(weights: dict[str, torch.Tensor]) -> dict[str, str]:
     """state_dict name → the name its tensor is stored under. A module shared by ensemble members
     appears in state_dict once per member; the file keeps the first name only (safetensors' own
     shared-tensor handling cannot read channels_last weights)."""
     first: dict[tuple, str] = {}
     out = {}
-    for k, v in net.state_dict().items():
+    for k, v in weights.items():
         ident = (v.device, v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else (k,)
         out[k] = first.setdefault(ident, k)
     return out
@@ -95,7 +94,7 @@ def stored_names(net) -> dict[str, str]:
 def _load_weights(net, path: Path, device: torch.device) -> None:
     from safetensors.torch import load_file
 
-    names = stored_names(net)
+    names = stored_names(net.state_dict())
     stored = load_file(str(path), device=str(device))
     expected = set(names.values())
     if set(stored) != expected:
