@@ -27,8 +27,13 @@ class DiagnosisNet(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.encoders)
 
-    def encode(self, batch: dict) -> dict[str, Tokens]:
-        return {m: enc(**{k: batch[k] for k in enc.input_keys if k in batch}) for m, enc in self.encoders.items()}
+    def encode(self, batch: dict, done: Optional[dict[int, Tokens]] = None) -> dict[str, Tokens]:
+        """`done`: tokens of encoders already run on this batch, by id (an ensemble's shared encoder)."""
+        done = {} if done is None else done
+        for enc in self.encoders.values():
+            if id(enc) not in done:
+                done[id(enc)] = enc(**{k: batch[k] for k in enc.input_keys if k in batch})
+        return {m: done[id(enc)] for m, enc in self.encoders.items()}
 
     def forward(self, batch: dict, absent: Optional[Iterable[str]] = None, return_attention: bool = False,
                 return_aux: bool = False):
@@ -77,14 +82,7 @@ class Ensemble(nn.Module):
         if return_aux:
             raise ValueError("an ensemble is trained one member at a time; train a member for aux outputs")
         done: dict[int, Tokens] = {}  # a shared encoder runs once per batch, not once per member
-        z = []
-        for net in self.members:
-            tokens = {}
-            for m, enc in net.encoders.items():
-                if id(enc) not in done:
-                    done[id(enc)] = enc(**{k: batch[k] for k in enc.input_keys if k in batch})
-                tokens[m] = done[id(enc)]
-            z.append(net.fuse(tokens, absent, return_attention))
+        z = [net.fuse(net.encode(batch, done), absent, return_attention) for net in self.members]
         return torch.stack(z).mean(0) / self.temperature + self.logit_bias
 
 
