@@ -44,7 +44,7 @@ def pooled_features(records, cfg, cache: Optional[Path] = None, arch: str = "tf_
         pending.clear()
 
     for i in range(len(records)):
-        row = records.df.iloc[i]
+        row = records.row(i)
         try:
             x = prep.load([row[c] for c in ic.columns], records.root)
         except Exception:  # noqa: BLE001 — the baseline, like the engine, skips unreadable records

@@ -407,7 +407,7 @@ def _explanations(model, rec, res: _BatchResult, method: str, ablation: bool, ne
     att = _attention(net, batch)
     out = []
     for b, i in enumerate(res.rows):
-        row = rec.df.iloc[i]
+        row = rec.row(i)
         probs, pred = _probs_pred(res.probs[b].numpy(), classes, task)
         e = PatientExplanation(id=str(row[cfg.data.id]), target=classes[int(res.target[b])], probs=probs,
                                pred=pred, method=method)
@@ -445,7 +445,7 @@ def _explanations(model, rec, res: _BatchResult, method: str, ablation: bool, ne
 
 def _error(model, rec, i: int, msg: str, target, method: str) -> PatientExplanation:
     fixed = _fixed_target(target, model.classes, model.config.task.type)
-    return PatientExplanation(id=str(rec.df.iloc[i][model.config.data.id]),
+    return PatientExplanation(id=str(rec.cell(i, model.config.data.id)),
                               target=model.classes[fixed] if fixed is not None else "", method=method,
                               error=" ".join(str(msg).split())[:300])
 

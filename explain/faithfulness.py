@@ -291,7 +291,7 @@ def faithfulness(model, test_csv, truth_csv, *, n_steps: int = 32, seed: int = 0
         for i, t in enumerate(T):
             if pos[i]:
                 try:
-                    hit = lesion_in_input(rec.df.iloc[i], t, cfg, rec.root)
+                    hit = lesion_in_input(rec.row(i), t, cfg, rec.root)
                 except Exception:  # noqa: BLE001 — an unreadable record is an error row below anyway
                     hit = None
                 if hit is not None:
