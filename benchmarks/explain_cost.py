@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captum.attr import LayerIntegratedGradients  # noqa: E402
 
-from explain.attribution import AttributionForward, baseline_batch, explain  # noqa: E402
+from explain.attribution import AttributionForward, baseline_batch  # noqa: E402
+from explain.patients import explain  # noqa: E402
 from multimodal import DiagnosisModel  # noqa: E402
 from multimodal.model.build import build_network  # noqa: E402
 from multimodal.data.batches import Collate, RecordDataset  # noqa: E402

@@ -56,7 +56,8 @@ from multimodal.data.batches import to_device
 from multimodal.data.imageio import read_image
 from multimodal.data.preprocess.image import split_paths
 
-from .attribution import class_probs, eval_mode, baseline_batch, iter_batches, with_net
+from .attribution import baseline_batch, class_probs, eval_mode
+from .patients import iter_batches, with_net
 
 TOP_FRACTION = 0.10
 N_RANDOM = 3

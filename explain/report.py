@@ -16,9 +16,7 @@ away from it. Report text and ids are data: templates autoescape everything.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import math
 import re
@@ -32,6 +30,7 @@ import numpy as np
 from multimodal.output import strict_json as _strict_json
 from multimodal.output import to_jsonable
 
+from .figures import NEG_RGB, POS_RGB, feature_chart, image_figure
 from .types import PatientExplanation
 
 MODALITIES = ("image", "text", "tabular")
@@ -56,10 +55,6 @@ MAX_IMAGES = 16
 """Images rendered per patient (multi-frame studies can have many); the rest are listed as omitted."""
 MAX_FEATURE_BARS = 20
 """Bars in the tabular chart; every feature is still listed in the table below it."""
-OUTLIER_PERCENTILE = 99.0
-"""Heatmap colour limits are ±(this percentile of |attribution|), so one extreme pixel cannot wash out the rest."""
-POS_RGB = (220, 38, 38)   # towards target
-NEG_RGB = (37, 99, 235)   # against target
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
@@ -353,7 +348,7 @@ def _tabular_context(e: PatientExplanation) -> dict:
              "sign": "pos" if (scores[i] or 0) > 0 else ("neg" if (scores[i] or 0) < 0 else "none")}
             for i in order]
     shown = [r for r in rows if r["score"] is not None][:MAX_FEATURE_BARS]
-    chart = _feature_chart(shown) if shown and any(r["score"] != 0 for r in shown) else None
+    chart = feature_chart(shown) if shown and any(r["score"] != 0 for r in shown) else None
     return {"rows": rows, "chart": chart, "n_omitted": max(0, sum(r["score"] is not None for r in rows) - len(shown))}
 
 
@@ -361,123 +356,11 @@ def _images_context(e: PatientExplanation) -> dict:
     items = []
     for i, img in enumerate(e.images[:MAX_IMAGES]):
         amap = e.image_maps[i] if i < len(e.image_maps) else None
-        png, note = _image_figure(np.asarray(img), None if amap is None else np.asarray(amap, dtype=np.float64))
+        png, note = image_figure(np.asarray(img), None if amap is None else np.asarray(amap, dtype=np.float64))
         label = e.image_labels[i] if i < len(e.image_labels) else f"image {i + 1}"
         items.append({"n": i + 1, "label": label, "png": png, "note": note,
                       "shape": "×".join(str(s) for s in np.shape(img))})
     return {"figures": items, "n_omitted": max(0, len(e.images) - MAX_IMAGES)}
-
-
-# -- figures ------------------------------------------------------------------------------------------------------
-def _png_data_uri(fig) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight", pad_inches=0.05, facecolor="white")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _display_image(img: np.ndarray) -> np.ndarray:
-    a = np.asarray(img, dtype=np.float64)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim == 3 and a.shape[-1] == 4:
-        a = a[..., :3]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] != 3):
-        raise ValueError(f"image must be [H, W] or [H, W, 3], got shape {a.shape}")
-    return np.clip(np.nan_to_num(a, nan=0.0), 0.0, 1.0)
-
-
-def _image_figure(img: np.ndarray, amap: Optional[np.ndarray]) -> tuple[str, Optional[str]]:
-    """Image | image with the signed map overlaid (RdBu_r, symmetric limits, opacity grows with |attribution| so
-    unimportant areas stay readable) + colour bar. Returns (PNG data URI, note for the caption or None).
-
-    Uses matplotlib's object API with an Agg canvas: no pyplot, no global backend switch, nothing left open.
-    """
-    import matplotlib
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-
-    disp = _display_image(img)
-    h, w = disp.shape[:2]
-    extent = (0, w, h, 0)
-    note = None
-    if amap is not None:
-        amap = np.squeeze(amap)
-        if amap.ndim != 2:
-            note, amap = f"attribution map has shape {amap.shape}, expected [H, W]: not shown", None
-    lim = 0.0
-    if amap is not None:
-        mag = np.abs(amap[np.isfinite(amap)])
-        if mag.size:
-            lim = float(np.percentile(mag, OUTLIER_PERCENTILE)) or float(mag.max())
-        if lim <= 0:
-            note, amap = "attribution map is zero everywhere", None
-    elif note is None:
-        note = "no attribution map for this image"
-
-    aspect = h / max(w, 1)
-    panel = 4.2  # inches per panel at 100 dpi: a 128-px input shows at about 3x, enough to read a lesion
-    fig = Figure(figsize=(2 * panel + 0.7, panel * aspect + 0.45), dpi=100)
-    gs = fig.add_gridspec(1, 3, width_ratios=[1, 1, 0.06], wspace=0.08)
-    ax0, ax1, cax = fig.add_subplot(gs[0]), fig.add_subplot(gs[1]), fig.add_subplot(gs[2])
-    kw = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if disp.ndim == 2 else {}
-    ax0.imshow(disp, extent=extent, interpolation="antialiased", **kw)
-    ax0.set_title("image", fontsize=9)
-    ax1.imshow(disp, extent=extent, interpolation="antialiased", **kw)
-    cmap = matplotlib.colormaps["RdBu_r"]
-    norm = Normalize(vmin=-lim, vmax=lim) if lim else None
-    if amap is not None:
-        m = np.nan_to_num(amap, nan=0.0)
-        rgba = cmap(norm(np.clip(m, -lim, lim)))
-        rgba[..., 3] = 0.75 * np.clip(np.abs(m) / lim, 0.0, 1.0) ** 0.7
-        # The map may be at a different resolution than the image: the shared extent lines them up.
-        ax1.imshow(rgba, extent=extent, interpolation="bilinear")
-        ax1.set_title("attribution overlay", fontsize=9)
-    for ax in (ax0, ax1):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlim(0, w)
-        ax.set_ylim(h, 0)
-    if amap is None:
-        ax1.images[0].set_alpha(0.25)
-        ax1.text(0.5, 0.5, "no attribution\nmap", transform=ax1.transAxes, ha="center", va="center",
-                 fontsize=9, color="#334155")
-        cax.set_visible(False)
-        return _png_data_uri(fig), note
-    cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax)
-    cb.ax.tick_params(labelsize=7)
-    cb.set_ticks([-lim, 0, lim])
-    cb.set_ticklabels([_fmt_signed(-lim, 2), "0", _fmt_signed(lim, 2)])
-    return _png_data_uri(fig), note
-
-
-def _feature_chart(rows: list[dict]) -> str:
-    """Horizontal bars, largest |attribution| on top, labelled "feature = value"."""
-    from matplotlib.figure import Figure
-
-    labels = [_clip_label(f"{r['feature']} = {r['value']}") for r in rows][::-1]
-    scores = [r["score"] for r in rows][::-1]
-    colours = ["#%02x%02x%02x" % (POS_RGB if s > 0 else NEG_RGB) for s in scores]
-    fig = Figure(figsize=(6.4, 0.32 * len(rows) + 0.9), dpi=100)
-    ax = fig.add_subplot()
-    y = np.arange(len(rows))
-    ax.barh(y, scores, color=colours, height=0.65)
-    ax.set_yticks(y, labels, fontsize=8)
-    ax.axvline(0, color="#334155", lw=0.8)
-    ax.tick_params(axis="x", labelsize=8)
-    ax.set_xlabel("attribution (→ towards target, ← against)", fontsize=8)
-    lim = max(abs(s) for s in scores) * 1.15
-    ax.set_xlim(-lim, lim)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    return _png_data_uri(fig)
-
-
-def _clip_label(s: str, n: int = 42) -> str:
-    return s if len(s) <= n else s[: n - 1] + "…"
 
 
 # -- parquet ------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Data flow, one folder per stage:
     model/   build (config → modules) → network → artifact (the model directory), export (ONNX)
     engine/  train (+ distributed) → calibrate → infer, batch (streamed predict) → evaluate (metrics,
              operating points, plots), cv, comparison
-    api.py and cli.py are the front doors; config.py says what to build; output.py is how anything is written.
+    api.py and cli.py are the front doors; config/ says what to build; output.py is how anything is written.
 
 The public names load on first use (PEP 562), so `mmdx --help` and `import multimodal.cli` do not pull
 in torch, transformers or scikit-learn.

@@ -302,10 +302,10 @@ class DiagnosisModel:
     def explain(self, records: RecordsLike, *, target=None, method: str = "ig", n_steps: int = 32,
                 internal_batch_size: Optional[int] = None, batch_size: int = 8, ablation: bool = True,
                 progress: bool = False):
-        """Per-patient attributions for every modality (see explain.attribution.explain); the result
+        """Per-patient attributions for every modality (see explain.patients.explain); the result
         is a list of PatientExplanation with `.to_html(out_dir)`."""
         from explain import Explanations, model_info
-        from explain.attribution import explain as attribute
+        from explain.patients import explain as attribute
 
         self._require_trained()
         try:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from explain.attribution import explain, merge_words
+from explain.patients import explain, merge_words
 from explain.faithfulness import faithfulness, inside, lesion_in_input, peak, randomized_copy
 from multimodal import DiagnosisModel
 from multimodal.model.build import build_network

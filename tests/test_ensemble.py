@@ -23,7 +23,7 @@ def _probs(df):
 
 
 def test_members_are_different_seeds_and_the_output_is_their_mean_logit(ensemble, cohort):
-    from explain.attribution import with_net
+    from explain.patients import with_net
     from multimodal.model.network import Ensemble, members
 
     net = ensemble.net
@@ -78,7 +78,7 @@ def test_a_frozen_encoder_is_shared_and_stored_once(cohort, tmp_path):
 def test_attributions_explain_the_mean_logit(ensemble, cohort):
     """IG over every member's layers at once: completeness against the ensemble's own logit holds,
     and Grad-CAM sums the members' maps."""
-    from explain.attribution import iter_batches
+    from explain.patients import iter_batches
 
     rows = []
     for res, exps in iter_batches(ensemble, cohort["val"], n_steps=64, batch_size=8, ablation=False):

