@@ -87,14 +87,32 @@ def positive(model, df: pd.DataFrame) -> np.ndarray:
     return df[f"prob_{model.classes[-1]}"].to_numpy(dtype=float)
 
 
+def run_identity(cfg_path: Path, overrides: dict) -> str:
+    """What a cached run's numbers depend on: the resolved config and the engine's source files. A
+    cached run is reused only under the same identity; keyed by dataset, variant and seed alone, runs
+    of older code once survived into a table that claimed to be of the current one."""
+    import hashlib
+
+    from multimodal import DiagnosisModel
+
+    h = hashlib.sha256(json.dumps(DiagnosisModel.from_config(cfg_path, **overrides).config.model_dump(mode="json"),
+                                  sort_keys=True).encode())
+    for pkg in ("multimodal", "encoders", "fusion"):
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def train_one(cfg_path: Path, overrides: dict, train, test, cache: Path, keep_model: bool = False,
               saved: Path | None = None) -> dict:
     """Train one (variant, seed, split); predict the test patients calibrated, raw, and with each
-    modality removed (fusion variants). Cached as .npz + .json so a rerun skips it."""
+    modality removed (fusion variants). Cached as .npz + .json so a rerun of the same config and
+    code skips it."""
     from multimodal import DiagnosisModel
 
-    if cache.with_suffix(".json").exists():
-        meta = json.loads(cache.with_suffix(".json").read_text())
+    identity = run_identity(cfg_path, overrides)
+    meta = json.loads(cache.with_suffix(".json").read_text()) if cache.with_suffix(".json").exists() else {}
+    if meta.get("identity") == identity:
         if not keep_model:
             return meta | {"preds": dict(np.load(cache.with_suffix(".npz")))}
         if saved is not None and (saved / "checksums.json").exists():  # the run's own model, kept by throughput()
@@ -115,7 +133,7 @@ def train_one(cfg_path: Path, overrides: dict, train, test, cache: Path, keep_mo
     meta = {"epochs_run": len(t["history"]), "best_epoch": t["best_epoch"], "train_seconds": t["train_seconds"],
             "inner_val_auroc": t["best_val_auroc"], "n_train": t["n_train"], "n_inner_val": t["n_val"],
             "temperature": t.get("temperature"), "logit_bias": t.get("logit_bias"),
-            "train_patients_per_s": float(np.median(rate[1:] if len(rate) > 1 else rate))}
+            "train_patients_per_s": float(np.median(rate[1:] if len(rate) > 1 else rate)), "identity": identity}
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache.with_suffix(".npz"), **preds)
     cache.with_suffix(".json").write_text(json.dumps(meta))
@@ -240,6 +258,8 @@ def run_dataset(name: str, args, out: Path) -> dict:
                 if model is not None:
                     kept = out / "work" / name / "measured.json"  # slow side measurements, reused on a rerun
                     done = json.loads(kept.read_text()) if kept.exists() else {}
+                    if done.get("identity") != r.get("identity"):  # of other code or config: measure again
+                        done = {}
                     if name in args.cache_speed and "image" in model.config.modalities:
                         extra["cache_speed"] = done.get("cache_speed") or cached_epoch_speed(
                             cfg_path, base | ov | {"train.seed": seed}, train)
@@ -247,7 +267,8 @@ def run_dataset(name: str, args, out: Path) -> dict:
                         model, test, Path(args.data) / name / "records_val.csv", out / "work" / name, args.threads)) \
                         if not cv else None
                     kept.parent.mkdir(parents=True, exist_ok=True)
-                    kept.write_text(json.dumps({k: extra.get(k) for k in ("cache_speed", "throughput")}))
+                    kept.write_text(json.dumps({k: extra.get(k) for k in ("cache_speed", "throughput")}
+                                               | {"identity": r.get("identity")}))
                     extra["plots"] = [str(p.relative_to(out)) for p in write_plots(
                         y[pos], np.stack([1 - by_key["calibrated"][pos], by_key["calibrated"][pos]], 1),
                         "binary", model.classes, out / "plots" / name)]

@@ -85,3 +85,27 @@ def test_quick_benchmark_grouped_cv_predicts_every_patient_once(tmp_path):
     assert len([r for r in d["runs"] if r["variant"] == "attention"]) == 2  # one per fold
     assert np.isfinite(d["summary"]["attention"]["auroc"]["value"])  # no patient left unpredicted (NaN)
     assert "2-fold grouped CV" in md
+
+
+def test_a_cached_run_is_reused_only_for_the_same_config_and_code(cohort, tmp_path, monkeypatch):
+    """The harness keeps each run's predictions to skip it on a rerun; a run of another config or of
+    other engine code must be trained again, not reported as if it were of this one."""
+    import real_data
+    from multimodal import DiagnosisModel
+
+    cfg = REPO / "configs" / "synthetic.yaml"
+    ov = {"modalities": "tabular", "train.epochs": 1}
+    fits = []
+    fit = DiagnosisModel.fit
+    monkeypatch.setattr(DiagnosisModel, "fit", lambda self, *a, **k: fits.append(1) or fit(self, *a, **k))
+    cache = tmp_path / "runs" / "synthetic__tabular__s0__val"
+    first = real_data.train_one(cfg, ov, cohort["train"], cohort["test"], cache)
+    again = real_data.train_one(cfg, ov, cohort["train"], cohort["test"], cache)
+    assert len(fits) == 1 and np.array_equal(first["preds"]["calibrated"], again["preds"]["calibrated"])
+    real_data.train_one(cfg, ov | {"train.seed": 1}, cohort["train"], cohort["test"], cache)  # another config
+    assert len(fits) == 2
+    monkeypatch.setattr(real_data, "ROOT", tmp_path)  # other engine sources: here, none at all
+    (tmp_path / "multimodal").mkdir()
+    (tmp_path / "multimodal" / "changed.py").write_text("x = 1\n")
+    real_data.train_one(cfg, ov | {"train.seed": 1}, cohort["train"], cohort["test"], cache)
+    assert len(fits) == 3
