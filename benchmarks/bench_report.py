@@ -107,7 +107,8 @@ def write_markdown(report: dict, path: Path, plots_base: Path) -> Path:
              f"{', '.join(map(str, report['seeds']))}; {report['n_boot']} bootstrap resamples; overrides "
              f"{report['overrides'] or 'none'}",
              f"- Machine: {env['cpu']}, {env['cores']} cores, {env['torch_threads']} torch threads, "
-             f"GPU: {env['gpu'] or 'none'} ({env['platform']})",
+             f"GPU: {env['gpu'] or 'none'} ({env['platform']})" +
+             ("; malloc tuned as `mmdx` runs (`multimodal/runtime.py`)" if env.get("malloc_tuned") else ""),
              f"- Versions: Python {env['python']}, torch {env['torch']}, timm {env['timm']}, transformers "
              f"{env['transformers']}, captum {env['captum']}, scikit-learn {env['scikit-learn']}", "",
              "**How to read the tables.** Each variant is trained with the same config, epochs, early stopping and "

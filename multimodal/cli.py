@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from multimodal.errors import UserError
+from multimodal.runtime import tune_malloc
 
 
 def _train(a) -> None:
@@ -318,6 +319,7 @@ def default_workers() -> int:
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tune_malloc()
     args = build_parser().parse_args(argv)
     if getattr(args, "workers", 0) is None:
         args.workers = default_workers()

@@ -10,6 +10,10 @@ import pytest
 # Feature caches and converted weights go to a throwaway folder, never the user's ~/.cache/mmdx.
 os.environ.setdefault("MMDX_CACHE", tempfile.mkdtemp(prefix="mmdx-test-cache-"))
 
+from multimodal.runtime import tune_malloc  # noqa: E402
+
+tune_malloc()  # the suite trains and predicts as `mmdx` does (and faster: less time faulting pages in)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 

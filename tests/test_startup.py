@@ -31,3 +31,51 @@ def test_predict_path_skips_explain_and_training_only_libraries():
     loaded = _loaded_after("from multimodal.api import DiagnosisModel")
     assert "torch" in loaded
     assert not {"sklearn", "captum", "matplotlib", "transformers", "jinja2"} & set(loaded)
+
+
+_FAULTS = """
+import ctypes, os, resource, sys
+from multimodal.runtime import tune_malloc
+applied = tune_malloc() if sys.argv[1] == "tuned" else False
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+def round_trip():  # a batch's activations: several MB-sized buffers, written, then all freed
+    bufs = [libc.malloc(8 << 20) for _ in range(4)]
+    for b in bufs:
+        libc.memset(b, 1, 8 << 20)
+    for b in reversed(bufs):
+        libc.free(b)
+for _ in range(3):
+    round_trip()  # glibc's dynamic thresholds settle
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    round_trip()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str, **env) -> tuple[str, int]:
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "MMDX_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True,
+                         env=clean | env).stdout.split()
+    return out[0], int(out[1])
+
+
+def test_tuned_malloc_keeps_freed_batch_memory_instead_of_faulting_it_in_again():
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    applied, tuned = _faults("tuned")
+    assert applied == "True"
+    _, default = _faults("default")
+    pages = 10 * 4 * (8 << 20) // 4096  # every page of every round, were it returned each time
+    assert default > pages // 2  # glibc's own settings give the memory back each round ...
+    assert tuned < pages // 20  # ... the tuned process reuses it
+    # a user's own malloc settings, or MMDX_MALLOC=default, are left alone
+    assert _faults("tuned", MALLOC_ARENA_MAX="2")[0] == "False"
+    assert _faults("tuned", MMDX_MALLOC="default")[0] == "False"
