@@ -59,7 +59,8 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def _faults(mode: str, **env) -> tuple[str, int]:
     import os
 
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "MMDX_MALLOC"}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in ("MMDX_MALLOC", "LD_PRELOAD")}
     out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True,
                          env=clean | env).stdout.split()
     return out[0], int(out[1])
