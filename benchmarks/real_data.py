@@ -93,10 +93,9 @@ def run_identity(cfg_path: Path, overrides: dict) -> str:
     of older code once survived into a table that claimed to be of the current one."""
     import hashlib
 
-    from multimodal import DiagnosisModel
+    from multimodal.config import load_config
 
-    h = hashlib.sha256(json.dumps(DiagnosisModel.from_config(cfg_path, **overrides).config.model_dump(mode="json"),
-                                  sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(load_config(cfg_path, overrides).model_dump(mode="json"), sort_keys=True).encode())
     for pkg in ("multimodal", "encoders", "fusion"):
         for f in sorted((ROOT / pkg).rglob("*.py")):
             h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
