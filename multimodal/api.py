@@ -16,7 +16,7 @@ from multimodal.model.build import build_network
 from multimodal.config import Config, config_from_dict, load_config
 from multimodal.data.batches import RecordDataset
 from multimodal.errors import UserError
-from multimodal.engine.inference import amp_dtype, resolve_device, run_inference, scored
+from multimodal.engine.inference import amp_dtype, resolve_device, run_inference, scored, start_early
 from multimodal.engine.metrics import compute_metrics, predicted
 from multimodal.data.preprocess import Preprocessing
 from multimodal.data.records import Records, load_records
@@ -29,9 +29,22 @@ RecordsLike = Union[str, Path, pd.DataFrame, Records]
 class DiagnosisModel:
     def __init__(self, config: Config, prep: Optional[Preprocessing] = None, net=None,
                  metrics: Optional[dict] = None):
+        self._build, self._build_device = None, None  # load(defer_network=True): how to build it later
         self.config, self.prep, self.net, self.metrics = config, prep, net, metrics or {}
         self.model_dir: Optional[Path] = None
         self.engine = None  # an OnnxNetwork that predict/evaluate run instead of self.net (use_onnx)
+
+    @property
+    def net(self):
+        """The PyTorch network. After load(defer_network=True) it is built here, on first use."""
+        if self._build is not None:
+            build, self._build = self._build, None
+            self._net = build()
+        return self._net
+
+    @net.setter
+    def net(self, value) -> None:
+        self._net, self._build = value, None
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -44,20 +57,31 @@ class DiagnosisModel:
 
     @classmethod
     def load(cls, model_dir: Union[str, Path], device: Optional[str] = None, onnx=None,
-             threads: Optional[int] = None) -> "DiagnosisModel":
+             threads: Optional[int] = None, defer_network: bool = False) -> "DiagnosisModel":
         """Builds the network from the directory alone (no network, no code from it). The training
         image root is not used: relative image paths resolve against each records file's folder, or
         an `image_root` given here and now (`model.config.data.image_root = ...`, CLI --image-root).
 
         `onnx`: a file `export_onnx` wrote from this directory. predict/evaluate then run in ONNX Runtime
-        (CPU) and the PyTorch network is not built at all; use use_onnx() to keep both."""
+        (CPU) and the PyTorch network is not built at all; use use_onnx() to keep both.
+        `defer_network`: the directory is checked now, the network built on first use, so that the first
+        predict decodes its first images while the network builds (what `mmdx predict` does). A
+        model.safetensors that does not fit then fails there, not here."""
         if onnx is not None and resolve_device(device or "cpu").type != "cpu":
             raise UserError("the ONNX path runs on CPU; load the model with device='cpu'")
-        cfg, prep, net, metrics = artifact.load(model_dir, resolve_device(device or "auto"), network=onnx is None)
+        dev = resolve_device(device or "auto")
+        cfg, prep, state, metrics = artifact.read(model_dir)
         cfg.data.image_root = None
-        model = cls(cfg, prep, net, metrics)
+        model = cls(cfg, prep, None, metrics)
         model.model_dir = Path(model_dir)
-        return model.use_onnx(onnx, threads) if onnx is not None else model
+        if onnx is not None:
+            return model.use_onnx(onnx, threads)
+        if defer_network:
+            model._build = lambda: artifact.build_stored(model_dir, cfg, prep, state, dev)
+            model._build_device = dev
+        else:
+            model.net = artifact.build_stored(model_dir, cfg, prep, state, dev)
+        return model
 
     def save(self, model_dir: Union[str, Path], overwrite: bool = False, inputs=()) -> Path:
         """Writes a new directory; replaces an earlier model directory only with `overwrite=True`, and
@@ -73,13 +97,15 @@ class DiagnosisModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.net.parameters()).device if self.net is not None else torch.device("cpu")
+        if self._build is not None:
+            return self._build_device
+        return next(self._net.parameters()).device if self._net is not None else torch.device("cpu")
 
     def records(self, obj: RecordsLike, labels: bool = False) -> Records:
         return obj if isinstance(obj, Records) else load_records(obj, self.config, labels=labels)
 
     def _require_trained(self) -> None:
-        if self.net is None and self.engine is None:
+        if self._net is None and self._build is None and self.engine is None:
             raise UserError("model is not trained: call fit() or DiagnosisModel.load()")
 
     # -- training -------------------------------------------------------------------------------
@@ -213,11 +239,21 @@ class DiagnosisModel:
     def _infer(self, rec: Records, batch_size: int, workers: int, progress: bool, absent=None,
                logits: bool = False) -> dict:
         self._require_trained()
-        ds = RecordDataset(rec, self.prep, self.config.modalities, self.config)
-        dl = make_loader(ds, self.config, self.prep, False, self.device, batch_size, workers=workers)
-        return run_inference(self.engine or self.net, dl, self.device, self.config.task.type,
-                             amp_dtype(self.device, self.config.train.amp), progress=progress, absent=absent,
-                             logits=logits)
+        cfg = self.config
+        ds = RecordDataset(rec, self.prep, cfg.modalities, cfg)
+
+        def loader(d, w: int, **kw):
+            return make_loader(d, cfg, self.prep, False, self.device, batch_size, workers=w, **kw)
+
+        if self.engine is None and self._build is not None:  # decode while the network builds
+            ic = cfg.image
+            batches = start_early(ds, loader, batch_size, workers,
+                                  ic.max_images * ic.in_chans * ic.size ** 2 * 4 if "image" in cfg.modalities else 0)
+        else:
+            batches = loader(ds, workers)
+        return run_inference(self.engine or self.net, batches, self.device, cfg.task.type,
+                             amp_dtype(self.device, cfg.train.amp), progress=progress, absent=absent,
+                             logits=logits, n=len(ds))
 
     def predict(self, records: RecordsLike, batch_size: int = 64, workers: int = 0, progress: bool = False,
                 absent: Optional[list[str]] = None) -> pd.DataFrame:

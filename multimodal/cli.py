@@ -69,10 +69,10 @@ def _config(a) -> None:
     print(json.dumps(load_config(a.config, parse_overrides(a.overrides)).model_dump(mode="json"), indent=2))
 
 
-def _load(a):
+def _load(a, defer_network: bool = False):
     from multimodal.api import DiagnosisModel
 
-    model = DiagnosisModel.load(a.model, device=a.device, onnx=getattr(a, "onnx", None))
+    model = DiagnosisModel.load(a.model, device=a.device, onnx=getattr(a, "onnx", None), defer_network=defer_network)
     if a.image_root:
         model.config.data.image_root = a.image_root
     return model
@@ -90,7 +90,7 @@ def _predict(a) -> None:
     shard = Shard.from_env()
     if shard.world > 1 and a.device is None and os.environ.get("LOCAL_RANK") and not a.onnx:
         a.device = f"cuda:{os.environ['LOCAL_RANK']}"  # falls back to cpu where there is no GPU
-    model = _load(a)
+    model = _load(a, defer_network=True)  # built while the first images decode
     s = model.predict_file(a.records, a.out, chunk_rows=a.chunk_rows, resume=a.resume, batch_size=a.batch_size,
                      workers=a.workers, progress=not a.quiet, shard=shard)
     if shard.rank == 0:
@@ -115,7 +115,7 @@ def _evaluate(a) -> None:
         check_file_target(a.out, _inputs(a))
     for name in ("roc.png", "reliability.png") if a.plots else ():
         check_file_target(Path(a.plots) / name, _inputs(a))
-    model = _load(a)
+    model = _load(a, defer_network=True)
     m = model.evaluate(a.records, n_boot=a.n_boot, batch_size=a.batch_size, workers=a.workers, progress=not a.quiet,
                        plots_dir=a.plots)
     print(format_table(m))

@@ -177,3 +177,46 @@ def test_onnx_export_predicts_like_pytorch(capsys, cohort, tmp_path):
     code, _, err = run_cli(capsys, "predict", "--model", other, "--records", cohort["test"], "--out",
                            tmp_path / "x.csv", "--onnx", tmp_path / "m.onnx")
     one_line_error(code, err, "was not exported from")
+
+
+# -- decoding starts while the network builds ----------------------------------------------------------------------
+def _loader_and_dataset(model, records):
+    from multimodal.data.batches import RecordDataset
+    from multimodal.engine.train import make_loader
+
+    rec = model.records(records)
+    ds = RecordDataset(rec, model.prep, model.config.modalities, model.config)
+    return ds, lambda d, w, **kw: make_loader(d, model.config, model.prep, False, model.device, 16, workers=w, **kw)
+
+
+@pytest.mark.parametrize("budget_records, head_started", [(48, True), (10_000, True), (8, False)])
+def test_start_early_yields_the_batches_of_a_plain_loader(tiny_model, big_records, budget_records, head_started):
+    import multiprocessing
+
+    import torch
+
+    from multimodal.engine.inference import start_early
+
+    ds, loader = _loader_and_dataset(tiny_model, big_records)
+    assert len(ds) % 16 and len(ds) > 48  # a partial last batch, and a head shorter than the file
+    before = set(multiprocessing.active_children())
+    early = start_early(ds, loader, 16, 0, record_bytes=1000, budget=budget_records * 1000)
+    # the worker is decoding before the first batch is asked for (that is the point)
+    assert bool(set(multiprocessing.active_children()) - before) == head_started
+    got, want = list(early), list(loader(ds, 0))
+    assert [len(b["index"]) for b in got] == [len(b["index"]) for b in want]
+    for g, w in zip(got, want):
+        assert g["error"] == w["error"]
+        for k, v in w.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(g[k], v), k
+
+
+def test_deferred_network_predicts_what_a_loaded_one_does(model_dir, big_records):
+    from multimodal import DiagnosisModel
+
+    lazy = DiagnosisModel.load(model_dir, defer_network=True)
+    assert lazy._net is None and lazy.device.type == "cpu"  # checked, not built
+    got = lazy.predict(big_records)
+    assert lazy._net is not None
+    pd.testing.assert_frame_equal(got, DiagnosisModel.load(model_dir).predict(big_records))

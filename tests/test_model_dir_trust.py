@@ -130,6 +130,7 @@ def test_predict_cli_with_hub_config_is_one_line(capsys, tiny_model, cohort, tmp
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("mmdx: error:") and "not a timm architecture" in err and len(err.splitlines()) == 1
     assert no_network == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the network failed to build: no job folder left
 
 
 # -- 3: the manifest must vouch for every file ---------------------------------------------------------------------

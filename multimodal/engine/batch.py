@@ -175,15 +175,21 @@ def predict_file(model, records, out, *, chunk_rows: int = 10_000, resume: bool 
         _barrier(shard)
         n_chunks, done = 0, 0
         bar = progress_bar(desc="predict", unit="rec", enabled=progress and shard.rank == 0)
-        for i, rec in enumerate(iter_record_chunks(records, model.config, chunk_rows, model.config.data.image_root)):
-            n_chunks = i + 1
-            if i % shard.world != shard.rank or _part(parts, i).exists():
-                bar.update(len(rec) if i % shard.world == shard.rank else 0)
-                continue
-            result = model._infer(rec, batch_size, workers, False)
-            _write_part(model._frame(rec, result), _part(parts, i))
-            done += len(rec)
-            bar.update(len(rec))
+        try:
+            chunks = iter_record_chunks(records, model.config, chunk_rows, model.config.data.image_root)
+            for i, rec in enumerate(chunks):
+                n_chunks = i + 1
+                if i % shard.world != shard.rank or _part(parts, i).exists():
+                    bar.update(len(rec) if i % shard.world == shard.rank else 0)
+                    continue
+                result = model._infer(rec, batch_size, workers, False)  # a deferred network builds in the first one
+                _write_part(model._frame(rec, result), _part(parts, i))
+                done += len(rec)
+                bar.update(len(rec))
+        except BaseException:
+            if shard.world == 1 and not done and not reused:  # nothing to resume: leave no folder behind
+                _clear(parts)
+            raise
         bar.close()
         _barrier(shard)
         if shard.rank != 0:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import time
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from multimodal.data.batches import to_device
 from multimodal.progress import bar as progress_bar
@@ -46,12 +48,45 @@ def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
     return torch.softmax(logits, 1) if task == "multiclass" else torch.sigmoid(logits)
 
 
+def shared_memory_budget(cap: int = 512 << 20) -> int:
+    """Bytes of decoded batches that may wait in worker queues: a quarter of what /dev/shm has free
+    (containers often give it 64 MB), at most `cap`."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return min(cap, st.f_bavail * st.f_frsize // 4)
+
+
+def start_early(ds, loader: Callable[..., DataLoader], batch_size: int, workers: int, record_bytes: int,
+                budget: Optional[int] = None) -> Iterable[dict]:
+    """The batches `loader(ds, workers)` yields, in the same order and the same composition, with
+    decoding already under way in worker processes when this returns, so that it runs while the
+    caller builds its network: timm's import and the weights are seconds of a short job's start
+    (`mmdx predict` loads the network lazily for this).
+
+    With `workers=0`, one worker decodes the leading batches that fit in `budget` bytes (record_bytes
+    each, a record's largest decoded size) and exits; the main process decodes the rest as usual.
+    `record_bytes=0` (nothing to decode, e.g. no images) starts nothing early."""
+    if workers > 0:
+        return iter(loader(ds, workers))  # forks the workers now; they start on their first batches
+    n = len(ds)
+    fits = (shared_memory_budget() if budget is None else budget) // max(record_bytes, 1) // batch_size * batch_size
+    k = min(n, fits)
+    if record_bytes <= 0 or k < batch_size:
+        return loader(ds, 0)
+    head = iter(loader(Subset(ds, range(k)), 1, prefetch=-(-k // batch_size), persistent=False))
+    return itertools.chain(head, loader(Subset(ds, range(k, n)), 0) if k < n else ())
+
+
 @torch.no_grad()
-def run_inference(net, loader: DataLoader, device: torch.device, task: str, amp: Optional[torch.dtype] = None,
-                  progress: bool = False, desc: str = "predict", absent=None, logits: bool = False) -> dict:
-    """Probabilities (or raw logits) for every record the loader yields, in dataset order; error rows get NaN."""
+def run_inference(net, loader: Iterable[dict], device: torch.device, task: str, amp: Optional[torch.dtype] = None,
+                  progress: bool = False, desc: str = "predict", absent=None, logits: bool = False,
+                  n: Optional[int] = None) -> dict:
+    """Probabilities (or raw logits) for every record the loader yields, in dataset order; error rows get NaN.
+    `n`: how many records, where `loader` is not a DataLoader (start_early's batches)."""
     net.eval()
-    n = len(loader.dataset)
+    n = len(loader.dataset) if n is None else n
     probs, errors = None, [None] * n
     t_model, t0 = 0.0, time.perf_counter()
     bar = progress_bar(total=n, desc=desc, unit="rec", enabled=progress)

@@ -162,13 +162,17 @@ def check_loadable(failed: dict[int, str], n: int, what: str, cfg: Config) -> No
 
 
 def make_loader(ds, cfg: Config, prep: Preprocessing, shuffle: bool, device: torch.device, batch_size: int,
-                seed: int = 0, workers: int = 0, sampler=None) -> DataLoader:
+                seed: int = 0, workers: int = 0, sampler=None, prefetch: Optional[int] = None,
+                persistent: bool = True) -> DataLoader:
+    """`prefetch`: batches each worker may run ahead (DataLoader's prefetch_factor; its default 2 when
+    None). `persistent`: keep the workers between epochs."""
     g = torch.Generator().manual_seed(seed)
-    stage = ds.features.stage if getattr(ds, "features", None) is not None else 0
+    features = getattr(getattr(ds, "dataset", ds), "features", None)  # a Subset's too
+    stage = features.stage if features is not None else 0
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=g,
-                      num_workers=workers,
+                      num_workers=workers, prefetch_factor=prefetch if workers else None,
                       collate_fn=Collate(prep, cfg.modalities, cfg, image_stage=stage), pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0)
+                      persistent_workers=persistent and workers > 0)
 
 
 def validation_score(y: np.ndarray, probs: np.ndarray, task: str) -> float:

@@ -151,9 +151,13 @@ def load(model_dir, device: Optional[torch.device] = None, network: bool = True)
     folder lookups, no pretrained weights fetched, no remote code (see build.build_network(offline=True)).
     `network=False`: checksums verified but no network built (None): the ONNX path runs without it,
     and without importing timm (seconds of a short job's start)."""
-    from safetensors import SafetensorError
+    cfg, prep, state, metrics = read(model_dir)
+    return cfg, prep, build_stored(model_dir, cfg, prep, state, device) if network else None, metrics
 
-    from multimodal.model.build import build_network
+
+def read(model_dir):
+    """→ (config, preprocessing, preprocessing state, metrics): everything but the network, checksums
+    verified. Cheap: no timm import, no weights read; build_stored() makes the network from it."""
     from multimodal.data.preprocess import Preprocessing
 
     d = Path(model_dir)
@@ -175,8 +179,16 @@ def load(model_dir, device: Optional[torch.device] = None, network: bool = True)
         raise
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise UserError(f"{d}: preprocessing.json does not fit config.json ({type(e).__name__}: {e})") from None
-    if not network:
-        return cfg, prep, None, _read_json(d, "metrics.json")
+    return cfg, prep, state, _read_json(d, "metrics.json")
+
+
+def build_stored(model_dir, cfg, prep, state: dict, device: Optional[torch.device] = None):
+    """The network of a directory read() has checked, with its weights, in eval mode on `device`."""
+    from safetensors import SafetensorError
+
+    from multimodal.model.build import build_network
+
+    d = Path(model_dir)
     net = build_network(cfg, prep, text_config=state.get("text_encoder_config"), offline=True)
     device = device or torch.device("cpu")
     try:
@@ -184,5 +196,4 @@ def load(model_dir, device: Optional[torch.device] = None, network: bool = True)
     except (RuntimeError, SafetensorError, OSError) as e:
         first = " ".join(str(e).split())[:200]
         raise UserError(f"{d}: model.safetensors does not fit the network config.json describes ({first})") from None
-    net.to(device).eval()
-    return cfg, prep, net, _read_json(d, "metrics.json")
+    return net.to(device).eval()
