@@ -246,9 +246,10 @@ class DiagnosisModel:
             return make_loader(d, cfg, self.prep, False, self.device, batch_size, workers=w, **kw)
 
         if self.engine is None and self._build is not None:  # decode while the network builds
-            ic = cfg.image
-            batches = start_early(ds, loader, batch_size, workers,
-                                  ic.max_images * ic.in_chans * ic.size ** 2 * 4 if "image" in cfg.modalities else 0)
+            cols = cfg.image.columns
+            sizes = [self.prep.image.decoded_bytes(cells) for cells in rec.df[cols].itertuples(index=False)] \
+                if "image" in cfg.modalities else None
+            batches = start_early(ds, loader, batch_size, workers, sizes)
         else:
             batches = loader(ds, workers)
         return run_inference(self.engine or self.net, batches, self.device, cfg.task.type,

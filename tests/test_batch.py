@@ -200,7 +200,7 @@ def test_start_early_yields_the_batches_of_a_plain_loader(tiny_model, big_record
     ds, loader = _loader_and_dataset(tiny_model, big_records)
     assert len(ds) % 16 and len(ds) > 48  # a partial last batch, and a head shorter than the file
     before = set(multiprocessing.active_children())
-    early = start_early(ds, loader, 16, 0, record_bytes=1000, budget=budget_records * 1000)
+    early = start_early(ds, loader, 16, 0, sizes=[1000] * len(ds), budget=budget_records * 1000)
     # the worker is decoding before the first batch is asked for (that is the point)
     assert bool(set(multiprocessing.active_children()) - before) == head_started
     got, want = list(early), list(loader(ds, 0))
@@ -220,3 +220,13 @@ def test_deferred_network_predicts_what_a_loaded_one_does(model_dir, big_records
     got = lazy.predict(big_records)
     assert lazy._net is not None
     pd.testing.assert_frame_equal(got, DiagnosisModel.load(model_dir).predict(big_records))
+
+
+def test_decoded_size_bound_counts_views_without_reading_files(tiny_model):
+    pi = tiny_model.prep.image
+    view = pi.cfg.in_chans * pi.cfg.size ** 2 * 4
+    assert pi.decoded_bytes(["a.png;b.JPG"]) == min(2, pi.cfg.max_images) * view
+    assert pi.decoded_bytes([None]) == 0
+    for maybe_many in ("scan.dcm", "series_folder", "IM0001"):  # multi-frame DICOM, a series: the cap
+        assert pi.decoded_bytes([maybe_many]) == pi.cfg.max_images * view
+    assert pi.decoded_bytes([";".join(f"{i}.png" for i in range(9))]) == pi.cfg.max_images * view

@@ -80,3 +80,22 @@ def test_tuned_malloc_keeps_freed_batch_memory_instead_of_faulting_it_in_again()
     # a user's own malloc settings, or MMDX_MALLOC=default, are left alone
     assert _faults("tuned", MALLOC_ARENA_MAX="2")[0] == "False"
     assert _faults("tuned", MMDX_MALLOC="default")[0] == "False"
+
+
+def test_mmdx_command_skips_teardown_but_runs_exit_handlers_and_keeps_its_code(tmp_path):
+    """entry() ends with os._exit: what a normal exit would still do must happen first."""
+    log = tmp_path / "mmdx.log"
+    code = ("import atexit, logging, sys\n"
+            f"h = logging.FileHandler({str(log)!r}); logging.getLogger('probe').addHandler(h)\n"
+            "logging.getLogger('probe').warning('buffered line')\n"
+            "atexit.register(lambda: print('exit handler ran'))\n"
+            "sys.stdout.write('unflushed output ')\n"
+            "sys.argv = ['mmdx', 'predict', '--model', 'no-such-model', '--records', 'r.csv', '--out', "
+            f"{str(tmp_path / 'p.csv')!r}]\n"
+            "from multimodal.cli import entry\nentry()\nprint('not reached')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stdout == "unflushed output exit handler ran\n"
+    assert r.stderr == "mmdx: error: no-such-model: not a model directory (no such folder)\n"
+    assert log.read_text() == "buffered line\n"
+    assert not (tmp_path / "p.csv").exists()

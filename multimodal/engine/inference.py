@@ -5,7 +5,7 @@ import contextlib
 import itertools
 import os
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,24 +58,27 @@ def shared_memory_budget(cap: int = 512 << 20) -> int:
     return min(cap, st.f_bavail * st.f_frsize // 4)
 
 
-def start_early(ds, loader: Callable[..., DataLoader], batch_size: int, workers: int, record_bytes: int,
-                budget: Optional[int] = None) -> Iterable[dict]:
+def start_early(ds, loader: Callable[..., DataLoader], batch_size: int, workers: int,
+                sizes: Optional[Sequence[int]] = None, budget: Optional[int] = None) -> Iterable[dict]:
     """The batches `loader(ds, workers)` yields, in the same order and the same composition, with
     decoding already under way in worker processes when this returns, so that it runs while the
     caller builds its network: timm's import and the weights are seconds of a short job's start
     (`mmdx predict` loads the network lazily for this).
 
-    With `workers=0`, one worker decodes the leading batches that fit in `budget` bytes (record_bytes
-    each, a record's largest decoded size) and exits; the main process decodes the rest as usual.
-    `record_bytes=0` (nothing to decode, e.g. no images) starts nothing early."""
+    With `workers=0`, one worker decodes the leading batches that fit in `budget` bytes and exits; the
+    main process decodes the rest as usual. `sizes`: bytes per decoded record; a batch takes its
+    largest record's size times its length (it is padded to it). None (nothing worth decoding ahead,
+    e.g. no images) starts nothing early."""
     if workers > 0:
         return iter(loader(ds, workers))  # forks the workers now; they start on their first batches
-    n = len(ds)
-    fits = (shared_memory_budget() if budget is None else budget) // max(record_bytes, 1) // batch_size * batch_size
-    k = min(n, fits)
-    if record_bytes <= 0 or k < batch_size:
+    n, budget = len(ds), shared_memory_budget() if budget is None else budget
+    k = 0
+    if sizes is not None:
+        padded = [max(sizes[i:i + batch_size]) * len(sizes[i:i + batch_size]) for i in range(0, n, batch_size)]
+        k = min(n, int(np.searchsorted(np.cumsum(padded), budget, side="right")) * batch_size)
+    if k < batch_size and k < n or k == 0:
         return loader(ds, 0)
-    head = iter(loader(Subset(ds, range(k)), 1, prefetch=-(-k // batch_size), persistent=False))
+    head = iter(loader(Subset(ds, range(k)), 1, prefetch=-(-k // batch_size), persistent=False))  # starts now
     return itertools.chain(head, loader(Subset(ds, range(k, n)), 0) if k < n else ())
 
 

@@ -17,6 +17,9 @@ from multimodal.data.imageio import printable_path, read_image
 from multimodal.data.series import series_slices
 
 
+RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
 def split_paths(cell) -> list[str]:
     if cell is None or (isinstance(cell, float) and np.isnan(cell)):
         return []
@@ -41,6 +44,16 @@ class ImagePreprocessor:
         if tuple(t.shape[-2:]) != size:
             t = F.interpolate(t[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
         return t.clamp_(0, 1)
+
+    def decoded_bytes(self, cells: list) -> int:
+        """What load() returns for these cells takes in memory, bounded without reading a file: a PNG
+        or JPEG-like name is one view (Pillow reads the first frame), anything else (a DICOM file,
+        perhaps multi-frame; a series folder) counts as max_images. Only a multi-frame DICOM file
+        under a raster name would be counted short."""
+        c = self.cfg
+        views = sum(1 if Path(p).suffix.lower() in RASTER_SUFFIXES else c.max_images
+                    for cell in cells for p in split_paths(cell))
+        return min(views, c.max_images) * c.in_chans * c.size ** 2 * 4
 
     def load(self, cells: list, root: Path) -> torch.Tensor:
         """All images of one record as [V, C, H, W] in [0, 1] (V may be 0), capped at max_images."""
