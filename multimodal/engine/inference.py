@@ -72,11 +72,12 @@ def start_early(ds, loader: Callable[..., DataLoader], batch_size: int, workers:
     if workers > 0:
         return iter(loader(ds, workers))  # forks the workers now; they start on their first batches
     n, budget = len(ds), shared_memory_budget() if budget is None else budget
-    k = 0
+    k = 0  # records decoded ahead: whole batches, or all of them
     if sizes is not None:
-        padded = [max(sizes[i:i + batch_size]) * len(sizes[i:i + batch_size]) for i in range(0, n, batch_size)]
-        k = min(n, int(np.searchsorted(np.cumsum(padded), budget, side="right")) * batch_size)
-    if k < batch_size and k < n or k == 0:
+        batches = (sizes[i:i + batch_size] for i in range(0, n, batch_size))
+        padded = np.cumsum([max(b) * len(b) for b in batches])
+        k = min(n, int(np.searchsorted(padded, budget, side="right")) * batch_size)
+    if k == 0:
         return loader(ds, 0)
     head = iter(loader(Subset(ds, range(k)), 1, prefetch=-(-k // batch_size), persistent=False))  # starts now
     return itertools.chain(head, loader(Subset(ds, range(k, n)), 0) if k < n else ())

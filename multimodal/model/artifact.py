@@ -144,20 +144,10 @@ def _read_json(d: Path, name: str):
         raise UserError(f"{d}: {name} is not valid JSON") from None
 
 
-def load(model_dir, device: Optional[torch.device] = None, network: bool = True):
-    """→ (config, preprocessing, network on `device`, metrics). Works whatever device it was trained on.
-
-    The network is built from config.json, preprocessing.json and model.safetensors alone: no hub or
-    folder lookups, no pretrained weights fetched, no remote code (see build.build_network(offline=True)).
-    `network=False`: checksums verified but no network built (None): the ONNX path runs without it,
-    and without importing timm (seconds of a short job's start)."""
-    cfg, prep, state, metrics = read(model_dir)
-    return cfg, prep, build_stored(model_dir, cfg, prep, state, device) if network else None, metrics
-
-
 def read(model_dir):
     """→ (config, preprocessing, preprocessing state, metrics): everything but the network, checksums
-    verified. Cheap: no timm import, no weights read; build_stored() makes the network from it."""
+    verified. Cheap: no timm import, no weights read. The ONNX path needs no more; build_stored()
+    makes the PyTorch network from it."""
     from multimodal.data.preprocess import Preprocessing
 
     d = Path(model_dir)
@@ -183,7 +173,10 @@ def read(model_dir):
 
 
 def build_stored(model_dir, cfg, prep, state: dict, device: Optional[torch.device] = None):
-    """The network of a directory read() has checked, with its weights, in eval mode on `device`."""
+    """The network of a directory read() has checked, with its weights, in eval mode on `device`
+    (whatever device it was trained on). Built from config.json, preprocessing.json and
+    model.safetensors alone: no hub or folder lookups, no pretrained weights fetched, no remote code
+    (see build.build_network(offline=True))."""
     from safetensors import SafetensorError
 
     from multimodal.model.build import build_network
