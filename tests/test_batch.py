@@ -194,6 +194,7 @@ def test_start_early_yields_the_batches_of_a_plain_loader(tiny_model, big_record
     import multiprocessing
 
     import torch
+    from torch.utils.data import Subset
 
     from multimodal.engine.inference import start_early
 
@@ -204,6 +205,9 @@ def test_start_early_yields_the_batches_of_a_plain_loader(tiny_model, big_record
     # the worker is decoding before the first batch is asked for (that is the point)
     assert bool(set(multiprocessing.active_children()) - before) == head_started
     got, want = list(early), list(loader(ds, 0))
+    before = set(multiprocessing.active_children())
+    start_early(Subset(ds, range(16)), loader, 16, 0, sizes=[1000] * 16, budget=10**9)
+    assert not set(multiprocessing.active_children()) - before  # one batch: nothing to gain from a worker
     assert [len(b["index"]) for b in got] == [len(b["index"]) for b in want]
     for g, w in zip(got, want):
         assert g["error"] == w["error"]

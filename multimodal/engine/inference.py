@@ -68,7 +68,8 @@ def start_early(ds, loader: Callable[..., DataLoader], batch_size: int, workers:
     With `workers=0`, one worker decodes the leading batches that fit in `budget` bytes and exits; the
     main process decodes the rest as usual. `sizes`: bytes per decoded record; a batch takes its
     largest record's size times its length (it is padded to it). None (nothing worth decoding ahead,
-    e.g. no images) starts nothing early."""
+    e.g. no images) starts nothing early, nor does a job of one batch: its decoding takes less than
+    starting the worker (0.2 s more per call, measured on a 24-record predict)."""
     if workers > 0:
         return iter(loader(ds, workers))  # forks the workers now; they start on their first batches
     n, budget = len(ds), shared_memory_budget() if budget is None else budget
@@ -77,7 +78,7 @@ def start_early(ds, loader: Callable[..., DataLoader], batch_size: int, workers:
         batches = (sizes[i:i + batch_size] for i in range(0, n, batch_size))
         padded = np.cumsum([max(b) * len(b) for b in batches])
         k = min(n, int(np.searchsorted(padded, budget, side="right")) * batch_size)
-    if k == 0:
+    if k == 0 or n <= batch_size:
         return loader(ds, 0)
     head = iter(loader(Subset(ds, range(k)), 1, prefetch=-(-k // batch_size), persistent=False))  # starts now
     return itertools.chain(head, loader(Subset(ds, range(k, n)), 0) if k < n else ())
