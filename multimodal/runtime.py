@@ -7,7 +7,7 @@ each batch faults every page in again. `mmdx predict` on HAM10000 validation (Ef
 2 cores) spent 13 of its 40 CPU-seconds in the kernel on 3.6 M page faults. With the settings below
 it used 2.7 s, and the run took about 17.5 s instead of 24.5 (measured side by side, 2026-12-01).
 Buffers above 32 MB are still mapped each time: ResNet-18 at batch 64 gains less (BENCHMARKS.md,
-throughput: 0.66x -> 0.69x of the eager forward).
+throughput: the `MMDX_MALLOC=default` row against `mmdx predict end to end`).
 
 The cost is memory held rather than returned: up to the trim threshold of free heap stays with the
 process. A user who sets any MALLOC_* variable keeps their own settings. MMDX_MALLOC=default turns
