@@ -113,6 +113,57 @@ def test_preprocessor_decodes_only_the_frames_it_keeps(tmp_path, decoded_frames)
     assert float(x[2, 0, 1, 1]) == pytest.approx(2 / 4095, abs=1e-6)
 
 
+def _views_dataset(tmp_path, train_views, train=True, n_files=5, max_images=2):
+    """Record 0 lists n_files grey PNGs; pixel value 10 (k + 1) / 255 names file k."""
+    import pandas as pd
+
+    from multimodal.config import Config
+    from multimodal.data.batches import RecordDataset
+    from multimodal.data.preprocess import Preprocessing
+    from multimodal.data.records import Records
+
+    for k in range(n_files):
+        Image.fromarray(np.full((16, 16), 10 * (k + 1), np.uint8)).save(tmp_path / f"v{k}.png")
+    df = pd.DataFrame({"patient_id": ["p", "q"], "label": [1, 0],
+                       "image_path": [";".join(f"v{k}.png" for k in range(n_files)), "v0.png"]})
+    cfg = Config.model_validate({"task": {"label": "label"}, "modalities": ["image"],
+                                 "image": {"size": 16, "max_images": max_images, "augment": None,
+                                           "train_views": train_views, "mean": [0.0], "std": [1.0]}})
+    recs = Records(df, tmp_path)
+    return RecordDataset(recs, Preprocessing.fit(cfg, recs), cfg.modalities, cfg, train=train, cache=True)
+
+
+def _files_read(item) -> list[int]:
+    return [round(float(v[0, 0, 0]) * 255 / 10) - 1 for v in item["image"]]
+
+
+def test_random_train_views_draw_every_listed_image_in_order(tmp_path):
+    import random
+
+    ds = _views_dataset(tmp_path, "random")
+    random.seed(0)
+    draws = [_files_read(ds[0]) for _ in range(40)]
+    assert all(len(d) == 2 and d == sorted(d) and len(set(d)) == 2 for d in draws)
+    assert {k for d in draws for k in d} == set(range(5))  # every photograph is seen
+    assert len({tuple(d) for d in draws}) > 5
+    assert len(ds.cache) == 5  # each file decoded once, then reused from memory
+    (tmp_path / "first").mkdir()
+    first = _views_dataset(tmp_path / "first", "first")
+    assert [_files_read(first[0]) for _ in range(5)] == [[0, 1]] * 5  # the default: as before
+
+
+def test_validation_and_first_views_read_the_first_images(tmp_path):
+    val = _views_dataset(tmp_path, "random", train=False)
+    assert [_files_read(val[0]) for _ in range(5)] == [[0, 1]] * 5
+    few = _views_dataset(tmp_path, "random", n_files=2, max_images=3)  # nothing to draw from
+    assert _files_read(few[0]) == [0, 1]
+
+
+def test_random_train_views_refuse_cached_features():
+    with pytest.raises(ValueError, match="train_views: random needs images read each epoch"):
+        ImageConfig(train_views="random", freeze="all", cache_features=True)
+
+
 # ----------------------------------------------------------------------- 2. limits from the header
 
 

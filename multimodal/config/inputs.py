@@ -65,6 +65,10 @@ class ImageConfig(_Strict):
     """Feature maps larger than this are average-pooled to token_grid x token_grid tokens per image."""
     max_images: int = Field(4, ge=1)
     """Images (views, slices, frames) per record; the rest are not decoded."""
+    train_views: Literal["first", "random"] = "first"
+    """Which of a record's listed images (paths) training reads when it lists more than max_images:
+    the first max_images, or a fresh random draw of max_images each epoch, so a lesion photographed
+    several times shows each photograph in turn. Validation and prediction read the first ones."""
     window: Union[Literal["auto", "none"], tuple[float, float]] = "auto"
     """DICOM VOI: the file's own window, min-max ("none"), or (center, width > 0)."""
     frames: Union[Literal["all", "first", "middle"], int] = "all"
@@ -120,6 +124,9 @@ class ImageConfig(_Strict):
             raise ValueError("image.cache_features needs a frozen part: set image.freeze to 'all' or a number")
         if self.cache_views > 1 and not self.cache_features:
             raise ValueError("image.cache_views needs image.cache_features: true")
+        if self.train_views == "random" and self.cache_features:
+            raise ValueError("image.train_views: random needs images read each epoch; image.cache_features "
+                             "caches the first max_images of each record once")
         return self
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from multimodal.errors import RecordError
 from multimodal.data.preprocess import Preprocessing
+from multimodal.data.preprocess.image import split_paths
 from multimodal.data.records import Records
 
 
@@ -31,7 +32,7 @@ class RecordDataset(Dataset):
         `text_features`: {record index: frozen text encoder output [L, D]} (see features.text_features)."""
         self.records, self.prep, self.mods, self.cfg = records, prep, modalities, cfg
         self.labels, self.train, self.use_cache = labels, train, cache
-        self.cache: dict[int, torch.Tensor] = {}
+        self.cache: dict = {}  # record index, or (record, path) for a random draw's path
         self.features, self.feature_errors, self.text_features = features, {}, text_features
         if features is not None:  # filled for these records by FeatureCache.fill
             self.feature_errors = features.errors
@@ -40,11 +41,21 @@ class RecordDataset(Dataset):
         return len(self.records)
 
     def _images(self, i: int, row) -> torch.Tensor:
-        if i in self.cache:
-            return self.cache[i]
-        x = self.prep.image.load([row[c] for c in self.cfg.image.columns], self.records.root)
+        ic = self.cfg.image
+        if self.train and ic.train_views == "random":
+            paths = [p for c in ic.columns for p in split_paths(row[c])]
+            if len(paths) > ic.max_images:  # this epoch's draw, in listed order; each path decoded once
+                chosen = sorted(random.sample(range(len(paths)), ic.max_images))
+                return torch.cat([self._cached((i, j), lambda j=j: self.prep.image.load_paths(
+                    [paths[j]], self.records.root)) for j in chosen])[: ic.max_images]
+        return self._cached(i, lambda: self.prep.image.load([row[c] for c in ic.columns], self.records.root))
+
+    def _cached(self, key, decode) -> torch.Tensor:
+        if key in self.cache:
+            return self.cache[key]
+        x = decode()
         if self.use_cache:
-            self.cache[i] = x
+            self.cache[key] = x
         return x
 
     def __getitem__(self, i: int) -> dict:

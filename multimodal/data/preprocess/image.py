@@ -57,8 +57,11 @@ class ImagePreprocessor:
 
     def load(self, cells: list, root: Path) -> torch.Tensor:
         """All images of one record as [V, C, H, W] in [0, 1] (V may be 0), capped at max_images."""
+        return self.load_paths([p for cell in cells for p in split_paths(cell)], root)
+
+    def load_paths(self, paths: list[str], root: Path) -> torch.Tensor:
+        """load() of these paths, in this order (a training draw of some of a record's paths)."""
         out = []
-        paths = [p for cell in cells for p in split_paths(cell)]
         for rel in paths:
             remaining = self.cfg.max_images - len(out)
             if remaining <= 0:  # the rest would be dropped: don't decode them
