@@ -246,9 +246,10 @@ class DiagnosisModel:
             return make_loader(d, cfg, self.prep, False, self.device, batch_size, workers=w, **kw)
 
         if self.engine is None and self._build is not None:  # decode while the network builds
-            cols = cfg.image.columns
-            sizes = [self.prep.image.decoded_bytes(cells) for cells in rec.df[cols].itertuples(index=False)] \
-                if "image" in cfg.modalities else None
+            sizes = None  # no images: nothing worth decoding ahead
+            if "image" in cfg.modalities:
+                sizes = [self.prep.image.decoded_bytes(cells)
+                         for cells in rec.df[cfg.image.columns].itertuples(index=False)]
             batches = start_early(ds, loader, batch_size, workers, sizes)
         else:
             batches = loader(ds, workers)

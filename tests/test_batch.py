@@ -226,6 +226,30 @@ def test_deferred_network_predicts_what_a_loaded_one_does(model_dir, big_records
     pd.testing.assert_frame_equal(got, DiagnosisModel.load(model_dir).predict(big_records))
 
 
+def test_predict_cli_of_a_model_without_images(capsys, cohort, tmp_path):
+    """A text + tabular model through `mmdx predict`, whose network is built lazily: the head start
+    once read image settings that such a model does not have (AttributeError on IU X-ray's model)."""
+    from conftest import REPO, TINY
+
+    from multimodal import DiagnosisModel
+
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "synthetic.yaml").read_text())
+    cfg["modalities"], cfg["image"] = ["text", "tabular"], None  # as configs/iu_xray.yaml: no image section
+    m = DiagnosisModel.from_config(cfg, **{k: v for k, v in TINY.items() if not k.startswith("image.")})
+    m.fit(cohort["train"], cohort["val"], progress=False)
+    assert m.config.image is None
+    m.save(tmp_path / "m")
+    code, _, err = run_cli(capsys, "predict", "--model", tmp_path / "m", "--records", cohort["test"],
+                           "--out", tmp_path / "p.csv", "--quiet")
+    assert code == 0, err
+    got = pd.read_csv(tmp_path / "p.csv")
+    want = m.predict(cohort["test"])
+    assert len(got) == len(pd.read_csv(cohort["test"])) and got["status"].eq("ok").all()
+    np.testing.assert_allclose(got["prob_1"], want["prob_1"], rtol=1e-5)
+
+
 def test_decoded_size_bound_counts_views_without_reading_files(tiny_model):
     pi = tiny_model.prep.image
     view = pi.cfg.in_chans * pi.cfg.size ** 2 * 4
