@@ -197,7 +197,7 @@ def iter_batches(model, records, *, target=None, method: str = "ig", n_steps: in
     _fixed_target(target, model.classes, model.config.task.type)  # fail fast on a bad target
     rec = model.records(records)
     device = next(net.parameters()).device
-    ds = RecordDataset(rec, model.prep, model.config.modalities, model.config)
+    ds = RecordDataset(rec, model.prep, model.config.modalities, model.config, views="first")
     dl = make_loader(ds, model.config, model.prep, False, device, batch_size)
     cam_layers = None
     if method == "gradcam" and "image" in net.modalities:

@@ -19,6 +19,7 @@ from multimodal.errors import UserError
 from multimodal.engine.inference import amp_dtype, resolve_device, run_inference, scored, start_early
 from multimodal.engine.metrics import compute_metrics, predicted
 from multimodal.data.preprocess import Preprocessing
+from multimodal.data.preprocess.image import MAX_VIEW_GROUPS
 from multimodal.data.records import Records, load_records
 from multimodal.engine.train import fit as train_fit
 from multimodal.engine.train import check_disjoint, groups_of, holdout_split, labelled, make_loader, seed_everything
@@ -248,7 +249,8 @@ class DiagnosisModel:
         if self.engine is None and self._build is not None:  # decode while the network builds
             sizes = None  # no images: nothing worth decoding ahead
             if "image" in cfg.modalities:
-                sizes = [self.prep.image.decoded_bytes(cells)
+                groups = MAX_VIEW_GROUPS if ds.all_views else 1
+                sizes = [self.prep.image.decoded_bytes(cells, groups)
                          for cells in rec.df[cfg.image.columns].itertuples(index=False)]
             batches = start_early(ds, loader, batch_size, workers, sizes)
         else:

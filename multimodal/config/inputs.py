@@ -68,7 +68,12 @@ class ImageConfig(_Strict):
     train_views: Literal["first", "random"] = "first"
     """Which of a record's listed images (paths) training reads when it lists more than max_images:
     the first max_images, or a fresh random draw of max_images each epoch, so a lesion photographed
-    several times shows each photograph in turn. Validation and prediction read the first ones."""
+    several times shows each photograph in turn. Validation and prediction: see predict_views."""
+    predict_views: Literal["first", "all"] = "first"
+    """What validation, calibration and prediction score when a record lists more images than
+    max_images: the first max_images, or every group of them (up to 16 groups: max_images images
+    read from the next unread path on), the logits averaged over groups. Explanations show and
+    attribute the first group only."""
     window: Union[Literal["auto", "none"], tuple[float, float]] = "auto"
     """DICOM VOI: the file's own window, min-max ("none"), or (center, width > 0)."""
     frames: Union[Literal["all", "first", "middle"], int] = "all"
@@ -127,6 +132,9 @@ class ImageConfig(_Strict):
         if self.train_views == "random" and self.cache_features:
             raise ValueError("image.train_views: random needs images read each epoch; image.cache_features "
                              "caches the first max_images of each record once")
+        if self.predict_views == "all" and self.cache_features:
+            raise ValueError("image.predict_views: all scores every image; image.cache_features caches the "
+                             "first max_images of each record once")
         return self
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from multimodal.errors import RecordError
 from multimodal.data.preprocess import Preprocessing
-from multimodal.data.preprocess.image import split_paths
+from multimodal.data.preprocess.image import record_paths
 from multimodal.data.records import Records
 
 
@@ -26,11 +26,15 @@ def one_line(e: BaseException) -> str:
 class RecordDataset(Dataset):
     def __init__(self, records: Records, prep: Preprocessing, modalities: list[str], cfg,
                  labels: Optional[np.ndarray] = None, train: bool = False, cache: bool = False,
-                 features=None, text_features: Optional[dict] = None):
+                 features=None, text_features: Optional[dict] = None, views: Optional[str] = None):
         """`train`: augment images. `cache`: keep decoded, resized images in memory across epochs.
         `features`: a filled multimodal.data.features.FeatureCache: images come as frozen activations.
-        `text_features`: {record index: frozen text encoder output [L, D]} (see features.text_features)."""
+        `text_features`: {record index: frozen text encoder output [L, D]} (see features.text_features).
+        `views`: "first" or "all" groups of max_images to score (default: image.predict_views; training
+        reads per image.train_views)."""
         self.records, self.prep, self.mods, self.cfg = records, prep, modalities, cfg
+        ic = cfg.image if "image" in modalities else None
+        self.all_views = not train and features is None and ic is not None and (views or ic.predict_views) == "all"
         self.labels, self.train, self.use_cache = labels, train, cache
         self.cache: dict = {}  # record index, or (record, path) for a random draw's path
         self.features, self.feature_errors, self.text_features = features, {}, text_features
@@ -43,7 +47,7 @@ class RecordDataset(Dataset):
     def _images(self, i: int, row) -> torch.Tensor:
         ic = self.cfg.image
         if self.train and ic.train_views == "random":
-            paths = [p for c in ic.columns for p in split_paths(row[c])]
+            paths = record_paths(row[c] for c in ic.columns)
             if len(paths) > ic.max_images:  # this epoch's draw, in listed order; each path decoded once
                 chosen = sorted(random.sample(range(len(paths)), ic.max_images))
                 return torch.cat([self._cached((i, j), lambda j=j: self.prep.image.load_paths(
@@ -67,6 +71,10 @@ class RecordDataset(Dataset):
                     raise RecordError(self.feature_errors[i])
                 n = self.cfg.image.cache_views
                 item["image"] = self.features.get(i, random.randrange(n) if self.train and n > 1 else 0)
+            elif "image" in self.mods and self.all_views:
+                x, item["image_group"] = self._cached(i, lambda: self.prep.image.load_groups(
+                    [row[c] for c in self.cfg.image.columns], self.records.root))
+                item["image"] = self.prep.image.normalize(x)
             elif "image" in self.mods:
                 x = self._images(i, row)
                 item["image"] = self.prep.image.normalize(self.prep.image.augment(x) if self.train else x)
@@ -109,6 +117,12 @@ class Collate:
                     image[b, : len(x)] = x
                     mask[b, : len(x)] = True
             batch["image"], batch["image_mask"], batch["image_stage"] = image, mask, self.image_stage
+            groups = [it.get("image_group") for it in items]
+            if any(g is not None and len(g) and int(g[-1]) > 0 for g in groups):  # predict_views: all
+                batch["image_group"] = torch.zeros(B, V, dtype=torch.long)
+                for b, g in enumerate(groups):
+                    if g is not None and len(g):
+                        batch["image_group"][b, : len(g)] = g
         if "text" in self.mods:
             t = self.prep.text
             batch["text_ids"], batch["text_mask"], batch["text_encodings"] = t.pad(

@@ -80,8 +80,8 @@ def _example_batch(model, records) -> dict:
     from multimodal.engine.train import make_loader
 
     rec = model.records(records)
-    dl = make_loader(RecordDataset(rec, model.prep, model.config.modalities, model.config), model.config, model.prep,
-                     False, torch.device("cpu"), 8)
+    ds = RecordDataset(rec, model.prep, model.config.modalities, model.config, views="first")
+    dl = make_loader(ds, model.config, model.prep, False, torch.device("cpu"), 8)
     for batch in dl:
         if batch["ok"].all():
             return batch
@@ -155,5 +155,9 @@ class OnnxNetwork:
     def __call__(self, batch: dict, absent=None) -> torch.Tensor:
         if absent:
             raise UserError("absent= needs the PyTorch network; predict without --onnx")
+        if "image_group" in batch:  # image.predict_views: all; each group fits the graph's layout
+            from multimodal.model.network import over_view_groups
+
+            return over_view_groups(batch, self)
         batch = graph_inputs(batch, self.cfg, self.pad_id)
         return torch.from_numpy(self.session.run(None, {k: batch[k].numpy() for k in self.keys})[0])

@@ -39,6 +39,8 @@ class DiagnosisNet(nn.Module):
                 return_aux: bool = False):
         """`absent`: modalities to treat as missing for every patient (ablation), via the mask path.
         `return_aux`: also return {modality: (logits from that modality alone, present mask)}."""
+        if "image_group" in batch:
+            return over_view_groups(batch, lambda b: self.forward(b, absent), return_attention or return_aux)
         return self.fuse(self.encode(batch), absent, return_attention, return_aux)
 
     def fuse(self, tokens: dict[str, Tokens], absent: Optional[Iterable[str]] = None,
@@ -81,6 +83,8 @@ class Ensemble(nn.Module):
                 return_aux: bool = False):
         if return_aux:
             raise ValueError("an ensemble is trained one member at a time; train a member for aux outputs")
+        if "image_group" in batch:
+            return over_view_groups(batch, lambda b: self.forward(b, absent), return_attention)
         done: dict[int, Tokens] = {}  # a shared encoder runs once per batch, not once per member
         z = [net.fuse(net.encode(batch, done), absent, return_attention) for net in self.members]
         return torch.stack(z).mean(0) / self.temperature + self.logit_bias
@@ -89,3 +93,35 @@ class Ensemble(nn.Module):
 def members(net: nn.Module) -> list[DiagnosisNet]:
     """The DiagnosisNets inside `net`: its ensemble members, or `net` itself."""
     return list(net.members) if isinstance(net, Ensemble) else [net]
+
+
+def over_view_groups(batch: dict, forward, extra_outputs: bool = False) -> torch.Tensor:
+    """image.predict_views: all. Each record's images come in groups of at most max_images
+    (batch["image_group"], [B, V]); every (record, group) is scored as a record of its own, with that
+    group's images and the record's other inputs, and the record's logits are the mean over its
+    groups. Index operations only, so gradients reach every image (attributions)."""
+    if extra_outputs:
+        raise ValueError("attention and auxiliary outputs are per group of images; score the first group "
+                         "(views='first') for them")
+    group, mask, image = batch["image_group"], batch["image_mask"], batch["image"]
+    B, V = mask.shape
+    n = int(group.max()) + 1
+    member = torch.nn.functional.one_hot(group, n).bool() & mask[..., None]  # [B, V, groups]
+    present = member.any(1)
+    present[:, 0] = True  # a record without images is still scored, once
+    rows, groups = present.nonzero(as_tuple=True)
+    pair = torch.full((B, n), -1, dtype=torch.long, device=group.device)
+    pair[rows, groups] = torch.arange(len(rows), device=group.device)
+    pos = (member.cumsum(1) - 1).gather(2, group[..., None])[..., 0]  # place within its group
+    b, v = mask.nonzero(as_tuple=True)
+    r, k = pair[b, group[b, v]], pos[b, v]
+    size = int(member.sum(1).max()) if len(b) else 1
+    sub = {key: val[rows] if isinstance(val, torch.Tensor) and val.dim() and len(val) == B
+           else [val[i] for i in rows.tolist()] if isinstance(val, list) and len(val) == B else val
+           for key, val in batch.items() if key not in ("image", "image_mask", "image_group")}
+    sub["image"] = image.new_zeros(len(rows), size, *image.shape[2:]).index_put((r, k), image[b, v])
+    sub["image_mask"] = torch.zeros(len(rows), size, dtype=torch.bool, device=mask.device).index_put(
+        (r, k), torch.ones_like(r, dtype=torch.bool))
+    z = forward(sub)
+    total = z.new_zeros(B, *z.shape[1:]).index_add(0, rows, z)
+    return total / torch.bincount(rows, minlength=B).to(z.dtype).view(B, *[1] * (z.dim() - 1))

@@ -20,10 +20,18 @@ from multimodal.data.series import series_slices
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+MAX_VIEW_GROUPS = 16  # image.predict_views: all scores at most this many groups of max_images per record
+
+
 def split_paths(cell) -> list[str]:
     if cell is None or (isinstance(cell, float) and np.isnan(cell)):
         return []
     return [p.strip() for p in str(cell).split(";") if p.strip()]
+
+
+def record_paths(cells) -> list[str]:
+    """A record's image paths in listed order: its image columns' cells, each split at ';'."""
+    return [p for cell in cells for p in split_paths(cell)]
 
 
 class ImagePreprocessor:
@@ -45,27 +53,43 @@ class ImagePreprocessor:
             t = F.interpolate(t[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
         return t.clamp_(0, 1)
 
-    def decoded_bytes(self, cells: list) -> int:
-        """What load() returns for these cells takes in memory, bounded without reading a file: a PNG
-        or JPEG-like name is one view (Pillow reads the first frame), anything else (a DICOM file,
-        perhaps multi-frame; a series folder) counts as max_images. Only a multi-frame DICOM file
-        under a raster name would be counted short."""
+    def decoded_bytes(self, cells: list, groups: int = 1) -> int:
+        """What load() (groups=1) or load_groups() returns for these cells takes in memory, bounded
+        without reading a file: a PNG or JPEG-like name is one view (Pillow reads the first frame),
+        anything else (a DICOM file, perhaps multi-frame; a series folder) counts as max_images. Only a
+        multi-frame DICOM file under a raster name would be counted short."""
         c = self.cfg
-        views = sum(1 if Path(p).suffix.lower() in RASTER_SUFFIXES else c.max_images
-                    for cell in cells for p in split_paths(cell))
-        return min(views, c.max_images) * c.in_chans * c.size ** 2 * 4
+        views = sum(1 if Path(p).suffix.lower() in RASTER_SUFFIXES else c.max_images for p in record_paths(cells))
+        return min(views, c.max_images * groups) * c.in_chans * c.size ** 2 * 4
 
     def load(self, cells: list, root: Path) -> torch.Tensor:
         """All images of one record as [V, C, H, W] in [0, 1] (V may be 0), capped at max_images."""
-        return self.load_paths([p for cell in cells for p in split_paths(cell)], root)
+        return self.load_paths(record_paths(cells), root)
 
     def load_paths(self, paths: list[str], root: Path) -> torch.Tensor:
         """load() of these paths, in this order (a training draw of some of a record's paths)."""
-        out = []
+        return self._stack(self._read(paths, root)[0])
+
+    def load_groups(self, cells: list, root: Path, max_groups: int = MAX_VIEW_GROUPS) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image of a record in groups of what load() reads (image.predict_views: all): a group
+        is max_images images read from the next unread path on. → ([V, C, H, W], [V] group index)."""
+        paths, out, group = record_paths(cells), [], []
+        while paths and len(set(group)) < max_groups:
+            images, used = self._read(paths, root)
+            out += images
+            group += [len(set(group))] * len(images)
+            paths = paths[used:]
+        return self._stack(out), torch.tensor(group, dtype=torch.long)
+
+    def _read(self, paths: list[str], root: Path) -> tuple[list[torch.Tensor], int]:
+        """Up to max_images images from these paths in order, and how many paths that used (a path
+        read only in part, a long series, counts as used)."""
+        out, used = [], 0
         for rel in paths:
             remaining = self.cfg.max_images - len(out)
             if remaining <= 0:  # the rest would be dropped: don't decode them
                 break
+            used += 1
             path = self._locate(rel, Path(root))
             if not path.exists():
                 raise RecordError(f"image not found: {printable_path(path)}")
@@ -77,9 +101,12 @@ class ImagePreprocessor:
                                     max_count=self.cfg.max_images - len(out), limits=self.cfg.limits,
                                     min_size=self.cfg.size if self.cfg.jpeg_draft else None)
                 out += [self._to_tensor(a) for a in images]
-        if not out:
+        return out[: self.cfg.max_images], used
+
+    def _stack(self, images: list[torch.Tensor]) -> torch.Tensor:
+        if not images:
             return torch.zeros(0, self.cfg.in_chans, self.cfg.size, self.cfg.size)
-        return torch.stack(out[: self.cfg.max_images])
+        return torch.stack(images)
 
     def _locate(self, rel: str, root: Path) -> Path:
         """The file a cell names. Confined, it is the resolved path (symlinks followed), so what is
