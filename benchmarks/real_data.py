@@ -178,7 +178,8 @@ def cached_epoch_speed(cfg_path: Path, overrides: dict, train) -> dict:
     from multimodal import DiagnosisModel
 
     common = overrides | {"image.freeze": 1, "train.epochs": 1, "train.min_epochs": 1, "train.calibrate": False,
-                          "train.ensemble": 1, "image.train_views": "first"}  # one network; the cache's views
+                          "train.ensemble": 1, "image.train_views": "first",
+                          "image.predict_views": "first"}  # one network; the views the cache holds
     rates, fill = {}, time.perf_counter()
     for name, ov in (("cached", {"image.cache_features": True, "image.cache_views": 4, "image.augment": None}),
                      ("end_to_end", {"image.cache_features": False, "image.cache_views": 1})):
