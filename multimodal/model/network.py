@@ -99,7 +99,7 @@ def over_view_groups(batch: dict, forward, extra_outputs: bool = False) -> torch
     """image.predict_views: all. Each record's images come in groups of at most max_images
     (batch["image_group"], [B, V]); every (record, group) is scored as a record of its own, with that
     group's images and the record's other inputs, and the record's logits are the mean over its
-    groups. Index operations only, so gradients reach every image (attributions)."""
+    groups. Index operations only: differentiable, and the same in the ONNX runner."""
     if extra_outputs:
         raise ValueError("attention and auxiliary outputs are per group of images; score the first group "
                          "(views='first') for them")
