@@ -13,20 +13,9 @@ Image = pytest.importorskip("PIL.Image")
 
 def _dataset(tmp_path, views, n_files=5, max_images=2):
     """Record p lists n_files grey PNGs; pixel value 10 (k + 1) / 255 names file k. Record q lists one."""
-    from multimodal.config import Config
-    from multimodal.data.batches import RecordDataset
-    from multimodal.data.preprocess import Preprocessing
-    from multimodal.data.records import Records
+    from test_image_limits import _views_dataset
 
-    for k in range(n_files):
-        Image.fromarray(np.full((16, 16), 10 * (k + 1), np.uint8)).save(tmp_path / f"v{k}.png")
-    df = pd.DataFrame({"patient_id": ["p", "q"], "label": [1, 0],
-                       "image_path": [";".join(f"v{k}.png" for k in range(n_files)), "v0.png"]})
-    cfg = Config.model_validate({"task": {"label": "label"}, "modalities": ["image"],
-                                 "image": {"size": 16, "max_images": max_images, "augment": None,
-                                           "predict_views": views, "mean": [0.0], "std": [1.0]}})
-    recs = Records(df, tmp_path)
-    return RecordDataset(recs, Preprocessing.fit(cfg, recs), cfg.modalities, cfg)
+    return _views_dataset(tmp_path, "first", train=False, n_files=n_files, max_images=max_images, predict_views=views)
 
 
 def _files(x) -> list[int]:
