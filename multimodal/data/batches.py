@@ -110,19 +110,12 @@ class Collate:
             shape = next((x.shape[1:] for x in imgs if x is not None and len(x)), None)
             if shape is None:  # no image in the batch: what the first stage expects
                 shape = (ic.in_chans, ic.size, ic.size) if not self.image_stage else (1, 1, 1)
-            image = torch.zeros(B, V, *shape)
-            mask = torch.zeros(B, V, dtype=torch.bool)
-            for b, x in enumerate(imgs):
-                if x is not None and len(x):
-                    image[b, : len(x)] = x
-                    mask[b, : len(x)] = True
-            batch["image"], batch["image_mask"], batch["image_stage"] = image, mask, self.image_stage
+            n = torch.tensor([0 if x is None else len(x) for x in imgs])
+            batch["image"], batch["image_stage"] = _pad_rows(imgs, V, shape), self.image_stage
+            batch["image_mask"] = torch.arange(V) < n[:, None]
             groups = [it.get("image_group") for it in items]
             if any(g is not None and len(g) and int(g[-1]) > 0 for g in groups):  # predict_views: all
-                batch["image_group"] = torch.zeros(B, V, dtype=torch.long)
-                for b, g in enumerate(groups):
-                    if g is not None and len(g):
-                        batch["image_group"][b, : len(g)] = g
+                batch["image_group"] = _pad_rows(groups, V, dtype=torch.long)
         if "text" in self.mods:
             t = self.prep.text
             batch["text_ids"], batch["text_mask"], batch["text_encodings"] = t.pad(
@@ -131,11 +124,7 @@ class Collate:
             if any(x is not None for x in xs):  # cached frozen encoder output, padded like the ids
                 D = next(x for x in xs if x is not None).shape[-1]
                 L = max(batch["text_ids"].shape[1], max(len(x) for x in xs if x is not None))
-                tx = torch.zeros(B, L, D)
-                for b, x in enumerate(xs):
-                    if x is not None:
-                        tx[b, : len(x)] = x.float()
-                batch["text_x"] = tx
+                batch["text_x"] = _pad_rows(xs, L, (D,))
         if "tabular" in self.mods:
             t = self.prep.tabular
             n_num, n_cat = len(t.numeric), len(t.categorical)
@@ -146,6 +135,16 @@ class Collate:
         if "y" in items[0]:
             batch["y"] = torch.tensor(np.stack([it["y"] for it in items]))
         return batch
+
+
+def _pad_rows(rows: list, length: int, shape: tuple = (), dtype=torch.float32) -> torch.Tensor:
+    """[B, length, *shape] zeros with each row's items written from the start (cast to `dtype`); rows
+    that are None or empty stay zero, which their mask marks as padding."""
+    out = torch.zeros(len(rows), length, *shape, dtype=dtype)
+    for b, x in enumerate(rows):
+        if x is not None and len(x):
+            out[b, : len(x)] = x
+    return out
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
