@@ -99,18 +99,17 @@ class Collate:
         self.prep, self.mods, self.cfg, self.image_stage = prep, modalities, cfg, image_stage
 
     def __call__(self, items: list[dict]) -> dict:
-        B = len(items)
         ok = [it["error"] is None for it in items]
         batch = {"index": torch.tensor([it["index"] for it in items]), "ok": torch.tensor(ok),
                  "error": [it["error"] for it in items]}
         if "image" in self.mods:
             ic = self.cfg.image
             imgs = [it.get("image") for it in items]
-            V = max([1] + [len(x) for x in imgs if x is not None])
+            n = torch.tensor([0 if x is None else len(x) for x in imgs])
+            V = max(1, int(n.max()))
             shape = next((x.shape[1:] for x in imgs if x is not None and len(x)), None)
             if shape is None:  # no image in the batch: what the first stage expects
                 shape = (ic.in_chans, ic.size, ic.size) if not self.image_stage else (1, 1, 1)
-            n = torch.tensor([0 if x is None else len(x) for x in imgs])
             batch["image"], batch["image_stage"] = _pad_rows(imgs, V, shape), self.image_stage
             batch["image_mask"] = torch.arange(V) < n[:, None]
             groups = [it.get("image_group") for it in items]
