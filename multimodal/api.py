@@ -16,13 +16,13 @@ from multimodal.model.build import build_network
 from multimodal.config import Config, config_from_dict, load_config
 from multimodal.data.batches import RecordDataset
 from multimodal.errors import UserError
-from multimodal.engine.inference import amp_dtype, resolve_device, run_inference, scored, start_early
+from multimodal.engine.inference import amp_dtype, probabilities, resolve_device, run_inference, scored, start_early
 from multimodal.engine.metrics import compute_metrics, predicted
 from multimodal.data.preprocess import Preprocessing
 from multimodal.data.preprocess.image import MAX_VIEW_GROUPS
 from multimodal.data.records import Records, load_records
 from multimodal.engine.train import fit as train_fit
-from multimodal.engine.train import check_disjoint, groups_of, holdout_split, labelled, make_loader, seed_everything
+from multimodal.engine.train import check_disjoint, groups_of, holdout_splits, labelled, make_loader, seed_everything
 
 RecordsLike = Union[str, Path, pd.DataFrame, Records]
 
@@ -117,36 +117,43 @@ class DiagnosisModel:
         `reuse_preprocessing=True` keeps the already fitted preprocessing: the WordPiece trainer in
         `tokenizers` can break count ties differently between runs (huggingface/tokenizers#1794), so
         bit-identical retraining needs the same fitted vocabulary."""
+        tc = self.config.train
         train_rec = self.records(train, labels=True)
-        if val is None:
-            train_rec, val_rec = holdout_split(train_rec, self.config)
+        if val is None and tc.ensemble > 1 and tc.ensemble_holdout == "crossfit":
+            splits = holdout_splits(train_rec, self.config, tc.ensemble)  # preprocessing sees every record
+        elif val is None:
+            splits = holdout_splits(train_rec, self.config, 1)
+            train_rec = splits[0][0]
         else:
-            val_rec = self.records(val, labels=True)
-            check_disjoint(train_rec, val_rec, self.config)
-        distributed.init(distributed.device_for_rank(resolve_device(self.config.train.device)))
+            splits = [(train_rec, self.records(val, labels=True))]
+            check_disjoint(*splits[0], self.config)
+        distributed.init(distributed.device_for_rank(resolve_device(tc.device)))
         if not (reuse_preprocessing and self.prep is not None):
             self.prep = self._fitted_preprocessing(train_rec)
-        seed_everything(self.config.train.seed)  # weight init is part of what the seed fixes
+        seed_everything(tc.seed)  # weight init is part of what the seed fixes
         self.net = build_network(self.config, self.prep)
-        summary = self._train(train_rec, val_rec, progress)
+        summary = self._train(splits, progress)
         if not distributed.is_main():  # rank 0 calibrates, scores and saves
             self.metrics = {"training": summary}
             return self
-        if self.config.train.calibrate:
-            summary.update(self._calibrate(val_rec))
-        rec, y = labelled(val_rec, self.prep)
-        P = self._infer(rec, 64, 0, False)["probs"]  # calibrated: one pass for the threshold and the metrics
+        val_rec, rec, y, z = self._holdout_logits(splits)
+        if tc.calibrate:
+            summary.update(self._calibrate(z, y))
+        # calibrated as the network does it (float32): one set of probabilities for threshold and metrics
+        z = torch.as_tensor(z, dtype=torch.float32) / self.net.temperature + self.net.logit_bias
+        P = probabilities(z, self.config.task.type).double().numpy()
         summary.update(self._set_thresholds(y, P))
         self.metrics = {"training": summary, "validation": self._scored_metrics(val_rec, rec, y, P, n_boot=200)}
         return self
 
-    def _train(self, train_rec: Records, val_rec: Records, progress: bool) -> dict:
-        """Train the network, or each ensemble member in turn with its own seed on the same split."""
+    def _train(self, splits: list[tuple[Records, Records]], progress: bool) -> dict:
+        """Train the network, or each ensemble member in turn with its own seed, on the one split or
+        (crossfit) on its own."""
         from multimodal.model.network import members
 
         nets = members(self.net)
         if len(nets) == 1:
-            return train_fit(self.net, self.prep, self.config, train_rec, val_rec, progress=progress)
+            return train_fit(self.net, self.prep, self.config, *splits[0], progress=progress)
         runs, memo = [], {}
         for i, net in enumerate(nets):
             cfg = self.config.model_copy(deep=True)
@@ -155,7 +162,7 @@ class DiagnosisModel:
                 from multimodal.progress import say
 
                 say(f"ensemble member {i + 1}/{len(nets)} (seed {cfg.train.seed})")
-            runs.append(train_fit(net, self.prep, cfg, train_rec, val_rec, progress=progress, memo=memo))
+            runs.append(train_fit(net, self.prep, cfg, *splits[i % len(splits)], progress=progress, memo=memo))
         summary = dict(runs[0])
         summary["train_seconds"] = sum(r["train_seconds"] for r in runs)
         summary["members"] = [{"seed": self.config.train.seed + i, "best_epoch": r["best_epoch"],
@@ -219,14 +226,33 @@ class DiagnosisModel:
             net.temperature.copy_(saved[0])
             net.logit_bias.copy_(saved[1])
 
-    def _calibrate(self, val: Records) -> dict:
-        """Temperature (and bias) scaling on the validation patients (the same ones early stopping used)."""
+    def _holdout_logits(self, splits: list[tuple[Records, Records]]):
+        """The hold-out records, the labelled ones, their labels and the uncalibrated logits that
+        calibration and the operating point are fitted on: the model's on the one hold-out, or
+        (crossfit) each fold's from the member that early-stopped on it, never one that trained on it."""
+        from multimodal.model.network import members
+
+        nets = members(self.net) if len(splits) > 1 else [None]
+        parts = []
+        with self.uncalibrated():
+            for (_, val), net in zip(splits, nets):
+                rec, y = labelled(val, self.prep)
+                parts.append((val, rec, y, self._infer(rec, 64, 0, False, logits=True, net=net)["logits"]))
+        if len(parts) == 1:
+            return parts[0]
+
+        def joined(rs: list[Records]) -> Records:
+            return Records(pd.concat([r.df for r in rs], ignore_index=True), rs[0].root, rs[0].source)
+
+        val, rec = joined([p[0] for p in parts]), joined([p[1] for p in parts])
+        y, z = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+        return val, rec, y, z
+
+    def _calibrate(self, z: np.ndarray, y: np.ndarray) -> dict:
+        """Temperature (and bias) scaling on the hold-out logits (the patients early stopping used)."""
         from multimodal.engine.calibration import fit_temperature
 
-        rec, y = labelled(val, self.prep)
         net, bias = self.net, self.config.train.calibrate_bias
-        with self.uncalibrated():
-            z = self._infer(rec, 64, 0, False, logits=True)["logits"]
         ok = scored(z)
         if ok.sum() < 2:
             return {"temperature": 1.0}
@@ -238,7 +264,8 @@ class DiagnosisModel:
 
     # -- inference ------------------------------------------------------------------------------
     def _infer(self, rec: Records, batch_size: int, workers: int, progress: bool, absent=None,
-               logits: bool = False) -> dict:
+               logits: bool = False, net=None) -> dict:
+        """`net`: a module other than the model's own (an ensemble member) on the same inputs."""
         self._require_trained()
         cfg = self.config
         ds = RecordDataset(rec, self.prep, cfg.modalities, cfg)
@@ -255,7 +282,7 @@ class DiagnosisModel:
             batches = start_early(ds, loader, batch_size, workers, sizes)
         else:
             batches = loader(ds, workers)
-        return run_inference(self.engine or self.net, batches, self.device, cfg.task.type,
+        return run_inference(net or self.engine or self.net, batches, self.device, cfg.task.type,
                              amp_dtype(self.device, cfg.train.amp), progress=progress, absent=absent,
                              logits=logits, n=len(ds))
 

@@ -104,3 +104,38 @@ def test_onnx_export_of_an_ensemble_matches_pytorch(cohort, tmp_path):
     onnx = DiagnosisModel.load(tmp_path / "m", onnx=tmp_path / "m.onnx")
     np.testing.assert_allclose(_probs(onnx.predict(cohort["val"])), _probs(m.predict(cohort["val"])), atol=1e-5)
     assert info["max_abs_diff"] < 1e-4
+
+
+def test_crossfit_members_early_stop_on_disjoint_folds_and_calibrate_out_of_fold(cohort):
+    """ensemble_holdout: crossfit. Each member holds out its own fold; calibration is fitted on each
+    hold-out record's logits from the one member that never trained on it."""
+    from multimodal import DiagnosisModel
+    from multimodal.engine.calibration import fit_temperature
+    from multimodal.engine.train import holdout_splits, labelled
+    from multimodal.model.network import members
+
+    over = {**ENS, "train.ensemble_holdout": "crossfit", "train.val_fraction": 0.34}
+    m = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **over)
+    rec = m.records(cohort["train"], labels=True)
+    splits = holdout_splits(rec, m.config, 2)
+    ids = [set(v.df["patient_id"]) for _, v in splits]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    assert all(not set(t.df["patient_id"]) & i for (t, _), i in zip(splits, ids))
+    m.fit(cohort["train"], progress=False)
+    assert m.metrics["validation"]["n"] == len(splits[0][1]) + len(splits[1][1])
+    zs, ys = [], []
+    for (_, val), net in zip(splits, members(m.net)):
+        r, y = labelled(val, m.prep)
+        zs.append(m._infer(r, 64, 0, False, logits=True, net=net)["logits"])
+        ys.append(y)
+    t, b = fit_temperature(np.concatenate(zs), np.concatenate(ys), "binary", bias=True)
+    assert float(m.net.temperature) == pytest.approx(t) and float(m.net.logit_bias[0]) == pytest.approx(b[0])
+
+
+def test_crossfit_needs_a_fold_per_member():
+    from multimodal.config import load_config
+    from multimodal.errors import UserError
+
+    with pytest.raises(UserError, match="round\\(1 / val_fraction\\) = 2 folds"):
+        load_config(REPO / "configs" / "synthetic.yaml", {"train.ensemble": 3, "train.val_fraction": 0.5,
+                                                           "train.ensemble_holdout": "crossfit"})

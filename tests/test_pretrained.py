@@ -206,3 +206,10 @@ def test_frozen_text_encoder_cached_output_equals_the_live_one(cohort):
         fast = enc(b["text_ids"], b["text_mask"], b["text_x"])
     assert torch.allclose(live.x, fast.x, atol=1e-2) and torch.equal(live.mask, fast.mask)
     assert not any(p.requires_grad for p in enc.parameters())
+    # ensemble members on other splits (crossfit) reuse what an earlier member's run computed
+    known = {}
+    first = text_features(rec, model.config, model.prep, enc, known=known)
+    assert len(known) == len(set(rec.df["report_text"].fillna("")))
+    enc.hidden = lambda *a: pytest.fail("the encoder ran again on a report it had already read")
+    again = text_features(rec.subset([4, 0, 2]), model.config, model.prep, enc, known=known)
+    assert [again[i] is first[j] for i, j in enumerate([4, 0, 2])] == [True] * 3

@@ -152,11 +152,18 @@ class TrainConfig(_Strict):
     seed: int = 0
     """Seeds splits, initialisation and shuffling."""
     ensemble: int = Field(1, ge=1, le=16)
-    """Members trained with seeds seed, seed+1, ...: each early-stopped on the same hold-out, saved in one
-    model directory; the model's output is the mean of their logits, calibrated once. On a few thousand
+    """Members trained with seeds seed, seed+1, ...: each early-stopped on the same hold-out (or on its
+    own: ensemble_holdout), saved in one model directory; the model's output is the mean of their logits, calibrated once. On a few thousand
     patients one seed's AUROC moves by about 0.01; the mean of several moves less and is usually higher.
     Costs N times the training and predict time. Fully frozen encoders (freeze: all) are shared, not
     copied."""
+    ensemble_holdout: Literal["shared", "crossfit"] = "shared"
+    """Which patients the members early-stop on when no validation records are given. shared: all on
+    the one val_fraction hold-out, fitted on the rest. crossfit: member i holds out the i-th of
+    round(1 / val_fraction) patient-grouped folds, so together the members learn from every training
+    patient; calibration and the operating point are then fitted on each record's out-of-fold logits
+    (those of the one member that did not train on it), and preprocessing (vocabulary, scaler
+    statistics; no labels) on every training record. Needs ensemble <= round(1 / val_fraction)."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N."""
     amp: bool = True
@@ -170,6 +177,19 @@ class TrainConfig(_Strict):
         if v and min(v.values()) <= 0:
             raise ValueError("encoder learning rates must be > 0")
         return v
+
+    @model_validator(mode="after")
+    def _folds(self):
+        k = holdout_folds(self.val_fraction)
+        if self.ensemble_holdout == "crossfit" and self.ensemble > k:
+            raise ValueError(f"ensemble_holdout: crossfit holds out one of round(1 / val_fraction) = {k} folds "
+                             f"per member, fewer than ensemble = {self.ensemble}; lower val_fraction or ensemble")
+        return self
+
+
+def holdout_folds(val_fraction: float) -> int:
+    """Folds the inner hold-out is one of: the hold-out is fold 0 of a patient-grouped K-fold split."""
+    return max(2, round(1 / val_fraction))
 
 
 class Config(_Strict):

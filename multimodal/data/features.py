@@ -27,6 +27,7 @@ import torch
 from multimodal.config import Config
 from multimodal.errors import RecordError
 from multimodal.data.preprocess.image import split_paths
+from multimodal.data.preprocess.text import clean
 
 log = logging.getLogger("mmdx")
 FORMAT = 1
@@ -160,24 +161,29 @@ class FeatureCache:
         return self.memory[self.keys[i]][:, view].float()
 
 
-def text_features(records, cfg: Config, prep, encoder, batch_size: int = 64) -> dict[int, torch.Tensor]:
+def text_features(records, cfg: Config, prep, encoder, batch_size: int = 64,
+                  known: Optional[dict] = None) -> dict[int, torch.Tensor]:
     """A fully frozen transformer's output per record, computed once per training run (in memory:
-    a forward over a few thousand reports takes seconds to a minute, far less than an epoch each)."""
+    a forward over a few thousand reports takes seconds to a minute, far less than an epoch each).
+    `known`: text → output, filled here and kept by the caller, so ensemble members whose splits differ
+    (crossfit) or repeated reports do not run the encoder again."""
     device = next(encoder.parameters()).device
-    out: dict[int, torch.Tensor] = {}
+    known = {} if known is None else known
+    texts = [clean(records.cell(i, cfg.text.column), prep.text.max_chars) for i in range(len(records))]
+    todo = list(dict.fromkeys(t for t in texts if t not in known))
     encoder.eval()
     with torch.no_grad():
-        for j in range(0, len(records), batch_size):
-            idx = list(range(j, min(j + batch_size, len(records))))
+        for j in range(0, len(todo), batch_size):
+            chunk = todo[j: j + batch_size]
             encs = []
-            for i in idx:
+            for t in chunk:
                 try:
-                    encs.append(prep.text.encode(records.cell(i, cfg.text.column)))
+                    encs.append(prep.text.encode(t))
                 except RecordError:
                     encs.append(prep.text.empty())
             lengths = [len(e.ids) for e in encs]
             ids, mask, _ = prep.text.pad(encs)
             h = encoder.hidden(ids.to(device), mask.to(device)).cpu().to(torch.float16)
-            for b, i in enumerate(idx):
-                out[i] = h[b, : lengths[b]].clone()
-    return out
+            for b, t in enumerate(chunk):
+                known[t] = h[b, : lengths[b]].clone()
+    return {i: known[t] for i, t in enumerate(texts)}

@@ -35,6 +35,8 @@ def fold_of(records: Records, cfg, folds: int, seed: int) -> np.ndarray:
         raise UserError(f"{records.source}: {len(set(groups))} patients cannot fill {folds} folds")
     strata = records.df[cfg.label_columns()[0]].astype(str).to_numpy() if cfg.task.type != "multilabel" \
         else np.zeros(len(records))
+    if np.unique(strata, return_counts=True)[1].min() < folds:  # a class too rare to be in every fold
+        strata = np.zeros(len(records))  # patient-grouped, shuffled, unstratified
     out = np.full(len(records), -1)
     split = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (_, test) in enumerate(split.split(np.zeros(len(records)), strata, groups)):

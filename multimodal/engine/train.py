@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from multimodal.engine import distributed
-from multimodal.config import Config
+from multimodal.config import Config, holdout_folds
 from multimodal.data.batches import Collate, RecordDataset, to_device
 from multimodal.errors import UserError
 from multimodal.engine.inference import amp_dtype, autocast, resolve_device, run_inference, scored
@@ -120,23 +120,21 @@ def groups_of(records: Records, cfg: Config) -> np.ndarray:
 def holdout_split(records: Records, cfg: Config) -> tuple[Records, Records]:
     """Stratified, seeded, patient-grouped validation hold-out when the user gives no validation records.
     Split before preprocessing is fitted, so vocabulary and scaler statistics never see validation patients."""
-    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+    return holdout_splits(records, cfg, 1)[0]
 
-    groups = groups_of(records, cfg)
-    idx = np.arange(len(records))
-    col = cfg.label_columns()[0]
-    strata = records.df[col].astype(str).to_numpy() if cfg.task.type != "multilabel" else None
-    n_groups = len(set(groups))
-    k = max(2, round(1 / cfg.train.val_fraction))
+
+def holdout_splits(records: Records, cfg: Config, n: int) -> list[tuple[Records, Records]]:
+    """The first `n` (train, hold-out) pairs of one stratified, seeded, patient-grouped K-fold split,
+    K = round(1 / val_fraction): their hold-outs are disjoint (train.ensemble_holdout: crossfit)."""
+    from multimodal.engine.cv import fold_of
+
+    n_groups = len(set(groups_of(records, cfg)))
     if n_groups < 2:
         raise UserError(f"{records.source}: a validation hold-out needs at least 2 patients")
-    if strata is not None and n_groups >= k and min(np.unique(strata, return_counts=True)[1]) >= k:
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=cfg.train.seed)
-        tr, va = next(splitter.split(idx, strata, groups))
-    else:
-        splitter = GroupShuffleSplit(n_splits=1, test_size=cfg.train.val_fraction, random_state=cfg.train.seed)
-        tr, va = next(splitter.split(idx, groups=groups))
-    return records.subset(np.sort(tr)), records.subset(np.sort(va))
+    k = min(holdout_folds(cfg.train.val_fraction), n_groups)
+    fold = fold_of(records, cfg, k, seed=cfg.train.seed)
+    return [(records.subset(np.flatnonzero(fold != j)), records.subset(np.flatnonzero(fold == j)))
+            for j in range(min(n, k))]
 
 
 def check_disjoint(train: Records, val: Records, cfg: Config) -> None:
@@ -185,8 +183,8 @@ def validation_score(y: np.ndarray, probs: np.ndarray, task: str) -> float:
 
 def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
         progress: bool = True, memo: Optional[dict] = None) -> dict:
-    """`memo`: kept across calls on the same train/val split (ensemble members), so a frozen text
-    encoder that the members share runs over the reports once, not once per member."""
+    """`memo`: kept across calls (ensemble members), so a frozen text encoder that the members share
+    runs over each report once, not once per member."""
     tc, task = cfg.train, cfg.task.type
     seed_everything(tc.seed)
     device = distributed.device_for_rank(resolve_device(tc.device))
@@ -217,11 +215,8 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
         from multimodal.data.features import text_features
 
         enc = net.encoders["text"]
-        memo = {} if memo is None else memo
-        key = ("text", id(enc))
-        if key not in memo:
-            memo[key] = [text_features(r, cfg, prep, enc) for r in (train, val)]
-        tfeats = memo[key]
+        known = ({} if memo is None else memo).setdefault(("text", id(enc)), {})
+        tfeats = [text_features(r, cfg, prep, enc, known=known) for r in (train, val)]
     train_ds = RecordDataset(train, prep, cfg.modalities, cfg, y_tr, train=True, cache=cache, features=feats[0],
                              text_features=tfeats[0])
     val_ds = RecordDataset(val, prep, cfg.modalities, cfg, y_va, cache=cache, features=feats[1],
