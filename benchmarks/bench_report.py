@@ -18,6 +18,20 @@ def _ci(s: dict, digits: int = 3) -> str:
     return f"{s['value']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _training_split(d: dict) -> str:
+    """Who trained on what: one hold-out, or (train.ensemble_holdout: crossfit) one fold per member."""
+    from multimodal.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    tc = load_config(root / d["config"]).train if (root / d["config"]).is_file() else None
+    if tc is not None and tc.ensemble > 1 and tc.ensemble_holdout == "crossfit":
+        return (f"each of a model's {tc.ensemble} ensemble members trained on {d['n_train']} patients and "
+                f"early-stopped on its own {d['n_inner_val']} (crossfit folds of the training records), "
+                f"with calibration and the operating point fitted on the {tc.ensemble} folds' out-of-fold outputs.")
+    return (f"each model trained on {d['n_train']} patients, with {d['n_inner_val']} more held out of the "
+            f"training records for early stopping and calibration.")
+
+
 def _runs(d: dict, variant: str) -> list[dict]:
     return [r for r in d["runs"] if r["variant"] == variant]
 
@@ -26,8 +40,7 @@ def _dataset(d: dict, plots_base: Path, md_dir: Path) -> list[str]:
     s = d["summary"]
     lines = [f"## {d['dataset']}: `{d['task']}` ({' + '.join(d['modalities'])})", "",
              f"Config `{d['config']}`. Scored on {d['n_eval']} patients ({d['split']}; prevalence "
-             f"{d['prevalence']:.3f}); each model trained on {d['n_train']} patients, with {d['n_inner_val']} "
-             f"more held out of the training records for early stopping and calibration. "
+             f"{d['prevalence']:.3f}); {_training_split(d)} "
              f"{len(_runs(d, 'attention'))} runs per variant; {d['seconds'] / 60:.1f} min for this dataset.", "",
              "| model | AUROC [95% CI] | seed SD | AUPRC [95% CI] | ECE calibrated [95% CI] | ECE raw | "
              "ECE floor | epochs (best) | s / run |", "|---|---|---|---|---|---|---|---|---|"]
