@@ -153,8 +153,9 @@ class TrainConfig(_Strict):
     """Seeds splits, initialisation and shuffling."""
     ensemble: int = Field(1, ge=1, le=16)
     """Members trained with seeds seed, seed+1, ...: each early-stopped on the same hold-out (or on its
-    own: ensemble_holdout), saved in one model directory; the model's output is the mean of their logits, calibrated once. On a few thousand
-    patients one seed's AUROC moves by about 0.01; the mean of several moves less and is usually higher.
+    own: ensemble_holdout), saved in one model directory; the model's output is the mean of their
+    logits, calibrated once. On a few thousand patients one seed's AUROC moves by about 0.01; the mean
+    of several moves less and is usually higher.
     Costs N times the training and predict time. Fully frozen encoders (freeze: all) are shared, not
     copied."""
     ensemble_holdout: Literal["shared", "crossfit"] = "shared"
