@@ -122,7 +122,7 @@ class DiagnosisModel:
         if val is None and tc.ensemble > 1 and tc.ensemble_holdout == "crossfit":
             splits = holdout_splits(train_rec, self.config, tc.ensemble)  # preprocessing sees every record
         elif val is None:
-            splits = holdout_splits(train_rec, self.config, 1)
+            splits = holdout_splits(train_rec, self.config)
             train_rec = splits[0][0]
         else:
             splits = [(train_rec, self.records(val, labels=True))]

@@ -58,7 +58,7 @@ def test_counts_say_how_many_records_were_used(cohort, tmp_path):
 
 def test_holdout_keeps_each_patient_on_one_side(cohort):
     from multimodal.data.records import load_records
-    from multimodal.engine.train import holdout_split
+    from multimodal.engine.train import holdout_splits
 
     cfg = load_config(CFG)
     df = pd.read_csv(cohort["train"], dtype=str)
@@ -67,7 +67,7 @@ def test_holdout_keeps_each_patient_on_one_side(cohort):
         load_records(two, cfg, labels=True)
     grouped = config_from_dict(cfg.model_dump() | {"data": {"id": "record", "group": "patient_id"}})
     two["record"] = [f"r{i}" for i in range(len(two))]
-    tr, va = holdout_split(load_records(two, grouped, labels=True), grouped)
+    (tr, va), = holdout_splits(load_records(two, grouped, labels=True), grouped)
     assert not set(tr.df["patient_id"]) & set(va.df["patient_id"])
     assert len(va) >= 2 and len(tr) + len(va) == len(two)
 

@@ -32,11 +32,11 @@ def _cfg(**extra):
 def test_holdout_and_folds_keep_patients_together(two_per_patient):
     from multimodal.engine.cv import fold_of
     from multimodal.data.records import load_records
-    from multimodal.engine.train import holdout_split
+    from multimodal.engine.train import holdout_splits
 
     cfg = _cfg()
     rec = load_records(two_per_patient, cfg, labels=True)
-    tr, va = holdout_split(rec, cfg)
+    (tr, va), = holdout_splits(rec, cfg)
     assert not set(tr.df["patient"]) & set(va.df["patient"]) and len(va) > 0
     folds = fold_of(rec, cfg, 5, seed=0)
     per_patient = pd.Series(folds).groupby(rec.df["patient"].to_numpy()).nunique()

@@ -117,15 +117,11 @@ def groups_of(records: Records, cfg: Config) -> np.ndarray:
     return records.df[cfg.data.group or cfg.data.id].astype(str).to_numpy()
 
 
-def holdout_split(records: Records, cfg: Config) -> tuple[Records, Records]:
-    """Stratified, seeded, patient-grouped validation hold-out when the user gives no validation records.
-    Split before preprocessing is fitted, so vocabulary and scaler statistics never see validation patients."""
-    return holdout_splits(records, cfg, 1)[0]
-
-
-def holdout_splits(records: Records, cfg: Config, n: int) -> list[tuple[Records, Records]]:
-    """The first `n` (train, hold-out) pairs of one stratified, seeded, patient-grouped K-fold split,
-    K = round(1 / val_fraction): their hold-outs are disjoint (train.ensemble_holdout: crossfit)."""
+def holdout_splits(records: Records, cfg: Config, n: int = 1) -> list[tuple[Records, Records]]:
+    """Validation hold-out(s) when the user gives no validation records: the first `n` (train, hold-out)
+    pairs of one stratified, seeded, patient-grouped K-fold split, K = round(1 / val_fraction), so
+    their hold-outs are disjoint (train.ensemble_holdout: crossfit). Split before preprocessing is
+    fitted, so a single hold-out's patients never reach the vocabulary or the scaler statistics."""
     from multimodal.engine.cv import fold_of
 
     n_groups = len(set(groups_of(records, cfg)))
