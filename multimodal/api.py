@@ -119,11 +119,10 @@ class DiagnosisModel:
         bit-identical retraining needs the same fitted vocabulary."""
         tc = self.config.train
         train_rec = self.records(train, labels=True)
-        if val is None and tc.ensemble > 1 and tc.ensemble_holdout == "crossfit":
-            splits = holdout_splits(train_rec, self.config, tc.ensemble)  # preprocessing sees every record
-        elif val is None:
-            splits = holdout_splits(train_rec, self.config)
-            train_rec = splits[0][0]
+        if val is None:
+            splits = holdout_splits(train_rec, self.config, tc.ensemble if tc.ensemble_holdout == "crossfit" else 1)
+            if len(splits) == 1:  # preprocessing never sees the one hold-out; crossfit's folds cover every record
+                train_rec = splits[0][0]
         else:
             splits = [(train_rec, self.records(val, labels=True))]
             check_disjoint(*splits[0], self.config)
