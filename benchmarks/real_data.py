@@ -11,7 +11,9 @@ patients are scored by models that never saw them. Per variant: validation AUROC
 over seeds with 95% patient-bootstrap CIs, a paired bootstrap of fusion minus the best single
 modality, the fused models with modalities removed at test time, and throughput (training
 patients/s, `mmdx predict` patients/s, pure forward time on the same batches).
-Finished runs are kept under <out>/runs and reused, so an interrupted benchmark resumes.
+Finished runs are kept under <out>/runs and reused, so an interrupted benchmark resumes. After a change
+to one dataset's recipe, `--update --datasets NAME` reruns that dataset alone and keeps the others'
+results from <out>/results.json (the report lists both commands).
 """
 from __future__ import annotations
 
@@ -339,6 +341,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-speed", default="ham10000",
                     help="datasets on which to time a cached epoch against an end-to-end one ('' for none)")
     ap.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from results.json, run nothing")
+    ap.add_argument("--update", action="store_true",
+                    help="rerun only --datasets; keep the other datasets' results from <out>/results.json")
     ap.add_argument("--variants", default="", help="comma-separated subset, e.g. 'attention,image only'")
     ap.add_argument("--seeds-for", nargs="*", default=[], metavar="DATASET=SEEDS",
                     help="per-dataset seeds, e.g. ham10000=0 (others use --seeds)")
@@ -367,6 +371,7 @@ def main(argv=None) -> int:
     if missing:
         print(f"data not found for {', '.join(missing)} under {args.data}", file=sys.stderr)
         return 2
+    previous = _previous_report(out, args) if args.update else None
     from multimodal.runtime import tune_malloc
 
     args.malloc_tuned = tune_malloc()  # as `mmdx train` runs: freed memory kept for the next batch
@@ -383,11 +388,37 @@ def main(argv=None) -> int:
               "overrides": args.override, "seconds": time.perf_counter() - t0,
               "environment": environment(args.threads, args.malloc_tuned),
               "datasets": results}
+    if previous is not None:
+        report = _updated(previous, report)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1, default=float))
     write_markdown(report, md, plots_base=out)
     print(f"{len(results)} datasets in {report['seconds'] / 60:.1f} min → {md}, {out / 'results.json'}")
     return 0
+
+
+def _previous_report(out: Path, args) -> dict:
+    """The report an --update keeps; refused unless it was run with the same seeds, resamples and
+    overrides, since its other datasets' rows would otherwise sit beside rows measured differently."""
+    path = out / "results.json"
+    if not path.exists():
+        raise SystemExit(f"--update: no {path} to update")
+    old = json.loads(path.read_text())
+    for key, now in (("quick", args.quick), ("seeds", args.seeds), ("n_boot", args.n_boot),
+                     ("overrides", args.override)):
+        if old[key] != now:
+            raise SystemExit(f"--update: {path} was run with {key}={old[key]!r}, this run has {now!r}")
+    return old
+
+
+def _updated(old: dict, new: dict) -> dict:
+    """`old` with the datasets `new` reran replaced in place (others kept, in their order); the time
+    in all is the sum of every dataset's own time, and the commands that made it are all listed."""
+    fresh = {d["dataset"]: d for d in new["datasets"]}
+    datasets = [fresh.pop(d["dataset"], d) for d in old["datasets"]] + list(fresh.values())
+    updates = old.get("updates", []) + [{"command": new["command"], "datasets": [d["dataset"] for d in new["datasets"]],
+                                          "date": time.strftime("%Y-%m-%d"), "environment": new["environment"]}]
+    return {**old, "datasets": datasets, "seconds": sum(d["seconds"] for d in datasets), "updates": updates}
 
 
 if __name__ == "__main__":

@@ -109,3 +109,30 @@ def test_a_cached_run_is_reused_only_for_the_same_config_and_code(cohort, tmp_pa
     (tmp_path / "multimodal" / "changed.py").write_text("x = 1\n")
     real_data.train_one(cfg, ov | {"train.seed": 1}, cohort["train"], cohort["test"], cache)
     assert len(fits) == 3
+
+
+def test_update_replaces_only_the_rerun_dataset_and_refuses_a_differently_run_report(tmp_path):
+    import argparse
+
+    import real_data
+
+    def report(names, seconds, seeds=(0,)):
+        return {"command": "python benchmarks/real_data.py", "quick": False, "seeds": list(seeds), "n_boot": 1000,
+                "overrides": {}, "seconds": sum(seconds), "environment": {"cpu": "x"},
+                "datasets": [{"dataset": n, "seconds": s, "auroc": n + " old"} for n, s in zip(names, seconds)]}
+
+    old = report(["ham10000", "medpix2", "iu_xray"], [2800.0, 490.0, 240.0])
+    new = report(["medpix2"], [600.0])
+    new["datasets"][0]["auroc"] = "medpix2 new"
+    merged = real_data._updated(old, new)
+    assert [d["dataset"] for d in merged["datasets"]] == ["ham10000", "medpix2", "iu_xray"]  # order kept
+    assert [d["auroc"] for d in merged["datasets"]] == ["ham10000 old", "medpix2 new", "iu_xray old"]
+    assert merged["seconds"] == 2800.0 + 600.0 + 240.0 and merged["command"] == old["command"]
+    assert merged["updates"][0]["datasets"] == ["medpix2"]
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    args = argparse.Namespace(quick=False, seeds=[0], n_boot=1000, override={})
+    assert real_data._previous_report(tmp_path, args) == old
+    with pytest.raises(SystemExit, match="seeds"):
+        real_data._previous_report(tmp_path, argparse.Namespace(quick=False, seeds=[0, 1], n_boot=1000, override={}))
+    with pytest.raises(SystemExit, match="no .*results.json"):
+        real_data._previous_report(tmp_path / "missing", args)
