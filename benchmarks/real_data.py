@@ -235,7 +235,7 @@ def run_dataset(name: str, args, out: Path) -> dict:
     from multimodal.data.preprocess.labels import LabelEncoder
 
     cfg_path = ROOT / "configs" / DATASETS[name]
-    cfg = load_config(cfg_path)
+    cfg = load_config(cfg_path, args.override)  # e.g. modalities=...: the variants and baselines follow
     base = dict(args.override)
     if args.quick:
         base |= QUICK | (QUICK_IMAGE if cfg.image is not None else {})
