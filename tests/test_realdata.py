@@ -23,7 +23,9 @@ def test_medpix2_train_predict_subset(tmp_path):
     sub = tmp_path / "train.csv"
     train.assign(image_path=train.image_path.str.split(";").map(
         lambda ps: ";".join(str(d / p) for p in ps))).to_csv(sub, index=False)  # absolute paths: CSV lives elsewhere
-    model = DiagnosisModel.from_config(REPO / "configs" / "medpix2.yaml", **FAST)
+    # the recipe leaves MedPix's images out; this test keeps them in, so real PNG slices go end to end
+    model = DiagnosisModel.from_config(REPO / "configs" / "medpix2.yaml", modalities="image,text,tabular", **FAST)
+    assert model.config.modalities == ["image", "text", "tabular"]
     model.fit(sub, d / "records_val.csv", progress=False)
     model.save(tmp_path / "m")
     out = DiagnosisModel.load(tmp_path / "m").predict(d / "records_val.csv")
