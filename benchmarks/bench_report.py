@@ -2,6 +2,7 @@
 benchmarks/findings.md and is included verbatim, so regenerating the tables never loses it."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -107,6 +108,29 @@ def _left(variant: str, modalities: list[str]) -> str | None:
         return what[:-5]
     rest = [m for m in modalities if m != what.removeprefix("without ")]
     return rest[0] if len(rest) == 1 else None
+
+
+def previous_report(path: Path, **settings) -> dict:
+    """The report an --update keeps; refused unless it was run with the same `settings` (seeds,
+    resamples, overrides...), since its other datasets' rows would otherwise sit beside rows measured
+    differently."""
+    if not path.exists():
+        raise SystemExit(f"--update: no {path} to update")
+    old = json.loads(path.read_text())
+    for key, now in settings.items():
+        if old[key] != now:
+            raise SystemExit(f"--update: {path} was run with {key}={old[key]!r}, this run has {now!r}")
+    return old
+
+
+def updated(old: dict, new: dict) -> dict:
+    """`old` with the datasets `new` reran replaced in place (others kept, in their order); the time
+    in all is the sum of every dataset's own time, and the commands that made it are all listed."""
+    fresh = {d["dataset"]: d for d in new["datasets"]}
+    datasets = [fresh.pop(d["dataset"], d) for d in old["datasets"]] + list(fresh.values())
+    updates = old.get("updates", []) + [{"command": new["command"], "datasets": [d["dataset"] for d in new["datasets"]],
+                                          "date": time.strftime("%Y-%m-%d"), "environment": new["environment"]}]
+    return {**old, "datasets": datasets, "seconds": sum(d["seconds"] for d in datasets), "updates": updates}
 
 
 def write_markdown(report: dict, path: Path, plots_base: Path) -> Path:

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import bench_stats as st  # noqa: E402
-from bench_report import write_markdown  # noqa: E402
+from bench_report import previous_report, updated, write_markdown  # noqa: E402
 
 BASELINE = "baseline: "  # prefix of the scikit-learn baselines' variant names
 
@@ -371,7 +371,8 @@ def main(argv=None) -> int:
     if missing:
         print(f"data not found for {', '.join(missing)} under {args.data}", file=sys.stderr)
         return 2
-    previous = _previous_report(out, args) if args.update else None
+    previous = previous_report(out / "results.json", quick=args.quick, seeds=args.seeds, n_boot=args.n_boot,
+                               overrides=args.override) if args.update else None
     from multimodal.runtime import tune_malloc
 
     args.malloc_tuned = tune_malloc()  # as `mmdx train` runs: freed memory kept for the next batch
@@ -389,36 +390,12 @@ def main(argv=None) -> int:
               "environment": environment(args.threads, args.malloc_tuned),
               "datasets": results}
     if previous is not None:
-        report = _updated(previous, report)
+        report = updated(previous, report)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1, default=float))
     write_markdown(report, md, plots_base=out)
     print(f"{len(results)} datasets in {report['seconds'] / 60:.1f} min → {md}, {out / 'results.json'}")
     return 0
-
-
-def _previous_report(out: Path, args) -> dict:
-    """The report an --update keeps; refused unless it was run with the same seeds, resamples and
-    overrides, since its other datasets' rows would otherwise sit beside rows measured differently."""
-    path = out / "results.json"
-    if not path.exists():
-        raise SystemExit(f"--update: no {path} to update")
-    old = json.loads(path.read_text())
-    for key, now in (("quick", args.quick), ("seeds", args.seeds), ("n_boot", args.n_boot),
-                     ("overrides", args.override)):
-        if old[key] != now:
-            raise SystemExit(f"--update: {path} was run with {key}={old[key]!r}, this run has {now!r}")
-    return old
-
-
-def _updated(old: dict, new: dict) -> dict:
-    """`old` with the datasets `new` reran replaced in place (others kept, in their order); the time
-    in all is the sum of every dataset's own time, and the commands that made it are all listed."""
-    fresh = {d["dataset"]: d for d in new["datasets"]}
-    datasets = [fresh.pop(d["dataset"], d) for d in old["datasets"]] + list(fresh.values())
-    updates = old.get("updates", []) + [{"command": new["command"], "datasets": [d["dataset"] for d in new["datasets"]],
-                                          "date": time.strftime("%Y-%m-%d"), "environment": new["environment"]}]
-    return {**old, "datasets": datasets, "seconds": sum(d["seconds"] for d in datasets), "updates": updates}
 
 
 if __name__ == "__main__":

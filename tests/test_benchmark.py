@@ -114,9 +114,7 @@ def test_a_cached_run_is_reused_only_for_the_same_config_and_code(cohort, tmp_pa
 
 
 def test_update_replaces_only_the_rerun_dataset_and_refuses_a_differently_run_report(tmp_path):
-    import argparse
-
-    import real_data
+    from bench_report import previous_report, updated
 
     def report(names, seconds, seeds=(0,)):
         return {"command": "python benchmarks/real_data.py", "quick": False, "seeds": list(seeds), "n_boot": 1000,
@@ -126,15 +124,15 @@ def test_update_replaces_only_the_rerun_dataset_and_refuses_a_differently_run_re
     old = report(["ham10000", "medpix2", "iu_xray"], [2800.0, 490.0, 240.0])
     new = report(["medpix2"], [600.0])
     new["datasets"][0]["auroc"] = "medpix2 new"
-    merged = real_data._updated(old, new)
+    merged = updated(old, new)
     assert [d["dataset"] for d in merged["datasets"]] == ["ham10000", "medpix2", "iu_xray"]  # order kept
     assert [d["auroc"] for d in merged["datasets"]] == ["ham10000 old", "medpix2 new", "iu_xray old"]
     assert merged["seconds"] == 2800.0 + 600.0 + 240.0 and merged["command"] == old["command"]
     assert merged["updates"][0]["datasets"] == ["medpix2"]
     (tmp_path / "results.json").write_text(json.dumps(old))
-    args = argparse.Namespace(quick=False, seeds=[0], n_boot=1000, override={})
-    assert real_data._previous_report(tmp_path, args) == old
+    settings = dict(quick=False, seeds=[0], n_boot=1000, overrides={})
+    assert previous_report(tmp_path / "results.json", **settings) == old
     with pytest.raises(SystemExit, match="seeds"):
-        real_data._previous_report(tmp_path, argparse.Namespace(quick=False, seeds=[0, 1], n_boot=1000, override={}))
+        previous_report(tmp_path / "results.json", **(settings | {"seeds": [0, 1]}))
     with pytest.raises(SystemExit, match="no .*results.json"):
-        real_data._previous_report(tmp_path / "missing", args)
+        previous_report(tmp_path / "missing" / "results.json", **settings)
