@@ -100,6 +100,7 @@ class HFTextEncoder(nn.Module):
                                                trust_remote_code=False)
         self.output_dim = self.model.config.hidden_size
         self.pooling = pooling
+        self._top: list[nn.Module] = []  # the transformer layers that train under freeze: N
         self._frozen = self._freeze(freeze)
 
     def _freeze(self, freeze) -> list[nn.Module]:
@@ -116,6 +117,7 @@ class HFTextEncoder(nn.Module):
         keep |= {id(p) for name, p in self.model.named_parameters() if name.startswith("pooler.")}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in keep)
+        self._top = list(layers)[-int(freeze):]
         return [self.model.get_input_embeddings()] + list(layers)[: -int(freeze)]
 
     def train(self, mode: bool = True):
@@ -129,6 +131,11 @@ class HFTextEncoder(nn.Module):
         return self.model.get_input_embeddings()
 
     @property
+    def n_top(self) -> int:
+        """How many last layers train over a frozen part (freeze: N); 0 under freeze: all or none."""
+        return len(self._top)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
@@ -140,9 +147,50 @@ class HFTextEncoder(nn.Module):
     def hidden(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=text_ids, attention_mask=_nonempty(text_mask).long()).last_hidden_state
 
+    def frozen_hidden(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """What a feature cache keeps: the output of the frozen part, i.e. the whole transformer under
+        freeze: all, or the input of the first trainable layer under freeze: N."""
+        if not self._top:  # freeze: all (under freeze: none there is no frozen part to cache)
+            return self.hidden(text_ids, text_mask)
+        out = self.model(input_ids=text_ids, attention_mask=_nonempty(text_mask).long(), output_hidden_states=True)
+        return out.hidden_states[-1 - len(self._top)]
+
+    def top(self, x: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The trainable last layers over the frozen part's output (freeze: N): a cached epoch runs these
+        alone. Built-in BERT-style layers take the additive [B, 1, 1, L] mask; `check_top` proves it."""
+        keep = _nonempty(text_mask)[:, None, None, :]
+        mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
+        for layer in self._top:
+            x = layer(x, mask)
+            x = x[0] if isinstance(x, tuple) else x
+        return x
+
+    def check_top(self, text_ids: torch.Tensor, text_mask: torch.Tensor, atol: float = 1e-4) -> None:
+        """Refuses, in one line, an architecture whose last layers cannot be run on their own as `top`
+        runs them, rather than train on activations that prediction would never see."""
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                live = self.hidden(text_ids, text_mask)
+                fast = self.top(self.frozen_hidden(text_ids, text_mask), text_mask)
+            ok = live.shape == fast.shape and bool(((live - fast).abs() * text_mask.unsqueeze(-1)).max() <= atol)
+        except (TypeError, ValueError, RuntimeError):
+            ok = False
+        finally:
+            self.train(was)
+        if not ok:
+            raise ValueError(f"text.cache_features with text.freeze: {len(self._top)} cannot run the last layers of "
+                             f"this {self.model.config.model_type} model on their own; use text.freeze: all or "
+                             "text.cache_features: false")
+
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor, text_x: torch.Tensor | None = None) -> Tokens:
-        """`text_x`: the frozen transformer's cached output for these ids (freeze: all), else computed."""
-        out = self.hidden(text_ids, text_mask) if text_x is None else text_x[:, : text_ids.shape[1]].to(self.dtype)
+        """`text_x`: the frozen part's cached output for these ids (see `frozen_hidden`), else computed."""
+        if text_x is None:
+            out = self.hidden(text_ids, text_mask)
+        else:
+            out = text_x[:, : text_ids.shape[1]].to(self.dtype)
+            out = self.top(out, text_mask) if self._top else out
         if self.pooling == "mean":
             w = text_mask.to(out.dtype).unsqueeze(-1)
             pooled = (out * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1)

@@ -7,12 +7,11 @@ from multimodal import DiagnosisModel
 from conftest import REPO, TINY
 
 
-@pytest.fixture(scope="module")
-def local_bert(tmp_path_factory):
+def _bert_folder(d, layers: int):
+    """A tiny pretrained-style BERT folder (weights + tokenizer), as a user's local checkpoint."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-    d = tmp_path_factory.mktemp("bert")
     words = "[PAD] [UNK] [CLS] [SEP] [MASK] ct shows a spiculated mass in the left lobe mild cough no fever".split()
     tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -20,9 +19,19 @@ def local_bert(tmp_path_factory):
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                             sep_token="[SEP]", mask_token="[MASK]").save_pretrained(d)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def local_bert(tmp_path_factory):
+    return _bert_folder(tmp_path_factory.mktemp("bert"), layers=1)
+
+
+@pytest.fixture(scope="module")
+def bert3(tmp_path_factory):
+    return _bert_folder(tmp_path_factory.mktemp("bert3"), layers=3)
 
 
 def test_hf_pretrained_folder_train_save_load(local_bert, cohort, tmp_path):
@@ -47,3 +56,60 @@ def test_hf_random_init_uses_trained_vocab(cohort):
     model.fit(cohort["train"], cohort["val"], progress=False)
     cfg = model.net.encoders["text"].model.config
     assert cfg.vocab_size == model.prep.text.vocab_size and cfg.hidden_size == 64
+
+
+def _top_cached(bert, **kw):
+    return DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", modalities="text,tabular", **(TINY | {
+        "text.encoder": "hf", "text.pretrained": str(bert), "text.freeze": 1, "text.cache_features": True,
+        "train.lr": 0.01} | kw))
+
+
+def test_freeze_n_caches_the_lower_layers_once_and_trains_the_last(bert3, cohort, tmp_path, monkeypatch):
+    import torch
+    from transformers import BertModel
+
+    from encoders.text import HFTextEncoder
+    from multimodal.data.batches import Collate, RecordDataset
+    from multimodal.data.features import text_features
+    from multimodal.data.preprocess.text import clean
+    from multimodal.data.records import load_records
+
+    rows = []
+    frozen_hidden = HFTextEncoder.frozen_hidden
+    monkeypatch.setattr(HFTextEncoder, "frozen_hidden", lambda self, ids, mask: rows.append(len(ids)) or
+                        frozen_hidden(self, ids, mask))
+    model = _top_cached(bert3, **{"train.ensemble": 2})
+    model.fit(cohort["train"], cohort["val"], progress=False)
+    texts = set()
+    for split in ("train", "val"):
+        rec = load_records(cohort[split], model.config)
+        texts |= {clean(rec.cell(i, "report_text"), 20_000) for i in range(len(rec))}
+    # each report once through the frozen layers for both members, after one probe batch (check_top)
+    assert len(rows) >= 3 and rows[0] == rows[1] and sum(rows[1:]) == len(texts)
+    start = BertModel.from_pretrained(bert3).encoder.layer
+    for net in model.net.members:
+        layers = net.encoders["text"].model.encoder.layer
+        assert all(torch.equal(a, b) for a, b in zip(layers[0].state_dict().values(), start[0].state_dict().values()))
+        assert not all(torch.equal(a, b) for a, b in zip(layers[2].state_dict().values(), start[2].state_dict().values()))
+    # the cached path (lower layers' fp16 output + the last layer) is what prediction computes live
+    enc = model.net.members[0].encoders["text"].eval()
+    rec = load_records(cohort["val"], model.config)
+    ds = RecordDataset(rec, model.prep, model.config.modalities, model.config,
+                       text_features=text_features(rec, model.config, model.prep, enc))
+    b = Collate(model.prep, model.config.modalities, model.config)([ds[i] for i in range(16)])
+    with torch.no_grad():
+        live, fast = enc(b["text_ids"], b["text_mask"]), enc(b["text_ids"], b["text_mask"], b["text_x"])
+    m = b["text_mask"].unsqueeze(-1)
+    assert torch.allclose(live.x * m, fast.x * m, atol=1e-2) and not torch.allclose(live.x * m, b["text_x"].float() * m)
+    before = model.predict(cohort["test"])
+    again = DiagnosisModel.load(model.save(tmp_path / "m")).predict(cohort["test"])
+    np.testing.assert_array_equal(before.prob_1.to_numpy(), again.prob_1.to_numpy())
+
+
+def test_last_layers_that_cannot_run_alone_are_refused_in_one_line(bert3, cohort, monkeypatch):
+    from encoders.text import HFTextEncoder
+    from multimodal import UserError
+
+    monkeypatch.setattr(HFTextEncoder, "top", lambda self, x, mask: x)  # as if the layers ignored their input
+    with pytest.raises(UserError, match=r"^text.cache_features with text.freeze: 1 cannot run the last layers"):
+        _top_cached(bert3).fit(cohort["train"], cohort["val"], progress=False)

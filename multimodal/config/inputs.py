@@ -159,8 +159,9 @@ class TextConfig(_Strict):
     freeze: Union[Literal["none", "all"], int] = "none"
     """hf: keep pretrained layers fixed: none, all, or an int N = train only the last N transformer layers."""
     cache_features: bool = False
-    """hf with freeze: all: compute the transformer's output once per record before training and train
-    the rest over it (the text counterpart of image.cache_features; nothing is given up)."""
+    """hf with freeze: all or N: compute the frozen part's output once per record before training (the
+    whole transformer, or every layer below the last N) and train the rest over it (the text counterpart
+    of image.cache_features; nothing is given up: text has no augmentation to lose)."""
     pooling: Literal["tokens", "mean"] = "tokens"
     """hf: fusion attends to every token, or to one mean-pooled vector (what sentence encoders such as
     MiniLM were trained to produce; steadier on a few thousand reports)."""
@@ -199,8 +200,8 @@ class TextConfig(_Strict):
             raise ValueError("text.freeze, text.pooling and text.cache_features apply to text.encoder: hf")
         if self.freeze != "none" and not self.pretrained:
             raise ValueError("text.freeze needs text.pretrained weights")
-        if self.cache_features and self.freeze != "all":
-            raise ValueError("text.cache_features needs text.freeze: all")
+        if self.cache_features and self.freeze == "none":
+            raise ValueError("text.cache_features needs a frozen part: set text.freeze to 'all' or a number")
         if isinstance(self.freeze, int) and not isinstance(self.freeze, bool) and self.freeze < 1:
             raise ValueError("text.freeze as a number is how many last layers train: at least 1")
         return self

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from multimodal.config import Config
-from multimodal.errors import RecordError
+from multimodal.errors import RecordError, UserError
 from multimodal.data.preprocess.image import split_paths
 from multimodal.data.preprocess.text import clean
 
@@ -163,14 +163,16 @@ class FeatureCache:
 
 def text_features(records, cfg: Config, prep, encoder, batch_size: int = 64,
                   known: Optional[dict] = None) -> dict[int, torch.Tensor]:
-    """A fully frozen transformer's output per record, computed once per training run (in memory:
-    a forward over a few thousand reports takes seconds to a minute, far less than an epoch each).
+    """The frozen part's output per record (`encoder.frozen_hidden`: the whole transformer, or its
+    layers below the trainable last N), computed once per training run (in memory: a forward over a
+    few thousand reports takes seconds to a minute, far less than an epoch each).
     `known`: text → output, filled here and kept by the caller, so ensemble members whose splits differ
     (crossfit) or repeated reports do not run the encoder again."""
     device = next(encoder.parameters()).device
     known = {} if known is None else known
     texts = [clean(records.cell(i, cfg.text.column), prep.text.max_chars) for i in range(len(records))]
     todo = list(dict.fromkeys(t for t in texts if t not in known))
+    probe = encoder.n_top and not known  # checked once per frozen part, not once per split or member
     encoder.eval()
     with torch.no_grad():
         for j in range(0, len(todo), batch_size):
@@ -183,7 +185,13 @@ def text_features(records, cfg: Config, prep, encoder, batch_size: int = 64,
                     encs.append(prep.text.empty())
             lengths = [len(e.ids) for e in encs]
             ids, mask, _ = prep.text.pad(encs)
-            h = encoder.hidden(ids.to(device), mask.to(device)).cpu().to(torch.float16)
+            ids, mask = ids.to(device), mask.to(device)
+            if j == 0 and probe:
+                try:
+                    encoder.check_top(ids, mask)
+                except ValueError as e:
+                    raise UserError(str(e)) from None
+            h = encoder.frozen_hidden(ids, mask).cpu().to(torch.float16)
             for b, t in enumerate(chunk):
                 known[t] = h[b, : lengths[b]].clone()
     return {i: known[t] for i, t in enumerate(texts)}

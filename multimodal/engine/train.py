@@ -211,7 +211,9 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
         from multimodal.data.features import text_features
 
         enc = net.encoders["text"]
-        known = ({} if memo is None else memo).setdefault(("text", id(enc)), {})
+        # under freeze: N every member trains its own last layers over the same frozen pretrained part
+        key = ("text", id(enc)) if cfg.text.freeze == "all" else ("text", "frozen below", cfg.text.freeze)
+        known = ({} if memo is None else memo).setdefault(key, {})
         tfeats = [text_features(r, cfg, prep, enc, known=known) for r in (train, val)]
     train_ds = RecordDataset(train, prep, cfg.modalities, cfg, y_tr, train=True, cache=cache, features=feats[0],
                              text_features=tfeats[0])
