@@ -153,7 +153,7 @@ class DiagnosisModel:
         nets = members(self.net)
         if len(nets) == 1:
             return train_fit(self.net, self.prep, self.config, *splits[0], progress=progress)
-        runs, memo = [], {}
+        runs = []
         for i, net in enumerate(nets):
             cfg = self.config.model_copy(deep=True)
             cfg.train.seed = self.config.train.seed + i
@@ -161,7 +161,7 @@ class DiagnosisModel:
                 from multimodal.progress import say
 
                 say(f"ensemble member {i + 1}/{len(nets)} (seed {cfg.train.seed})")
-            runs.append(train_fit(net, self.prep, cfg, *splits[i % len(splits)], progress=progress, memo=memo))
+            runs.append(train_fit(net, self.prep, cfg, *splits[i % len(splits)], progress=progress))
         summary = dict(runs[0])
         summary["train_seconds"] = sum(r["train_seconds"] for r in runs)
         summary["members"] = [{"seed": self.config.train.seed + i, "best_epoch": r["best_epoch"],

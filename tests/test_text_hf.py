@@ -69,11 +69,13 @@ def test_freeze_n_caches_the_lower_layers_once_and_trains_the_last(bert3, cohort
     from transformers import BertModel
 
     from encoders.text import HFTextEncoder
+    from multimodal.data import features
     from multimodal.data.batches import Collate, RecordDataset
     from multimodal.data.features import text_features
     from multimodal.data.preprocess.text import clean
     from multimodal.data.records import load_records
 
+    monkeypatch.setattr(features, "_FROZEN_TEXT", {})  # what earlier tests in this process computed
     rows = []
     frozen_hidden = HFTextEncoder.frozen_hidden
     monkeypatch.setattr(HFTextEncoder, "frozen_hidden", lambda self, ids, mask: rows.append(len(ids)) or
@@ -104,12 +106,21 @@ def test_freeze_n_caches_the_lower_layers_once_and_trains_the_last(bert3, cohort
     before = model.predict(cohort["test"])
     again = DiagnosisModel.load(model.save(tmp_path / "m")).predict(cohort["test"])
     np.testing.assert_array_equal(before.prob_1.to_numpy(), again.prob_1.to_numpy())
+    # a later run in the process (another seed, a CV fold) reuses them; another cut point does not
+    n = len(rows)
+    _top_cached(bert3, **{"train.seed": 7}).fit(cohort["train"], cohort["val"], progress=False)
+    assert len(rows) == n
+    _top_cached(bert3, **{"text.freeze": 2}).fit(cohort["train"], cohort["val"], progress=False)
+    assert sum(rows[n + 1:]) == len(texts)
 
 
 def test_last_layers_that_cannot_run_alone_are_refused_in_one_line(bert3, cohort, monkeypatch):
     from encoders.text import HFTextEncoder
     from multimodal import UserError
 
+    from multimodal.data import features
+
+    monkeypatch.setattr(features, "_FROZEN_TEXT", {})
     monkeypatch.setattr(HFTextEncoder, "top", lambda self, x, mask: x)  # as if the layers ignored their input
     with pytest.raises(UserError, match=r"^text.cache_features with text.freeze: 1 cannot run the last layers"):
         _top_cached(bert3).fit(cohort["train"], cohort["val"], progress=False)

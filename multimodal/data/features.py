@@ -161,13 +161,39 @@ class FeatureCache:
         return self.memory[self.keys[i]][:, view].float()
 
 
+_FROZEN_TEXT: dict[str, dict] = {}  # one frozen text part's outputs, text → tensor, for this process
+
+
+def frozen_text_identity(encoder, prep) -> str:
+    """What a frozen text part's output for a report depends on: the tokenizer and its limits, the
+    frozen weights, and where the trainable layers begin."""
+    h = hashlib.sha256(prep.text.to_json().encode())
+    h.update(json.dumps([prep.text.max_length, prep.text.max_chars, encoder.n_top]).encode())
+    for name, p in encoder.named_parameters():
+        if not p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def known_text_features(encoder, prep) -> dict:
+    """text → the frozen part's output, kept in memory for the process: ensemble members, CV folds and
+    a benchmark's seeds and variants over the same reports run the frozen transformer over each
+    report once. Only the latest frozen part is kept, which bounds memory to one cohort's outputs."""
+    key = frozen_text_identity(encoder, prep)
+    if key not in _FROZEN_TEXT:
+        _FROZEN_TEXT.clear()
+        _FROZEN_TEXT[key] = {}
+    return _FROZEN_TEXT[key]
+
+
 def text_features(records, cfg: Config, prep, encoder, batch_size: int = 64,
                   known: Optional[dict] = None) -> dict[int, torch.Tensor]:
     """The frozen part's output per record (`encoder.frozen_hidden`: the whole transformer, or its
-    layers below the trainable last N), computed once per training run (in memory: a forward over a
-    few thousand reports takes seconds to a minute, far less than an epoch each).
-    `known`: text → output, filled here and kept by the caller, so ensemble members whose splits differ
-    (crossfit) or repeated reports do not run the encoder again."""
+    layers below the trainable last N), computed once (in memory: a forward over a few thousand reports
+    takes seconds to a minute, far less than an epoch each).
+    `known`: text → output, filled here and kept by the caller (`known_text_features`), so reports
+    already read by an earlier member, fold or run are not read again."""
     device = next(encoder.parameters()).device
     known = {} if known is None else known
     texts = [clean(records.cell(i, cfg.text.column), prep.text.max_chars) for i in range(len(records))]

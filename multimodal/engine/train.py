@@ -178,9 +178,7 @@ def validation_score(y: np.ndarray, probs: np.ndarray, task: str) -> float:
 
 
 def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
-        progress: bool = True, memo: Optional[dict] = None) -> dict:
-    """`memo`: kept across calls (ensemble members), so a frozen text encoder that the members share
-    runs over each report once, not once per member."""
+        progress: bool = True) -> dict:
     tc, task = cfg.train, cfg.task.type
     seed_everything(tc.seed)
     device = distributed.device_for_rank(resolve_device(tc.device))
@@ -208,12 +206,10 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
                  sum(f.misses for f in feats), time.perf_counter() - t0)
     tfeats = [None, None]
     if "text" in cfg.modalities and cfg.text.cache_features:
-        from multimodal.data.features import text_features
+        from multimodal.data.features import known_text_features, text_features
 
         enc = net.encoders["text"]
-        # under freeze: N every member trains its own last layers over the same frozen pretrained part
-        key = ("text", id(enc)) if cfg.text.freeze == "all" else ("text", "frozen below", cfg.text.freeze)
-        known = ({} if memo is None else memo).setdefault(key, {})
+        known = known_text_features(enc, prep)
         tfeats = [text_features(r, cfg, prep, enc, known=known) for r in (train, val)]
     train_ds = RecordDataset(train, prep, cfg.modalities, cfg, y_tr, train=True, cache=cache, features=feats[0],
                              text_features=tfeats[0])
