@@ -147,17 +147,24 @@ class HFTextEncoder(nn.Module):
     def hidden(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=text_ids, attention_mask=_nonempty(text_mask).long()).last_hidden_state
 
-    def frozen_hidden(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def frozen_hidden(self, text_ids: torch.Tensor, text_mask: torch.Tensor, check: bool = False) -> torch.Tensor:
         """What a feature cache keeps: the output of the frozen part, i.e. the whole transformer under
-        freeze: all, or the input of the first trainable layer under freeze: N."""
+        freeze: all, or the input of the first trainable layer under freeze: N. `check`: also run `top`
+        over it and refuse (ValueError, one line) an architecture whose last layers cannot run on their
+        own as `top` runs them, rather than train on activations that prediction would never see (in eval
+        mode, as a cache runs it: dropout would make the two differ)."""
         if not self._top:  # freeze: all (under freeze: none there is no frozen part to cache)
             return self.hidden(text_ids, text_mask)
         out = self.model(input_ids=text_ids, attention_mask=_nonempty(text_mask).long(), output_hidden_states=True)
-        return out.hidden_states[-1 - len(self._top)]
+        frozen = out.hidden_states[-1 - len(self._top)]
+        if check:
+            self._check_top(frozen, out.last_hidden_state, text_mask)
+        return frozen
 
     def top(self, x: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """The trainable last layers over the frozen part's output (freeze: N): a cached epoch runs these
-        alone. Built-in BERT-style layers take the additive [B, 1, 1, L] mask; `check_top` proves it."""
+        alone. Built-in BERT-style layers take the additive [B, 1, 1, L] mask; `frozen_hidden(check=True)`
+        proves it for the model at hand."""
         keep = _nonempty(text_mask)[:, None, None, :]
         mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
         for layer in self._top:
@@ -165,15 +172,12 @@ class HFTextEncoder(nn.Module):
             x = x[0] if isinstance(x, tuple) else x
         return x
 
-    def check_top(self, text_ids: torch.Tensor, text_mask: torch.Tensor, atol: float = 1e-4) -> None:
-        """Refuses, in one line, an architecture whose last layers cannot be run on their own as `top`
-        runs them, rather than train on activations that prediction would never see."""
+    def _check_top(self, frozen: torch.Tensor, live: torch.Tensor, text_mask: torch.Tensor, atol: float = 1e-4):
         was = self.training
-        self.eval()
+        self.eval()  # dropout off: the comparison is of the computation, not of its noise
         try:
             with torch.no_grad():
-                live = self.hidden(text_ids, text_mask)
-                fast = self.top(self.frozen_hidden(text_ids, text_mask), text_mask)
+                fast = self.top(frozen, text_mask)
             ok = live.shape == fast.shape and bool(((live - fast).abs() * text_mask.unsqueeze(-1)).max() <= atol)
         except (TypeError, ValueError, RuntimeError):
             ok = False

@@ -78,16 +78,16 @@ def test_freeze_n_caches_the_lower_layers_once_and_trains_the_last(bert3, cohort
     monkeypatch.setattr(features, "_FROZEN_TEXT", {})  # what earlier tests in this process computed
     rows = []
     frozen_hidden = HFTextEncoder.frozen_hidden
-    monkeypatch.setattr(HFTextEncoder, "frozen_hidden", lambda self, ids, mask: rows.append(len(ids)) or
-                        frozen_hidden(self, ids, mask))
+    monkeypatch.setattr(HFTextEncoder, "frozen_hidden", lambda self, ids, mask, check=False: rows.append(len(ids))
+                        or frozen_hidden(self, ids, mask, check))
     model = _top_cached(bert3, **{"train.ensemble": 2})
     model.fit(cohort["train"], cohort["val"], progress=False)
     texts = set()
     for split in ("train", "val"):
         rec = load_records(cohort[split], model.config)
         texts |= {clean(rec.cell(i, "report_text"), 20_000) for i in range(len(rec))}
-    # each report once through the frozen layers for both members, after one probe batch (check_top)
-    assert len(rows) >= 3 and rows[0] == rows[1] and sum(rows[1:]) == len(texts)
+    # each report once through the frozen layers, for both members
+    assert sum(rows) == len(texts)
     start = BertModel.from_pretrained(bert3).encoder.layer
     for net in model.net.members:
         layers = net.encoders["text"].model.encoder.layer
@@ -111,7 +111,7 @@ def test_freeze_n_caches_the_lower_layers_once_and_trains_the_last(bert3, cohort
     _top_cached(bert3, **{"train.seed": 7}).fit(cohort["train"], cohort["val"], progress=False)
     assert len(rows) == n
     _top_cached(bert3, **{"text.freeze": 2}).fit(cohort["train"], cohort["val"], progress=False)
-    assert sum(rows[n + 1:]) == len(texts)
+    assert sum(rows[n:]) == len(texts)
 
 
 def test_last_layers_that_cannot_run_alone_are_refused_in_one_line(bert3, cohort, monkeypatch):

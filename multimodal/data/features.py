@@ -198,7 +198,7 @@ def text_features(records, cfg: Config, prep, encoder, batch_size: int = 64,
     known = {} if known is None else known
     texts = [clean(records.cell(i, cfg.text.column), prep.text.max_chars) for i in range(len(records))]
     todo = list(dict.fromkeys(t for t in texts if t not in known))
-    probe = encoder.n_top and not known  # checked once per frozen part, not once per split or member
+    probe = bool(encoder.n_top) and not known  # checked once per frozen part, not per split or member
     encoder.eval()
     with torch.no_grad():
         for j in range(0, len(todo), batch_size):
@@ -211,13 +211,11 @@ def text_features(records, cfg: Config, prep, encoder, batch_size: int = 64,
                     encs.append(prep.text.empty())
             lengths = [len(e.ids) for e in encs]
             ids, mask, _ = prep.text.pad(encs)
-            ids, mask = ids.to(device), mask.to(device)
-            if j == 0 and probe:
-                try:
-                    encoder.check_top(ids, mask)
-                except ValueError as e:
-                    raise UserError(str(e)) from None
-            h = encoder.frozen_hidden(ids, mask).cpu().to(torch.float16)
+            try:
+                h = encoder.frozen_hidden(ids.to(device), mask.to(device), check=j == 0 and probe)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            h = h.cpu().to(torch.float16)
             for b, t in enumerate(chunk):
                 known[t] = h[b, : lengths[b]].clone()
     return {i: known[t] for i, t in enumerate(texts)}
