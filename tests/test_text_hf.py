@@ -117,7 +117,6 @@ def test_freeze_n_caches_the_lower_layers_once_and_trains_the_last(bert3, cohort
 def test_last_layers_that_cannot_run_alone_are_refused_in_one_line(bert3, cohort, monkeypatch):
     from encoders.text import HFTextEncoder
     from multimodal import UserError
-
     from multimodal.data import features
 
     monkeypatch.setattr(features, "_FROZEN_TEXT", {})
