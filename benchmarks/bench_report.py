@@ -142,7 +142,7 @@ def write_markdown(report: dict, path: Path, plots_base: Path) -> Path:
              f"- Command: `{report['command']}`" + (" (quick mode: subsampled, not a result)" if report["quick"] else ""),
              *[f"- Then rerun alone ({u['date']}): {', '.join(u['datasets'])}, `{u['command']}`"
                for u in report.get("updates", [])],
-             f"- Run: {time.strftime('%Y-%m-%d')}, {report['seconds'] / 60:.1f} min in all; seeds "
+             f"- Run: {report.get('date', 'date not recorded')}, {report['seconds'] / 60:.1f} min in all; seeds "
              f"{', '.join(map(str, report['seeds']))}; {report['n_boot']} bootstrap resamples; overrides "
              f"{report['overrides'] or 'none'}",
              f"- Machine: {env['cpu']}, {env['cores']} cores, {env['torch_threads']} torch threads, "

@@ -385,7 +385,8 @@ def main(argv=None) -> int:
         print(f"{name}:", flush=True)
         results.append(run_dataset(name, args, out))
     cmd = "python benchmarks/real_data.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
-    report = {"command": cmd, "quick": args.quick, "seeds": args.seeds, "n_boot": args.n_boot,
+    report = {"command": cmd, "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "seeds": args.seeds,
+              "n_boot": args.n_boot,
               "overrides": args.override, "seconds": time.perf_counter() - t0,
               "environment": environment(args.threads, args.malloc_tuned),
               "datasets": results}

@@ -137,3 +137,13 @@ def test_update_replaces_only_the_rerun_dataset_and_refuses_a_differently_run_re
         previous_report(tmp_path / "results.json", **(settings | {"seeds": [0, 1]}))
     with pytest.raises(SystemExit, match="no .*results.json"):
         previous_report(tmp_path / "missing" / "results.json", **settings)
+
+
+def test_a_regenerated_report_states_the_date_of_its_run_not_of_the_regeneration(tmp_path):
+    """--report-only rewrites BENCHMARKS.md from a kept results.json, maybe days later: the date is the run's."""
+    from bench_report import write_markdown
+
+    kept = json.loads((REPO / "benchmarks" / "results" / "results.json").read_text())
+    kept["date"] = "2001-02-03"
+    md = write_markdown(kept, tmp_path / "BENCHMARKS.md", plots_base=REPO / "benchmarks" / "results").read_text()
+    assert "- Run: 2001-02-03, " in md
