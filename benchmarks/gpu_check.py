@@ -53,11 +53,14 @@ def auroc(model, records) -> float:
     return round(model.evaluate(records, n_boot=0)["overall"]["auroc"]["value"], 4)
 
 
-def train(cfg: Path, paths: dict, device: str, **overrides):
+def train(cfg: Path, paths: dict, device: str, prep=None, **overrides):
+    """`prep`: another run's fitted preprocessing, so that runs differ by device and precision alone
+    (the WordPiece vocabulary can differ between fits: README, known limitations)."""
     from multimodal import DiagnosisModel
 
     model = DiagnosisModel.from_config(cfg, **(SHORT | {"train.device": device} | overrides))
-    return model.fit(paths["train"], paths["val"], progress=False)
+    model.prep = prep
+    return model.fit(paths["train"], paths["val"], progress=False, reuse_preprocessing=prep is not None)
 
 
 def top_modality(explanations) -> list[str]:
@@ -94,12 +97,12 @@ def main(argv=None) -> int:
     with timed(res["seconds"], "cpu_fp32"):
         cpu = train(cfg, paths, "cpu")
     with timed(res["seconds"], f"{a.device}_amp"):
-        gpu = train(cfg, paths, a.device)  # train.amp defaults to on: bf16 where supported
+        gpu = train(cfg, paths, a.device, cpu.prep)  # train.amp defaults to on: bf16 where supported
     res["amp_dtype"] = str(amp_dtype(resolve_device(a.device)))
     if a.device.startswith("cuda"):
         with mock.patch("torch.cuda.is_bf16_supported", return_value=False), \
                 timed(res["seconds"], f"{a.device}_fp16_scaled"):
-            fp16 = train(cfg, paths, a.device)
+            fp16 = train(cfg, paths, a.device, cpu.prep)
     else:
         fp16 = None
     res["val_auroc"] = {"cpu_fp32": auroc(cpu, paths["val"]), "amp": auroc(gpu, paths["val"]),
