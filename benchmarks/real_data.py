@@ -145,12 +145,10 @@ def train_one(cfg_path: Path, overrides: dict, train, test, cache: Path, keep_mo
 
 def run_baselines(cfg, parts, pool, n: int, work: Path) -> tuple[dict[str, np.ndarray], list[dict]]:
     """What a researcher fits without mmdx, on the same splits: {baseline name: P(positive) over the pool}."""
-    from baselines import baselines
-    from image_features import pooled_features
-
     import hashlib
 
     from multimodal.data.records import Records
+    from multimodal.engine.baselines import baselines, pooled_features
 
     features = None
     if "image" in cfg.modalities:

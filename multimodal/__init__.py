@@ -5,7 +5,7 @@ Data flow, one folder per stage:
     data/    records → decode (imageio, image_guard, series) → preprocess → batches (+ cached features)
     model/   build (config → modules) → network → artifact (the model directory), export (ONNX)
     engine/  train (+ distributed) → calibrate → infer, batch (streamed predict) → evaluate (metrics,
-             operating points, plots), cv, comparison
+             operating points, plots), cv, comparison, baselines (scikit-learn)
     api.py and cli.py are the front doors; config/ says what to build; output.py is how anything is written.
 
 The public names load on first use (PEP 562), so `mmdx --help` and `import multimodal.cli` do not pull
@@ -14,7 +14,8 @@ in torch, transformers or scikit-learn.
 from importlib import import_module
 
 __version__ = "0.1.0"
-_EXPORTS = {"DiagnosisModel": "api", "compare": "engine.comparison", "Config": "config", "load_config": "config",
+_EXPORTS = {"DiagnosisModel": "api", "compare": "engine.comparison", "predict_baselines": "engine.baselines",
+            "Config": "config", "load_config": "config",
             "load_records": "data.records", "Records": "data.records", "UserError": "errors", "RecordError": "errors"}
 __all__ = list(_EXPORTS)
 

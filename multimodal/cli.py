@@ -1,4 +1,4 @@
-"""`mmdx` command line: train, cv, predict, export, evaluate, explain, compare, synth, demo. User mistakes exit 2 with one line."""
+"""`mmdx` command line: train, cv, predict, export, evaluate, explain, compare, baselines, synth, demo. User mistakes exit 2 with one line."""
 from __future__ import annotations
 
 import argparse
@@ -171,6 +171,32 @@ def _compare(a) -> None:
         print(f"comparison written to {a.out}")
 
 
+def _baselines(a) -> None:
+    from multimodal.config import load_config, parse_overrides
+    from multimodal.engine.baselines import predict_baselines, slug
+    from multimodal.output import check_dir_target, staged_dir, strict_json, write_table
+
+    cfg = load_config(a.config, parse_overrides(a.overrides))
+    inputs = [a.records, a.predict, a.config]
+    check_dir_target(a.out, "report", inputs=inputs)  # before the fits, not after
+    weights = None if a.image_weights.lower() == "none" else a.image_weights
+    tables, info = predict_baselines(cfg, a.records, a.predict, image_weights=weights, seed=a.seed,
+                                     image_root=a.image_root)
+    files = {name: f"{slug(name)}.csv" for name in tables}
+    with staged_dir(a.out, "report", inputs=inputs) as tmp:
+        for name, df in tables.items():
+            write_table(df, tmp / files[name])
+        (tmp / "baselines.json").write_text(strict_json(info | {"files": files}), encoding="utf-8")
+    print(f"baselines fitted on {info['n_train']} labelled records of {a.records} ({info['n_folds']}-fold "
+          f"{'grouped ' if info['grouped'] else ''}CV for every choice), {len(next(iter(tables.values())))} "
+          f"records of {a.predict} scored:")
+    for name, f in files.items():
+        cv = info["cv_auroc"].get(name)
+        print(f"  {f:28s} {name}" + (f"; CV AUROC on the training records {cv:.3f}" if cv is not None else ""))
+    print(f"written to {a.out}; e.g. mmdx compare PREDICTIONS.csv {Path(a.out) / files['mean of baselines']} "
+          f"--labels {a.predict} --label-column {cfg.label_columns()[0]} --id-column {cfg.data.id}")
+
+
 def _synth(a) -> None:
     from multimodal.synth import make_cohort
 
@@ -279,6 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--all-pairs", action="store_true", help="every pair, not only each file vs the first")
     co.add_argument("--out", default=None, help="write the comparison as JSON here")
     co.set_defaults(fn=_compare)
+
+    bl = sub.add_parser("baselines", help="what a researcher fits instead (scikit-learn per modality, their mean, "
+                                          "an LR stack), as prediction files for `mmdx compare`")
+    bl.add_argument("--config", required=True, help="the config whose label, modalities and columns they use")
+    bl.add_argument("--records", required=True, help="training records (labelled)")
+    bl.add_argument("--predict", required=True, help="records to score, e.g. the test set the model is scored on")
+    bl.add_argument("--out", required=True, help="folder for one predictions CSV per baseline and baselines.json")
+    bl.add_argument("--image-root", default=None)
+    bl.add_argument("--image-weights", default="efficientnet_lite0",
+                    help="frozen EfficientNet-Lite0 weights for the image baseline: packaged name or local file; "
+                         "none: no image baseline")
+    bl.add_argument("--seed", type=int, default=0)
+    bl.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. modalities=text,tabular")
+    bl.set_defaults(fn=_baselines)
 
     sy = sub.add_parser("synth", help="write the synthetic demo cohort")
     sy.add_argument("--out", required=True)

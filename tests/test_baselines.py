@@ -1,16 +1,16 @@
-"""benchmarks/baselines.py: planted signals are found, patients never straddle folds, and the IU numbers."""
-import sys
+"""multimodal/engine/baselines.py (`mmdx baselines`, the harness's baseline rows): planted signals are
+found, patients never straddle folds, the CLI writes files `mmdx compare` reads, and the IU numbers."""
+import hashlib
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from conftest import REPO, shared
+from conftest import REPO, one_line_error, run_cli, shared
 from multimodal.config import config_from_dict, load_config
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-from baselines import baselines, folds, train_groups  # noqa: E402
+from multimodal.engine.baselines import baselines, folds, train_groups
 
 FILLER = [f"word{i}" for i in range(300)]
 
@@ -66,11 +66,50 @@ def test_image_features_only_when_given_and_enabled():
     def features(df):  # what a frozen CNN would give: the label through noise, plus junk dimensions
         rng = np.random.default_rng(len(df))
         signal = (df["label"] == "yes").to_numpy() * 2.0 + rng.normal(0, 1, len(df))
-        return np.c_[signal, rng.normal(0, 1, (len(df), 5))]
+        x = np.c_[signal, rng.normal(0, 1, (len(df), 5))]
+        x[rng.random(len(df)) < 0.1] = np.nan  # patients without a readable image
+        return x
     probs = baselines(train, test, _cfg(["image", "tabular"]), image_features=features)
-    assert _auroc(test, probs["LR (image features)"]) > 0.85
+    assert np.isfinite(probs["LR (image features)"]).all()
+    assert _auroc(test, probs["LR (image features)"]) > 0.8
     assert "LR (image features)" not in baselines(train, test, _cfg(["image", "tabular"]))
     assert "LR (image features)" not in baselines(train, test, _cfg(["tabular"]), image_features=features)
+
+
+def _digest(paths):
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+
+def test_cli_writes_one_prediction_file_per_baseline_that_compare_reads(capsys, tmp_path):
+    train, test = _cohort(400, 8), _cohort(150, 9)
+    train.to_csv(tmp_path / "train.csv", index=False)
+    test.drop(columns="label").to_csv(tmp_path / "test.csv", index=False)  # records to score need no label
+    test.to_csv(tmp_path / "labels.csv", index=False)
+    (tmp_path / "c.yaml").write_text(json.dumps(_cfg().model_dump(mode="json")))
+    inputs = [tmp_path / f for f in ("train.csv", "test.csv", "c.yaml")]
+    before = _digest(inputs)
+    args = ["baselines", "--config", tmp_path / "c.yaml", "--records", tmp_path / "train.csv",
+            "--predict", tmp_path / "test.csv", "--out", tmp_path / "bl"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    names = {"tfidf_lr_text", "lr_tabular", "histgb_tabular", "mean_of_baselines", "lr_stack_cv"}
+    assert {p.stem for p in (tmp_path / "bl").glob("*.csv")} == names
+    for n in names:
+        df = pd.read_csv(tmp_path / "bl" / f"{n}.csv")
+        assert df["id"].tolist() == test["patient_id"].tolist()  # one row per record, in order
+        assert np.allclose(df["prob_no"] + df["prob_yes"], 1) and (df["status"] == "ok").all()
+    best = pd.read_csv(tmp_path / "bl" / "mean_of_baselines.csv")
+    assert _auroc(test, best["prob_yes"]) > 0.95  # the planted phrase and marker
+    info = json.loads((tmp_path / "bl" / "baselines.json").read_text())
+    assert info["files"]["mean of baselines"] == "mean_of_baselines.csv" and info["n_train"] == 400
+    assert "mean_of_baselines.csv" in out and _digest(inputs) == before  # nothing of the user's touched
+    code, out, err = run_cli(capsys, "compare", tmp_path / "bl" / "mean_of_baselines.csv",
+                             tmp_path / "bl" / "lr_tabular.csv", "--labels", tmp_path / "labels.csv")
+    assert code == 0 and "mean_of_baselines (reference)" in out and "lr_tabular - mean_of_baselines" in out, err
+    code, _, err = run_cli(capsys, *args[:-1], tmp_path)  # --out holding the inputs
+    one_line_error(code, err, "holds an input of this run")
+    code, _, err = run_cli(capsys, *args, "task.type=multiclass")
+    one_line_error(code, err, "are for binary tasks")
 
 
 @pytest.mark.parametrize("how", ["repeated ids", "group column"])

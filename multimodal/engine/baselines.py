@@ -1,4 +1,5 @@
-"""Baselines a researcher would reach for instead of mmdx: the bar the fusion model has to clear.
+"""Baselines a researcher would reach for instead of mmdx: the bar the fusion model has to clear
+(`mmdx baselines`, and the benchmark harness's baseline rows).
 
 One afternoon's work with scikit-learn, no tuning beyond what cross-validation on the training rows
 picks: TF-IDF + logistic regression for the text, logistic regression and gradient boosting for
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -137,7 +139,9 @@ def _fit_tabular_hgb(X: pd.DataFrame, y, groups, seed: int, cfg) -> Predict:
 
 
 def _fit_image_lr(X: np.ndarray, y, groups, seed: int, cfg) -> Predict:
-    return _fit_with(StandardScaler(), y, X, groups, seed, solver="lbfgs")
+    """A patient without a readable image has NaN features: imputed, and flagged by an indicator."""
+    return _fit_with(make_pipeline(SimpleImputer(strategy="mean", add_indicator=True), StandardScaler()),
+                     y, X, groups, seed, solver="lbfgs")
 
 
 CANDIDATES = [  # (modality, name, fit)
@@ -216,3 +220,103 @@ def baselines(train: pd.DataFrame, test: pd.DataFrame, cfg, *, image_features=No
             "n_train": int(len(y)), "stack_weights": dict(zip(best, map(float, stack.coef_[0]))),
             "stack_intercept": float(stack.intercept_[0]), "seconds": time.perf_counter() - t0}
     return probs, info
+
+
+# -- `mmdx baselines` -------------------------------------------------------------------------------------------
+def slug(name: str) -> str:
+    """A baseline's file name: "TF-IDF + LR (text)" → "tfidf_lr_text"."""
+    return "_".join("".join(c if c.isalnum() else " " for c in name.lower().replace("-", "")).split())
+
+
+def predict_baselines(config, train, records, *, image_weights: Optional[str] = "efficientnet_lite0",
+                      seed: int = 0, image_root=None) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Fit every baseline on `train` (labelled) and score `records`: per baseline a table in `mmdx
+    predict`'s layout (one row per record, in order: id, prob_<class>..., pred at 0.5, status), so that
+    `mmdx compare` reads them beside the engine's predictions on the same patients; and what was chosen
+    by CV on `train`. `config`: a Config or its file; `train`, `records`: files, DataFrames or Records.
+    The image baseline needs `image_weights` (packaged or local, as `image.pretrained`); None leaves it out."""
+    from multimodal.config import Config, load_config
+    from multimodal.data.records import Records, load_records
+    from multimodal.errors import UserError
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    if cfg.task.type != "binary":
+        raise UserError(f"the baselines are for binary tasks; this config's task is {cfg.task.type}")
+    train, records = (r if isinstance(r, Records) else load_records(r, cfg, labels=lab, image_root=image_root)
+                      for r, lab in ((train, True), (records, False)))
+    labels = LabelEncoder(cfg.task).fit(train.df, train.source)
+    n = len(train)
+    tr, te = train.df.assign(_row=np.arange(n)), records.df.assign(_row=n + np.arange(len(records)))
+    features = None
+    if "image" in cfg.modalities and cfg.image is not None and image_weights is not None:
+        X = np.concatenate([pooled_features(r, cfg, weights=image_weights) for r in (train, records)])
+        features = lambda df: X[df["_row"].to_numpy()]  # noqa: E731 — by position: ids may repeat
+    try:
+        probs, info = baselines(tr, te, cfg, image_features=features, seed=seed, return_info=True)
+    except ValueError as e:  # too few patients or classes for CV, no modality a baseline reads
+        raise UserError(f"{train.source}: {e}") from None
+    from joblib.externals.loky import get_reusable_executor
+
+    # the image LR's parallel folds leave loky workers that idle for 5 minutes, and a process that
+    # ends waits for them: `mmdx baselines` took 5.4 min for 34 s of work
+    get_reusable_executor().shutdown(wait=True)
+    names = labels.names
+    out = {}
+    for name, p in probs.items():
+        df = pd.DataFrame({"id": records.df[cfg.data.id].to_numpy(), f"prob_{names[0]}": 1 - p,
+                           f"prob_{names[1]}": p})
+        df["pred"] = np.where(p >= 0.5, names[1], names[0])
+        df["status"] = "ok"
+        out[name] = df
+    return out, info
+
+
+# -- image features ---------------------------------------------------------------------------------------------
+def pooled_features(records, cfg, cache: Optional[Path] = None, arch: str = "tf_efficientnet_lite0",
+                    weights: str = "efficientnet_lite0", batch: int = 64) -> np.ndarray:
+    """[n_records, D] mean of globally pooled frozen ImageNet features over each record's images (NaN:
+    none readable), for the LR on image features. Decoding and resizing are the engine's own, so the
+    baseline sees exactly the pixels the fused model sees; only what follows the frozen network differs."""
+    import torch
+
+    from encoders import ENCODERS
+    from encoders.weights import pretrained_stats, resolve
+    from multimodal.data.preprocess.image import ImagePreprocessor
+
+    if cache is not None and cache.is_file():
+        return np.load(cache)["x"]
+    ic = cfg.image
+    mean, std = pretrained_stats(arch, ic.in_chans)
+    prep = ImagePreprocessor(ic, mean, std)
+    enc = ENCODERS.create("timm", model_name=arch, in_chans=ic.in_chans, image_size=ic.size,
+                          weights=resolve(weights, arch), freeze="all").eval()
+    out = np.full((len(records), enc.output_dim), np.nan, np.float32)
+    pending: list[tuple[int, torch.Tensor]] = []
+
+    def flush():
+        if not pending:
+            return
+        x = torch.cat([v for _, v in pending])
+        with torch.no_grad():
+            f = enc.frozen_features(prep.normalize(x)).mean((-1, -2)).numpy()
+        k = 0
+        for i, v in pending:
+            out[i] = f[k:k + len(v)].mean(0)
+            k += len(v)
+        pending.clear()
+
+    for i in range(len(records)):
+        row = records.row(i)
+        try:
+            x = prep.load([row[c] for c in ic.columns], records.root)
+        except Exception:  # noqa: BLE001 — the baseline, like the engine, skips unreadable records
+            continue
+        if len(x):
+            pending.append((i, x))
+        if sum(len(v) for _, v in pending) >= batch:
+            flush()
+    flush()
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, x=out)
+    return out
