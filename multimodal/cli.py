@@ -190,6 +190,9 @@ def _baselines(a) -> None:
     print(f"baselines fitted on {info['n_train']} labelled records of {a.records} ({info['n_folds']}-fold "
           f"{'grouped ' if info['grouped'] else ''}CV for every choice), {len(next(iter(tables.values())))} "
           f"records of {a.predict} scored:")
+    if "records_without_image_features" in info:
+        k = info["records_without_image_features"]
+        print(f"  no readable image (image features imputed): {k['train']} training, {k['scored']} scored records")
     for name, f in files.items():
         cv = info["cv_auroc"].get(name)
         print(f"  {f:28s} {name}" + (f"; CV AUROC on the training records {cv:.3f}" if cv is not None else ""))

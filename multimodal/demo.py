@@ -1,8 +1,10 @@
 """`mmdx demo`: the whole main job on the built-in synthetic cohort, in a few minutes on a laptop CPU.
 
 synth → train attention fusion → evaluate → batch predict, then the same config restricted to each
-single modality, so the table shows what fusion adds; then explanation reports for a few test
-patients and faithfulness checks against the planted signals. Writes summary.json for scripts.
+single modality, so the table shows what fusion adds, and the scikit-learn baselines a researcher
+would fit instead (`mmdx baselines`), so it shows whether fusion is worth using at all; then
+explanation reports for a few test patients and faithfulness checks against the planted signals.
+Writes summary.json for scripts.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def _explain(model, cohort: dict, out: Path, n_reports: int) -> dict:
 
     exps = model.explain(model.records(cohort["test"]).subset(range(n_reports)))
     index = exps.to_html(out / "reports")
-    print(f"[5/5] explanations: {len(exps)} patient reports → {index}")
+    print(f"[6/6] explanations: {len(exps)} patient reports → {index}")
     faith = faithfulness(model, cohort["test"], cohort["truth"])
     print("      faithfulness on the held-out split (planted signals known):")
     rows = [("pointing game (IG peak in lesion box)", "pointing_game", ">="),
@@ -49,19 +51,55 @@ def _explain(model, cohort: dict, out: Path, n_reports: int) -> dict:
     return faith
 
 
+def _baselines(cohort: dict, config: Path, preds, out: Path) -> dict:
+    """The baselines on the records the engine saw (train + val), scored on the test split, and fusion
+    minus the best of them on the same patients (paired bootstrap). The image baseline runs where the
+    packaged ImageNet weights are installed (the `pretrained` extra); the demo itself needs none."""
+    import pandas as pd
+
+    from encoders.weights import WeightsError, packaged_file
+    from multimodal.engine.baselines import predict_baselines, slug
+    from multimodal.engine.comparison import compare
+    from multimodal.output import write_table
+
+    try:
+        packaged_file("efficientnet_lite0")
+        weights = "efficientnet_lite0"
+    except WeightsError:
+        weights = None
+    seen = pd.concat([pd.read_csv(cohort["train"]), pd.read_csv(cohort["val"])], ignore_index=True)
+    tables, _ = predict_baselines(config, seen, cohort["test"], image_weights=weights, image_root=cohort["dir"])
+    for name, df in tables.items():
+        write_table(df, out / "baselines" / f"{slug(name)}.csv")
+    report = compare({"fusion": preds, **tables}, cohort["test"], label_column="label", id_column="patient_id",
+                     n_boot=1000)
+    auc = {n: report["auroc"][n]["value"] for n in tables}
+    best = max(auc, key=auc.get)
+    diff = next(c for c in report["comparisons"] if c["a"] == best)  # best − fusion
+    print(f"[4/6] baselines a researcher would fit instead (scikit-learn on train+val; image: "
+          f"{'LR on frozen ImageNet EfficientNet-Lite0 features' if weights else 'needs the pretrained extra'}):")
+    for n, v in auc.items():
+        ci = report["auroc"][n]["ci95"]
+        print(f"      {n:30s} {v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+    gap = {"value": -diff["value"], "ci95": [-diff["ci95"][1], -diff["ci95"][0]], "best_baseline": best}
+    print(f"      fusion minus the best baseline ({best}): {gap['value']:+.3f} "
+          f"[{gap['ci95'][0]:+.3f}, {gap['ci95'][1]:+.3f}] (paired bootstrap) → {out / 'baselines'}")
+    return {"auroc": auc, "fusion_minus_best": gap}
+
+
 def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None, seed: int = 0,
              config: Path = CONFIG, n_boot: int = 500, n_reports: int = 8) -> dict:
     out = Path(out)
     t0 = time.perf_counter()
     cohort = make_cohort(out / "cohort", n=n, seed=seed)
-    print(f"[1/5] synthetic cohort: {n} patients (DICOM incl. MONOCHROME1, rescale/window, multi-frame; PNG; "
+    print(f"[1/6] synthetic cohort: {n} patients (DICOM incl. MONOCHROME1, rescale/window, multi-frame; PNG; "
           f"reports; labs) → {cohort['dir']}")
     overrides = {"train.seed": seed} | ({"train.epochs": epochs} if epochs else {})
 
     results, models = {}, {}
     for name in ("fusion",) + SINGLE:
         mods = ",".join(SINGLE) if name == "fusion" else name
-        step = "[2/5] attention fusion" if name == "fusion" else f"[3/5] {name}-only baseline"
+        step = "[2/6] attention fusion" if name == "fusion" else f"[3/6] {name}-only model"
         print(f"{step}: training …", flush=True)
         model = DiagnosisModel.from_config(config, **overrides, modalities=mods)
         model.fit(cohort["train"], cohort["val"], progress=False)
@@ -73,8 +111,9 @@ def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None,
               f"held-out AUROC {_fmt(results[name])}  → {out / 'models' / name}")
     fused = models["fusion"]
     preds = fused.predict(cohort["test"])
+    baselines = _baselines(cohort, config, preds, out)
     write_table(preds, out / "predictions.csv")
-    print(f"[4/5] batch predict: {len(preds)} rows ({int((preds.status == 'ok').sum())} ok) → {out / 'predictions.csv'}")
+    print(f"[5/6] batch predict: {len(preds)} rows ({int((preds.status == 'ok').sum())} ok) → {out / 'predictions.csv'}")
     print("\nattention fusion on the held-out split:\n" + format_table(results["fusion"]))
 
     print("\nheld-out AUROC [95% CI]:")
@@ -89,6 +128,7 @@ def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None,
 
     summary = {name: results[name]["overall"]["auroc"]["value"] for name in ("fusion",) + SINGLE}
     summary["faithfulness"] = faith
+    summary["baselines"] = baselines
     summary |= {"auroc_ci95": {k: results[k]["overall"]["auroc"]["ci95"] for k in results},
                 "n_test": results["fusion"]["n"], "seconds": round(time.perf_counter() - t0, 1),
                 "models": {k: str(out / "models" / k) for k in results}, "predictions": str(out / "predictions.csv")}

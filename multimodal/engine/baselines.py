@@ -250,11 +250,17 @@ def predict_baselines(config, train, records, *, image_weights: Optional[str] = 
     features = None
     if "image" in cfg.modalities and cfg.image is not None and image_weights is not None:
         X = np.concatenate([pooled_features(r, cfg, weights=image_weights) for r in (train, records)])
+        if np.isnan(X[:n]).all():
+            raise UserError(f"{train.source}: no training record has an image that could be read, for the image "
+                            f"baseline (image paths resolve against the records' folder or --image-root)")
         features = lambda df: X[df["_row"].to_numpy()]  # noqa: E731 — by position: ids may repeat
     try:
         probs, info = baselines(tr, te, cfg, image_features=features, seed=seed, return_info=True)
     except ValueError as e:  # too few patients or classes for CV, no modality a baseline reads
         raise UserError(f"{train.source}: {e}") from None
+    if features is not None:
+        info["records_without_image_features"] = {"train": int(np.isnan(X[:n]).all(1).sum()),
+                                                  "scored": int(np.isnan(X[n:]).all(1).sum())}
     from joblib.externals.loky import get_reusable_executor
 
     # the image LR's parallel folds leave loky workers that idle for 5 minutes, and a process that
