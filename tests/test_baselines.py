@@ -163,3 +163,7 @@ def test_an_image_baseline_that_reads_no_image_is_one_line_not_a_constant(capsys
                            "--out", tmp_path / "bl")
     one_line_error(code, err, "no record has an image that could be read")
     assert "test.csv" in err and not (tmp_path / "bl").exists()
+    code, _, err = run_cli(capsys, "baselines", "--config", REPO / "configs" / "synthetic.yaml",
+                           "--records", cohort["train"], "--predict", cohort["test"], "--out", tmp_path / "bl",
+                           "--image-weights", tmp_path / "missing.pth")
+    one_line_error(code, err, "image baseline weights")

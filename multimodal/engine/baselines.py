@@ -249,7 +249,10 @@ def predict_baselines(config, train, records, *, image_weights: Optional[str] = 
     tr, te = train.df.assign(_row=np.arange(n)), records.df.assign(_row=n + np.arange(len(records)))
     features = None
     if "image" in cfg.modalities and cfg.image is not None and image_weights is not None:
-        X = np.concatenate([pooled_features(r, cfg, weights=image_weights) for r in (train, records)])
+        try:
+            X = np.concatenate([pooled_features(r, cfg, weights=image_weights) for r in (train, records)])
+        except (ValueError, OSError, RuntimeError) as e:  # a missing extra, file or foreign layout
+            raise UserError(f"image baseline weights {image_weights!r}: {' '.join(str(e).split())[:250]}") from None
         for what, rows in ((train, X[:n]), (records, X[n:])):  # else a constant, or noise, passes as a baseline
             if len(rows) and np.isnan(rows).all():
                 raise UserError(f"{what.source}: no record has an image that could be read, for the image baseline "
