@@ -173,8 +173,8 @@ def _compare(a) -> None:
 
 def _baselines(a) -> None:
     from multimodal.config import load_config, parse_overrides
-    from multimodal.engine.baselines import predict_baselines, slug
-    from multimodal.output import check_dir_target, staged_dir, strict_json, write_table
+    from multimodal.engine.baselines import predict_baselines, write_baselines
+    from multimodal.output import check_dir_target, staged_dir
 
     cfg = load_config(a.config, parse_overrides(a.overrides))
     inputs = [a.records, a.predict, a.config]
@@ -182,11 +182,8 @@ def _baselines(a) -> None:
     weights = None if a.image_weights.lower() == "none" else a.image_weights
     tables, info = predict_baselines(cfg, a.records, a.predict, image_weights=weights, seed=a.seed,
                                      image_root=a.image_root)
-    files = {name: f"{slug(name)}.csv" for name in tables}
     with staged_dir(a.out, "report", inputs=inputs) as tmp:
-        for name, df in tables.items():
-            write_table(df, tmp / files[name])
-        (tmp / "baselines.json").write_text(strict_json(info | {"files": files}), encoding="utf-8")
+        files = write_baselines(tables, info, tmp)
     print(f"baselines fitted on {info['n_train']} labelled records of {a.records} ({info['n_folds']}-fold "
           f"{'grouped ' if info['grouped'] else ''}CV for every choice), {len(next(iter(tables.values())))} "
           f"records of {a.predict} scored:")

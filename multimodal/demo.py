@@ -21,9 +21,13 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml"
 SINGLE = ("image", "text", "tabular")
 
 
-def _fmt(m: dict) -> str:
-    a = m["overall"]["auroc"]
+def _ci(a: dict) -> str:
+    """{"value", "ci95"} → "0.900 [0.850, 0.940]"."""
     return f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+
+
+def _fmt(m: dict) -> str:
+    return _ci(m["overall"]["auroc"])
 
 
 def _explain(model, cohort: dict, out: Path, n_reports: int) -> dict:
@@ -58,9 +62,8 @@ def _baselines(cohort: dict, config: Path, preds, out: Path) -> dict:
     import pandas as pd
 
     from encoders.weights import WeightsError, packaged_file
-    from multimodal.engine.baselines import predict_baselines, slug
+    from multimodal.engine.baselines import predict_baselines, write_baselines
     from multimodal.engine.comparison import compare
-    from multimodal.output import write_table
 
     try:
         packaged_file("efficientnet_lite0")
@@ -69,10 +72,9 @@ def _baselines(cohort: dict, config: Path, preds, out: Path) -> dict:
         weights = None
     seen = pd.concat([pd.read_csv(cohort["train"]), pd.read_csv(cohort["val"])], ignore_index=True)
     # absolute: a relative image root resolves against each records file's folder (data.image_root)
-    tables, _ = predict_baselines(config, seen, cohort["test"], image_weights=weights,
-                                  image_root=Path(cohort["dir"]).resolve())
-    for name, df in tables.items():
-        write_table(df, out / "baselines" / f"{slug(name)}.csv")
+    tables, info = predict_baselines(config, seen, cohort["test"], image_weights=weights,
+                                     image_root=Path(cohort["dir"]).resolve())
+    write_baselines(tables, info, out / "baselines")
     report = compare({"fusion": preds, **tables}, cohort["test"], label_column="label", id_column="patient_id",
                      n_boot=1000)
     auc = {n: report["auroc"][n]["value"] for n in tables}
@@ -80,9 +82,8 @@ def _baselines(cohort: dict, config: Path, preds, out: Path) -> dict:
     diff = next(c for c in report["comparisons"] if c["a"] == best)  # best − fusion
     print(f"[4/6] baselines a researcher would fit instead (scikit-learn on train+val; image: "
           f"{'LR on frozen ImageNet EfficientNet-Lite0 features' if weights else 'needs the pretrained extra'}):")
-    for n, v in auc.items():
-        ci = report["auroc"][n]["ci95"]
-        print(f"      {n:30s} {v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+    for n in auc:
+        print(f"      {n:30s} {_ci(report['auroc'][n])}")
     gap = {"value": -diff["value"], "ci95": [-diff["ci95"][1], -diff["ci95"][0]], "best_baseline": best}
     print(f"      fusion minus the best baseline ({best}): {gap['value']:+.3f} "
           f"[{gap['ci95'][0]:+.3f}, {gap['ci95'][1]:+.3f}] (paired bootstrap) → {out / 'baselines'}")

@@ -32,6 +32,7 @@ from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
 from multimodal.engine.comparison import auroc
 from multimodal.data.preprocess.labels import LabelEncoder
+from multimodal.output import strict_json, write_table
 
 N_FOLDS = 5
 CS = np.logspace(-3, 2, 11)
@@ -226,6 +227,15 @@ def baselines(train: pd.DataFrame, test: pd.DataFrame, cfg, *, image_features=No
 def slug(name: str) -> str:
     """A baseline's file name: "TF-IDF + LR (text)" → "tfidf_lr_text"."""
     return "_".join("".join(c if c.isalnum() else " " for c in name.lower().replace("-", "")).split())
+
+
+def write_baselines(tables: dict[str, pd.DataFrame], info: dict, folder: Path) -> dict[str, str]:
+    """One predictions CSV per baseline (named by `slug`) and baselines.json into `folder`; {name: file}."""
+    files = {name: f"{slug(name)}.csv" for name in tables}
+    for name, df in tables.items():
+        write_table(df, Path(folder) / files[name])
+    (Path(folder) / "baselines.json").write_text(strict_json(info | {"files": files}), encoding="utf-8")
+    return files
 
 
 def predict_baselines(config, train, records, *, image_weights: Optional[str] = "efficientnet_lite0",
