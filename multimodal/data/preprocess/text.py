@@ -46,6 +46,35 @@ def _without(tok, text: str, private: set[str]) -> str:
     return " ".join(w for w, _ in words if w not in private)
 
 
+def _bert_style(tok, lowercase: bool):
+    """BERT's normaliser, word splitter, [CLS] ... [SEP] template and ## decoder on a WordPiece tokenizer."""
+    from tokenizers import decoders, normalizers, pre_tokenizers, processors
+
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", SPECIALS.index("[CLS]")), ("[SEP]", SPECIALS.index("[SEP]"))])
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def _learn_wordpieces(tok, texts: list[str], vocab_size: int) -> list[str]:
+    """The word pieces `tokenizers`' trainer learns from `texts`, the same on every run.
+
+    The trainer breaks ties between equally frequent merges by token id, and it numbers each
+    continuing piece (`##x`) when it first meets it while walking a hash map of words: an order that
+    changes from run to run, and with it which merges win a tie. Handing it every continuing piece up
+    front, sorted, fixes those ids, so the same reports always give the same vocabulary."""
+    from tokenizers import trainers
+
+    continuing = sorted({"##" + ch for t in texts for w, _ in tok.pre_tokenizer.pre_tokenize_str(
+        tok.normalizer.normalize_str(t)) for ch in w[1:]})
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + continuing,
+                                       min_frequency=2, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return list(tok.get_vocab())
+
+
 @contextlib.contextmanager
 def _tokenizer_failures(error: type, what: str):
     """Any tokenizer failure as one `error` line. tokenizers reports Rust panics as pyo3's
@@ -75,25 +104,19 @@ class TextPreprocessor:
 
     @classmethod
     def train(cls, texts: Iterable[str], cfg: TextConfig) -> "TextPreprocessor":
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+        from tokenizers import Tokenizer, models
 
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIALS, min_frequency=2,
-                                           show_progress=False)
+        tok = _bert_style(Tokenizer(models.WordPiece(unk_token="[UNK]")), cfg.lowercase)
         texts = [t for t in (clean(t, cfg.max_chars) for t in texts) if t]
         private = _private_words(tok, texts, cfg.min_doc_freq, cfg.scrub)
-        tok.train_from_iterator([_without(tok, t, private) for t in texts] or ["empty"], trainer=trainer)
-        # The trainer numbers tokens in hash order, differently on every run: renumber so the same
-        # reports and seed give the same model.
-        ordered = SPECIALS + sorted(t for t in tok.get_vocab() if t not in SPECIALS and t not in private)
-        tok.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", SPECIALS.index("[CLS]")),
-                                                    ("[SEP]", SPECIALS.index("[SEP]"))])
-        tok.decoder = decoders.WordPiece()
-        return cls(tok, cfg.max_length, cfg.max_chars)
+        kept = [_without(tok, t, private) for t in texts] or ["empty"]
+        vocab = _learn_wordpieces(tok, kept, cfg.vocab_size)
+        # Renumbered in sorted order: the same reports give the same ids, and so the same model.
+        ordered = SPECIALS + sorted(t for t in vocab if t not in SPECIALS and t not in private)
+        final = _bert_style(Tokenizer(models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")),
+                            cfg.lowercase)
+        final.add_special_tokens(SPECIALS)
+        return cls(final, cfg.max_length, cfg.max_chars)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, cfg: TextConfig) -> "TextPreprocessor":
