@@ -36,10 +36,18 @@ def model_info(model, model_dir=None) -> dict:
     """What a report says about the model: never anything from the patients' DICOM headers."""
     from multimodal.model.artifact import library_versions
 
-    return {"name": model.config.name, "model_dir": str(model_dir) if model_dir else None,
+    info = {"name": model.config.name, "model_dir": str(model_dir) if model_dir else None,
             "classes": list(model.classes), "modalities": list(model.config.modalities),
             "fusion": model.config.fusion.type, "versions": library_versions(),
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if getattr(model.net, "weighted", False):
+        from multimodal.model.build import member_plan
+
+        info["fusion strategy"] = model.config.fusion.strategy
+        info["network weights (fitted on the hold-out)"] = " · ".join(
+            f"{'+'.join(mods)} {float(w):.2f}" for (mods, _), w in zip(member_plan(model.config),
+                                                                       model.net.member_weights.tolist()))
+    return info
 
 
 __all__ = ["Explanations", "PatientExplanation", "model_info"]

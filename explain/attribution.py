@@ -85,10 +85,13 @@ def eval_mode(net: nn.Module):
         net.train(was)
 
 
-def _per_member(net: nn.Module, layer) -> list[nn.Module]:
-    """`layer(encoders)` of every ensemble member, each module once (members may share an encoder)."""
+def _per_member(net: nn.Module, modality: str, layer) -> list[nn.Module]:
+    """`layer(encoders)` of every ensemble member that sees `modality`, each module once (members may
+    share an encoder)."""
     out: dict[int, nn.Module] = {}
     for n in members(net):
+        if modality not in n.encoders:
+            continue
         mod = layer(n.encoders)
         out.setdefault(id(mod), mod)
     return list(out.values())
@@ -96,7 +99,7 @@ def _per_member(net: nn.Module, layer) -> list[nn.Module]:
 
 def gradcam_layers(net: nn.Module, cfg, device) -> list[nn.Module]:
     """The last feature stage of each member's image backbone (Grad-CAM's layer)."""
-    return _per_member(net, lambda e: _last_feature_layer(e["image"].backbone, cfg.image.in_chans, cfg.image.size,
+    return _per_member(net, "image", lambda e: _last_feature_layer(e["image"].backbone, cfg.image.in_chans, cfg.image.size,
                                                           device))
 
 
@@ -259,8 +262,8 @@ def attribute_batch(model, batch: dict, *, target=None, method: str = "ig", n_st
     ig_mods = [m for m in mods if bool(present[m].any()) and not (m == "image" and method == "gradcam")]
     # an ensemble has one such layer per member (one if the members share the encoder); IG over all of
     # them at once, summed, is the attribution of the members' mean logit
-    layer_of = {"image": lambda: [fwd.pixels], "text": lambda: _per_member(net, lambda e: e["text"].embedding),
-                "tabular": lambda: _per_member(net, lambda e: e["tabular"].tokens)}
+    layer_of = {"image": lambda: [fwd.pixels], "text": lambda: _per_member(net, "text", lambda e: e["text"].embedding),
+                "tabular": lambda: _per_member(net, "tabular", lambda e: e["tabular"].tokens)}
     res = _BatchResult(batch=batch, rows=rows, target=tgt.cpu(), probs=probs.cpu(), present={
         m: p.cpu() for m, p in present.items()})
     if ig_mods:

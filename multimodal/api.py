@@ -12,7 +12,7 @@ import torch
 
 from multimodal.model import artifact
 from multimodal.engine import distributed
-from multimodal.model.build import build_network
+from multimodal.model.build import build_network, member_config, member_plan
 from multimodal.config import Config, config_from_dict, load_config
 from multimodal.data.batches import RecordDataset
 from multimodal.errors import UserError
@@ -135,6 +135,8 @@ class DiagnosisModel:
         if not distributed.is_main():  # rank 0 calibrates, scores and saves
             self.metrics = {"training": summary}
             return self
+        if getattr(self.net, "weighted", False):
+            summary["fusion"] = self._weigh_members(splits[0][1])
         val_rec, rec, y, z = self._holdout_logits(splits)
         if tc.calibrate:
             summary.update(self._calibrate(z, y))
@@ -153,20 +155,20 @@ class DiagnosisModel:
         nets = members(self.net)
         if len(nets) == 1:
             return train_fit(self.net, self.prep, self.config, *splits[0], progress=progress)
-        runs = []
-        for i, net in enumerate(nets):
-            cfg = self.config.model_copy(deep=True)
-            cfg.train.seed = self.config.train.seed + i
+        runs, plan = [], member_plan(self.config)
+        for i, (net, (modalities, offset)) in enumerate(zip(nets, plan)):
+            cfg = member_config(self.config, modalities, offset)
             if progress:
                 from multimodal.progress import say
 
-                say(f"ensemble member {i + 1}/{len(nets)} (seed {cfg.train.seed})")
+                say(f"ensemble member {i + 1}/{len(nets)} ({'+'.join(modalities)}, seed {cfg.train.seed})")
             runs.append(train_fit(net, self.prep, cfg, *splits[i % len(splits)], progress=progress))
         summary = dict(runs[0])
         summary["train_seconds"] = sum(r["train_seconds"] for r in runs)
-        summary["members"] = [{"seed": self.config.train.seed + i, "best_epoch": r["best_epoch"],
-                               "best_val_auroc": r["best_val_auroc"], "epochs": len(r["history"]),
-                               "train_seconds": r["train_seconds"]} for i, r in enumerate(runs)]
+        summary["members"] = [{"modalities": list(mods), "seed": self.config.train.seed + offset,
+                               "best_epoch": r["best_epoch"], "best_val_auroc": r["best_val_auroc"],
+                               "epochs": len(r["history"]), "train_seconds": r["train_seconds"]}
+                              for (mods, offset), r in zip(plan, runs)]
         return summary
 
     def set_operating_point(self, records: RecordsLike, rule=None) -> list[float]:
@@ -246,6 +248,22 @@ class DiagnosisModel:
         val, rec = joined([p[0] for p in parts]), joined([p[1] for p in parts])
         y, z = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
         return val, rec, y, z
+
+    def _weigh_members(self, val: Records) -> dict:
+        """fusion.strategy unimodal / auto: the members' weights, fitted on the hold-out logits, and
+        every candidate's hold-out AUROC beside the combination's."""
+        from multimodal.engine.stacking import fit_member_weights, strategy_report
+        from multimodal.model.network import MemberOutputs
+
+        rec, y = labelled(val, self.prep)
+        K, M = self.net.num_outputs, len(self.net.members)
+        with self.uncalibrated():
+            out = self._infer(rec, 64, 0, False, logits=True, net=MemberOutputs(self.net))["logits"]
+        z, seen = out[:, :M * K].reshape(len(out), M, K), out[:, M * K:] > 0
+        w = fit_member_weights(z, seen, y, self.config.task.type)
+        self.net.member_weights.copy_(torch.as_tensor(w, dtype=self.net.member_weights.dtype))
+        return strategy_report(self.config.fusion.strategy, member_plan(self.config), z, seen, y, w,
+                               self.config.task.type)
 
     def _calibrate(self, z: np.ndarray, y: np.ndarray) -> dict:
         """Temperature (and bias) scaling on the hold-out logits (the patients early stopping used)."""
@@ -345,7 +363,21 @@ class DiagnosisModel:
         allrec = self.records(records, labels=True)
         rec, y = labelled(allrec, self.prep)
         P = self._infer(rec, batch_size, workers, progress, absent)["probs"]
-        return self._scored_metrics(allrec, rec, y, P, n_boot, plots_dir)
+        m = self._scored_metrics(allrec, rec, y, P, n_boot, plots_dir)
+        if getattr(self.net, "weighted", False) and n_boot > 0:
+            m["against_members"] = self._against_members(rec, y, P, batch_size, workers, absent, n_boot)
+        return m
+
+    def _against_members(self, rec: Records, y, P, batch_size: int, workers: int, absent, n_boot: int) -> dict:
+        """fusion.strategy unimodal / auto: the fused output beside its own single-modality networks."""
+        from multimodal.engine.stacking import against_members
+        from multimodal.model.network import MemberOutputs
+
+        K, M = self.net.num_outputs, len(self.net.members)
+        out = self._infer(rec, batch_size, workers, False, absent, logits=True, net=MemberOutputs(self.net))["logits"]
+        groups = groups_of(rec, self.config) if self.config.data.group else None
+        return against_members(y, P, out[:, :M * K].reshape(len(out), M, K), member_plan(self.config),
+                               self.config.task.type, n_boot, self.config.train.seed, groups)
 
     def _scored_metrics(self, allrec: Records, rec: Records, y: np.ndarray, P: np.ndarray, n_boot: int,
                         plots_dir=None) -> dict:

@@ -102,6 +102,14 @@ class FusionConfig(_Strict):
     """Dropout inside the fusion head."""
     modality_dropout: float = Field(0.15, ge=0, lt=1)
     """Per patient and modality, the chance a modality is hidden during training."""
+    strategy: Literal["joint", "unimodal", "auto"] = "joint"
+    """joint: one network over every modality (the head above). unimodal: one network per modality,
+    each trained alone to its own best epoch, their logits combined with non-negative weights fitted
+    on the hold-out logits (a patient's missing modality drops out of the combination); joint training
+    tends to settle on the easiest modality and under-learn the others, which this avoids. auto: the
+    joint network and the per-modality ones, weighted alike, so the hold-out decides how much of each
+    (a weight of 0 drops a candidate); every candidate's hold-out score is kept in metrics.json.
+    unimodal and auto need the shared hold-out (train.ensemble_holdout: shared)."""
     aux_weight: float = Field(0.0, ge=0)
     """Weight of auxiliary per-modality losses: each encoder also predicts the label from its own pooled
     tokens, so a slow learner (a CNN from scratch) still learns when other modalities already explain
@@ -227,6 +235,9 @@ class Config(_Strict):
         for m in self.modalities:
             if getattr(self, m) is None:
                 raise ValueError(f"modality '{m}' is enabled but the config has no '{m}:' section")
+        if self.fusion.strategy != "joint" and self.train.ensemble_holdout == "crossfit":
+            raise ValueError(f"fusion.strategy {self.fusion.strategy} weighs its networks on one shared hold-out; "
+                             f"set train.ensemble_holdout: shared")
         keys = {self.data.id, self.data.group} - {None}
         clash = sorted(keys & set(self.columns()) | keys & set(self.label_columns()))
         if clash:

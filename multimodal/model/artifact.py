@@ -64,8 +64,7 @@ def save(out_dir, cfg: Config, prep, net, metrics: Optional[dict] = None, overwr
         _dump(tmp / "config.json", {"model_class": "DiagnosisModel", "format_version": FORMAT_VERSION,
                                     "config": cfg.model_dump(mode="json")})
         state = prep.state()
-        first = members(net)[0]
-        text_enc = first.encoders["text"] if "text" in first.encoders else None
+        text_enc = next((n.encoders["text"] for n in members(net) if "text" in n.encoders), None)
         state["text_encoder_config"] = text_enc.config_dict() if hasattr(text_enc, "config_dict") else None
         _dump(tmp / "preprocessing.json", state)
         if prep.text is not None:

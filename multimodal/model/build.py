@@ -72,20 +72,38 @@ def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: 
                            dim=cfg.tabular.embed_dim)
 
 
+def member_plan(cfg: Config) -> list[tuple[tuple[str, ...], int]]:
+    """The networks `cfg` asks for, in order: (the modalities one sees, its seed offset). joint: every
+    modality in each of train.ensemble seeds; unimodal: each modality alone, in each seed; auto: both."""
+    seeds = range(cfg.train.ensemble)
+    joint = [(tuple(cfg.modalities), i) for i in seeds]
+    alone = [((m,), i) for m in cfg.modalities for i in seeds]
+    if len(cfg.modalities) == 1:  # one modality: every strategy is the one network
+        return joint
+    return {"joint": joint, "unimodal": alone, "auto": joint + alone}[cfg.fusion.strategy]
+
+
+def member_config(cfg: Config, modalities: tuple[str, ...], seed_offset: int) -> Config:
+    """The config one member trains with: its modalities and its seed."""
+    out = cfg.model_copy(deep=True)
+    out.modalities, out.train.seed = list(modalities), cfg.train.seed + seed_offset
+    return out
+
+
 def build_network(cfg: Config, prep: Preprocessing, text_config: Optional[dict] = None,
                   offline: bool = False):
-    """A DiagnosisNet, or an Ensemble of `train.ensemble` of them. Member i's weights are initialised
-    from seed + i, so a member built here is the one `fit` trains with that seed."""
+    """A DiagnosisNet, or an Ensemble of the networks member_plan names. Member i's weights are
+    initialised from its own seed, so a member built here is the one `fit` trains with that seed."""
     import torch
 
-    n = cfg.train.ensemble
-    if n == 1:
+    plan = member_plan(cfg)
+    if len(plan) == 1:
         return _build_one(cfg, prep, text_config, offline)
     nets, shared = [], {}
-    for i in range(n):
-        torch.manual_seed(cfg.train.seed + i)
-        nets.append(_build_one(cfg, prep, text_config, offline, shared))
-    return Ensemble(nets)
+    for modalities, offset in plan:
+        torch.manual_seed(cfg.train.seed + offset)
+        nets.append(_build_one(member_config(cfg, modalities, offset), prep, text_config, offline, shared))
+    return Ensemble(nets, weighted=cfg.fusion.strategy != "joint" and len(cfg.modalities) > 1)
 
 
 def _frozen(module) -> bool:

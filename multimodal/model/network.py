@@ -47,7 +47,7 @@ class DiagnosisNet(nn.Module):
              return_attention: bool = False, return_aux: bool = False):
         """Tokens → calibrated logits: the part of forward after the encoders."""
         tokens = dict(tokens)
-        for m in absent or ():
+        for m in set(absent or ()) & set(tokens):
             t = tokens[m]
             tokens[m] = Tokens(t.x, torch.zeros_like(t.mask))
         logits = self.fusion(tokens, return_attention=return_attention) / self.temperature + self.logit_bias
@@ -58,26 +58,48 @@ class DiagnosisNet(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """Members of one architecture trained from different seeds (train.ensemble). On a few thousand
-    patients the seed alone moves validation AUROC by about 0.01; the mean of the members' raw logits
-    moves less. Calibration is fitted once, on that mean, so the buffers live here and the members'
-    own stay at temperature 1, bias 0. An encoder with nothing to train is one module shared by every
-    member (safetensors stores it once)."""
+    """Several DiagnosisNets in one model. Seed members (train.ensemble) share one architecture: on a
+    few thousand patients the seed alone moves validation AUROC by about 0.01, and the mean of the
+    members' raw logits moves less. Members of a fusion strategy (fusion.strategy unimodal / auto) see
+    different modalities and are `weighted`: their logits are combined with weights fitted on the
+    hold-out, over the members that see something of the patient (a text-only member says nothing
+    about a patient without a report). Calibration is fitted once, on the combination, so its buffers
+    live here and the members' own stay at temperature 1, bias 0. An encoder with nothing to train is
+    one module shared by every member (safetensors stores it once)."""
 
-    def __init__(self, members: list[DiagnosisNet]):
+    def __init__(self, members: list[DiagnosisNet], weighted: bool = False):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.num_outputs = members[0].num_outputs
+        self.weighted = weighted
         self.register_buffer("temperature", torch.ones(1))
         self.register_buffer("logit_bias", torch.zeros(self.num_outputs))
+        if weighted:
+            self.register_buffer("member_weights", torch.full((len(members),), 1.0 / len(members)))
 
     @property
     def modalities(self) -> list[str]:
-        return self.members[0].modalities
+        return list(dict.fromkeys(m for net in self.members for m in net.modalities))
 
-    def encode(self, batch: dict) -> dict[str, Tokens]:
-        """The first member's tokens: which inputs are present is the same for every member."""
-        return self.members[0].encode(batch)
+    def encode(self, batch: dict, done: Optional[dict[int, Tokens]] = None) -> dict[str, Tokens]:
+        """Every modality's tokens, each encoder run once (which inputs are present is the same for all)."""
+        done = {} if done is None else done
+        tokens: dict[str, Tokens] = {}
+        for net in self.members:
+            tokens.update(net.encode(batch, done))
+        return tokens
+
+    def member_logits(self, batch: dict, absent: Optional[Iterable[str]] = None, return_attention: bool = False):
+        """Raw logits of every member [M, B, K] and whether it sees any of the patient's inputs [M, B]."""
+        done: dict[int, Tokens] = {}  # a shared encoder runs once per batch, not once per member
+        z, seen = [], []
+        hidden = set(absent or ())
+        for net in self.members:
+            tokens = net.encode(batch, done)
+            z.append(net.fuse(tokens, absent, return_attention))
+            shown = [t.present for m, t in tokens.items() if m not in hidden]
+            seen.append(torch.stack(shown).any(0) if shown else torch.zeros_like(z[-1][:, 0], dtype=torch.bool))
+        return torch.stack(z), torch.stack(seen)
 
     def forward(self, batch: dict, absent: Optional[Iterable[str]] = None, return_attention: bool = False,
                 return_aux: bool = False):
@@ -85,9 +107,34 @@ class Ensemble(nn.Module):
             raise ValueError("an ensemble is trained one member at a time; train a member for aux outputs")
         if "image_group" in batch:
             return over_view_groups(batch, lambda b: self.forward(b, absent), return_attention)
-        done: dict[int, Tokens] = {}  # a shared encoder runs once per batch, not once per member
-        z = [net.fuse(net.encode(batch, done), absent, return_attention) for net in self.members]
-        return torch.stack(z).mean(0) / self.temperature + self.logit_bias
+        z, seen = self.member_logits(batch, absent, return_attention)
+        return combine(z, seen, self.member_weights if self.weighted else None) / self.temperature + self.logit_bias
+
+
+def combine(z: torch.Tensor, seen: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """Members' logits [M, B, K] → [B, K]: the plain mean, or the `weights`-weighted mean over the
+    members that see the patient (all members where none does)."""
+    if weights is None:
+        return z.mean(0)
+    w = weights.to(z.dtype)[:, None] * seen.to(z.dtype)  # [M, B]
+    total = w.sum(0, keepdim=True)
+    w = torch.where(total > 0, w / total.clamp(min=1e-12), (weights / weights.sum()).to(z.dtype)[:, None])
+    return (w[..., None] * z).sum(0)
+
+
+class MemberOutputs(nn.Module):
+    """A weighted ensemble's members side by side, [B, M * (K + 1)]: each member's K raw logits, then
+    whether it saw the patient. What the hold-out weights are fitted on (inference's `logits` path)."""
+
+    def __init__(self, ensemble: Ensemble):
+        super().__init__()
+        self.ensemble, self.num_outputs = ensemble, len(ensemble.members) * (ensemble.num_outputs + 1)
+
+    def forward(self, batch: dict, absent: Optional[Iterable[str]] = None):
+        if "image_group" in batch:
+            return over_view_groups(batch, lambda b: self.forward(b, absent))
+        z, seen = self.ensemble.member_logits(batch, absent)
+        return torch.cat([z.permute(1, 0, 2).flatten(1), seen.T.to(z.dtype)], 1)
 
 
 def members(net: nn.Module) -> list[DiagnosisNet]:
