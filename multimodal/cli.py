@@ -120,6 +120,10 @@ def _evaluate(a) -> None:
     m = model.evaluate(a.records, n_boot=a.n_boot, batch_size=a.batch_size, workers=a.workers, progress=not a.quiet,
                        plots_dir=a.plots)
     print(format_table(m))
+    if m.get("against_members"):
+        from multimodal.engine.stacking import format_against
+
+        print(format_against(m["against_members"]))
     if m["n_errors"]:
         print(f"{m['n_errors']} records could not be scored and are not in these metrics")
     if m["n_unlabelled"]:
