@@ -41,6 +41,7 @@ TELEMETRY_OFF = {"ORT_DISABLE_TELEMETRY": "1",  # ONNX Runtime (predict --onnx, 
 # neither it nor a variable the library prefers (the names after it) is set by the user.
 CACHES = (("MPLCONFIGDIR", "matplotlib", ()),  # matplotlib's font cache (evaluate and explain plots)
           ("TORCH_HOME", "torch", ()),  # torch.hub downloads (timm's URL-hosted weights)
+          ("TORCHINDUCTOR_CACHE_DIR", "torchinductor", ()),  # torch makes it at import (else in the temp folder)
           ("CUDA_CACHE_PATH", "nv", ()),  # the NVIDIA driver's JIT cache, on a GPU the wheels lack code for
           ("HF_HUB_CACHE", "huggingface/hub", ("HF_HOME", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE")),
           ("HF_ASSETS_CACHE", "huggingface/assets", ("HF_HOME", "HUGGINGFACE_ASSETS_CACHE")),
