@@ -59,6 +59,7 @@ def contain() -> None:
     """Telemetry off and dependency caches into `cache_root`, for this process and its children. Runs
     at import of `multimodal`; idempotent. A dependency imported before it read its switches already:
     the hub's is set on the loaded module, ONNX Runtime's cannot be, so that case is logged."""
+    ort_was_off = os.environ.get("ORT_DISABLE_TELEMETRY") == "1"
     os.environ.update(TELEMETRY_OFF)
     root = cache_root()
     for var, sub, preferred in CACHES:
@@ -67,10 +68,11 @@ def contain() -> None:
     hub = sys.modules.get("huggingface_hub.constants")
     if hub is not None:
         hub.HF_HUB_DISABLE_TELEMETRY = True  # read at each request, so this still takes effect
-    if "onnxruntime" in sys.modules:
+    if "onnxruntime" in sys.modules and not ort_was_off:
         logging.getLogger(__name__).warning(
             "onnxruntime was imported before multimodal, so its telemetry is on for this process; "
             "import multimodal first, or set ORT_DISABLE_TELEMETRY=1")
+
 
 # mallopt(3) parameter numbers, from glibc's malloc.h
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3

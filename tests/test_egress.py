@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from multimodal.runtime import CACHES, TELEMETRY_OFF
 
 pytest.importorskip("onnxruntime")
 
@@ -97,11 +98,9 @@ int getaddrinfo(const char *node, const char *service, const struct addrinfo *hi
 
 # Variables that would send a dependency's files elsewhere than its default under $HOME: the
 # subprocess gets none of them, so what it writes shows where mmdx itself sends them.
-CLEARED = ("MMDX_CACHE", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "MPLCONFIGDIR",
-           "HF_HOME", "HF_HUB_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE", "HF_MODULES_CACHE",
-           "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "TORCH_HOME", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH", "HF_HUB_OFFLINE",
-           "TRANSFORMERS_OFFLINE", "ORT_DISABLE_TELEMETRY", "HF_HUB_DISABLE_TELEMETRY", "DISABLE_TELEMETRY",
-           "DO_NOT_TRACK", "LD_PRELOAD")
+CLEARED = {"MMDX_CACHE", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "HF_HUB_OFFLINE",
+           "TRANSFORMERS_OFFLINE", "DISABLE_TELEMETRY", "LD_PRELOAD", *TELEMETRY_OFF,
+           *(v for var, _, preferred in CACHES for v in (var, *preferred))}
 
 SMALL = ["image.size=64", "image.token_grid=2", "image.augment=null", "text.encoder=bow", "text.vocab_size=200",
          "train.epochs=1", "train.batch_size=16", "fusion.layers=1"]  # bow and a 2x2 pool: exportable
@@ -142,7 +141,7 @@ def test_no_command_connects_anywhere_or_writes_under_home_outside_the_cache(tmp
     home, work, scratch, log = tmp_path / "home", tmp_path / "work", tmp_path / "tmp", tmp_path / "egress.log"
     for d in (home, work, scratch):
         d.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+    env = _clean_env()
     env.update(HOME=str(home), TMPDIR=str(scratch), EGRESS_LOG=str(log), PYTHONPATH=str(REPO),
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     shim = _shim(tmp_path)
@@ -161,17 +160,21 @@ def test_no_command_connects_anywhere_or_writes_under_home_outside_the_cache(tmp
     assert (cache / "matplotlib").is_dir()  # evaluate's plots built matplotlib's font cache where README says
 
 
-def _env_after_import(extra_env: dict, code: str = "") -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
-    env.update(PYTHONPATH=str(REPO), **extra_env)
+def _clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in CLEARED}
+
+
+def _after_import(extra_env: dict, code: str = "") -> tuple:
+    """(the environment, stderr) of a fresh interpreter that ran `code`, then imported multimodal."""
+    env = {**_clean_env(), "PYTHONPATH": str(REPO), **extra_env}
     script = f"{code}\nimport json, os, multimodal\nprint(json.dumps(dict(os.environ)))"
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.splitlines()[-1])
+    return json.loads(r.stdout.splitlines()[-1]), r.stderr
 
 
 def test_importing_the_api_turns_telemetry_off_and_keeps_the_users_own_locations(tmp_path):
-    env = _env_after_import({"HOME": str(tmp_path), "ORT_DISABLE_TELEMETRY": "0", "HF_HOME": str(tmp_path / "hf"),
+    env, _ = _after_import({"HOME": str(tmp_path), "ORT_DISABLE_TELEMETRY": "0", "HF_HOME": str(tmp_path / "hf"),
                              "MPLCONFIGDIR": str(tmp_path / "mpl")})
     assert env["ORT_DISABLE_TELEMETRY"] == "1" and env["HF_HUB_DISABLE_TELEMETRY"] == "1"  # never the user's 0
     assert env["DO_NOT_TRACK"] == "1"
@@ -183,5 +186,12 @@ def test_importing_the_api_turns_telemetry_off_and_keeps_the_users_own_locations
 def test_hub_telemetry_is_off_even_when_the_hub_was_imported_first(tmp_path):
     pytest.importorskip("huggingface_hub")
     code = "import huggingface_hub.constants as c; assert not c.HF_HUB_DISABLE_TELEMETRY"
-    out = _env_after_import({"HOME": str(tmp_path)}, code + "\nimport multimodal\nassert c.HF_HUB_DISABLE_TELEMETRY")
+    out, _ = _after_import({"HOME": str(tmp_path)}, code + "\nimport multimodal\nassert c.HF_HUB_DISABLE_TELEMETRY")
     assert out["HF_HUB_DISABLE_TELEMETRY"] == "1"
+
+
+def test_onnxruntime_imported_first_is_said_since_its_telemetry_can_no_longer_be_stopped(tmp_path):
+    _, err = _after_import({"HOME": str(tmp_path)}, "import onnxruntime")
+    assert "onnxruntime was imported before multimodal" in err and "ORT_DISABLE_TELEMETRY=1" in err
+    _, err = _after_import({"HOME": str(tmp_path), "ORT_DISABLE_TELEMETRY": "1"}, "import onnxruntime")
+    assert "onnxruntime" not in err  # it was off from the start: nothing to say
