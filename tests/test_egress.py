@@ -7,8 +7,8 @@ which is the only place native code sees it (ONNX Runtime's telemetry uploader i
 curl). Each attempt is logged and refused, so the test itself can never leak. AF_UNIX is let through
 unlogged: it never leaves the machine (multiprocessing's pipes, glibc asking nscd for the user's home).
 
-ONNX Runtime uploads about a minute after it starts, longer than this test runs; what it writes at
-start (a device id and an event queue under ~/.cache) is what the HOME listing catches.
+With its telemetry on, ONNX Runtime resolves its upload host within this run (the libc spy sees the
+lookup) and keeps a device id and an event queue under ~/.cache (the HOME listing sees them).
 """
 from __future__ import annotations
 
