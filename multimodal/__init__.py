@@ -13,6 +13,10 @@ in torch, transformers or scikit-learn.
 """
 from importlib import import_module
 
+from multimodal.runtime import contain
+
+contain()  # before anything below can import a library that reads its telemetry switch once, at load
+
 __version__ = "0.1.0"
 _EXPORTS = {"DiagnosisModel": "api", "compare": "engine.comparison", "predict_baselines": "engine.baselines",
             "Config": "config", "load_config": "config",
