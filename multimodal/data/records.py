@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from multimodal.config import Config
+from multimodal.data.shown import printable
 from multimodal.errors import UserError
 
 log = logging.getLogger("mmdx")
@@ -132,8 +133,9 @@ def checked(df: pd.DataFrame, config: Config, source: str, folder: Path, labels:
     need = [config.data.id] + ([config.data.group] if config.data.group else []) + config.columns() + (config.label_columns() if labels else [])
     missing = [c for c in dict.fromkeys(need) if c not in df.columns]
     if missing:
+        has = printable(", ".join(map(str, df.columns[:12])))
         raise UserError(f"{source}: unknown column{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(repr(c) for c in missing)} (file has: {', '.join(map(str, df.columns[:12]))})")
+                        f"{', '.join(repr(c) for c in missing)} (file has: {has})")
     if labels:
         cols = config.label_columns()
         if df[cols].isna().all(axis=None):

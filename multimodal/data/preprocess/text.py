@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from multimodal.config import TextConfig
+from multimodal.data.shown import printable
 from multimodal.errors import RecordError, UserError
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -97,7 +98,7 @@ def _tokenizer_failures(error: type, what: str):
     try:
         yield
     except Exception as e:  # noqa: BLE001
-        raise error(f"{what} ({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
+        raise error(f"{what} ({type(e).__name__}: {printable(' '.join(str(e).split())[:100])})") from None
     except BaseException as e:
         if type(e).__name__ != "PanicException":
             raise
