@@ -61,10 +61,10 @@ def series_slices(folder: Path, n: int, name: str, within: Optional[Path] = None
     resolved image root when images are confined: every slice is resolved (symlinks followed) and one
     that lies outside refuses the series before any header is read, as a symlinked file would be."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if within is not None:
-        files = [_inside(p, within, name) for p in files]
     if len(files) > MAX_FILES:
         raise RecordError(f"series folder {name} holds {len(files)} files (more than {MAX_FILES}); name one series")
+    if within is not None:
+        files = [_inside(p, within, name) for p in files]
     slices = [(p, ds) for p in files if (ds := _header(p)) is not None]
     if not slices:
         raise RecordError(f"series folder {name} holds no DICOM files")
