@@ -38,6 +38,7 @@ def test_random_init_frozen_encoders_of_two_seeds_have_two_keys():
     a, b, a_again = _encoder(cfg, 0), _encoder(cfg, 1), _encoder(cfg, 0)
     assert identity(cfg, a, "random-init") != identity(cfg, b, "random-init")
     assert identity(cfg, a, "random-init") == identity(cfg, a_again, "random-init")  # same weights: shared
+    assert identity(_config(**{"image.jpeg_draft": False}), a, "random-init") != identity(cfg, a, "random-init")
     partial = _config(**{"image.freeze": 1})
     with torch.no_grad():  # a trainable stage's weights do not shape the cached (frozen) activations
         c, d = _encoder(partial, 0), _encoder(partial, 0)

@@ -40,16 +40,18 @@ def views(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack(out[:n], 1)
 
 
-def identity(cfg: Config, encoder, weights_digest: str) -> str:
+def identity(cfg: Config, encoder, weights_digest: str, prep=None) -> str:
     """Everything the cached activation depends on, as one hash. The frozen part's own tensors are in
     it, not only the name of its weights: a random-init encoder is named "random-init" whatever its
-    seed, and a hub tag names whatever the hub serves today."""
+    seed, and a hub tag names whatever the hub serves today. `prep`: the fitted preprocessing, whose
+    normalisation is what the config's mean/std (null: the weights' own) came to."""
     ic = cfg.image
     facts = {"format": FORMAT, "arch": ic.encoder, "weights": weights_digest, "cut": encoder.cut,
              "frozen": frozen_image_digest(encoder),
              "in_chans": ic.in_chans, "size": ic.size, "window": ic.window, "frames": ic.frames,
              "max_images": ic.max_images, "mean": ic.mean, "std": ic.std, "views": ic.cache_views,
-             "limits": ic.limits.model_dump()}
+             "limits": ic.limits.model_dump(), "jpeg_draft": ic.jpeg_draft,
+             "normalise": prep.image.state() if prep is not None and prep.image is not None else None}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -108,7 +110,7 @@ class FeatureCache:
 
     def __init__(self, cfg: Config, prep, encoder, weights_digest: str, root: Optional[Path] = None):
         self.cfg, self.prep, self.encoder = cfg, prep, encoder
-        self.dir = (root or cache_root()) / identity(cfg, encoder, weights_digest)
+        self.dir = (root or cache_root()) / identity(cfg, encoder, weights_digest, prep)
         self.memory: dict[str, torch.Tensor] = {}
         self.hits = self.misses = 0
 
