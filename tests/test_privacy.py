@@ -15,7 +15,8 @@ def _with_patient(path, group="patient") -> pd.DataFrame:
     return df.assign(**{group: df["patient_id"]})
 
 
-def test_one_patients_identifiers_in_two_records_stay_out_of_the_model_directory(cohort, tmp_path):
+@pytest.mark.parametrize("scrub", [False, True])
+def test_one_patients_identifiers_in_two_records_stay_out_of_the_model_directory(cohort, tmp_path, scrub):
     from multimodal import DiagnosisModel
 
     train, val = _with_patient(cohort["train"]), _with_patient(cohort["val"])
@@ -27,7 +28,7 @@ def test_one_patients_identifiers_in_two_records_stay_out_of_the_model_directory
     train.to_csv(tmp_path / "train.csv", index=False)
     val.to_csv(tmp_path / "val.csv", index=False)
     model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **{**TINY,
-        "data.group": "patient", "data.image_root": str(cohort["dir"]), "text.vocab_size": 2000})
+        "data.group": "patient", "data.image_root": str(cohort["dir"]), "text.vocab_size": 2000, "text.scrub": scrub})
     model.fit(tmp_path / "train.csv", tmp_path / "val.csv", progress=False)
     out = model.save(tmp_path / "m")
     files = [p for p in out.rglob("*") if p.is_file()]
