@@ -25,8 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "synthetic.yaml"
 # Small and quick on 2 CPU cores, but trained long enough for the text and lab signals to be learnt.
 # The CNN is pinned (a small ResNet, so Grad-CAM has a last feature stage and timing stays predictable).
+# The records here are DataFrames listing absolute image paths (_abs_images), which resolve against no
+# image root: they need the opt-out from confinement.
 FAST = {"image.encoder": "test_resnet", "image.size": 48, "image.augment": None, "text.vocab_size": 300,
-        "train.epochs": 6, "train.batch_size": 16, "train.patience": 100, "fusion.layers": 1, "train.seed": 0}
+        "train.epochs": 6, "train.batch_size": 16, "train.patience": 100, "fusion.layers": 1, "train.seed": 0,
+        "data.confine_images": False}
 N_STEPS = 16
 
 

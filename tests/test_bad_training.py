@@ -90,9 +90,9 @@ def test_undecodable_bytes_in_a_csv_cost_no_other_row(tiny_model, cohort):
     assert len(out) == len(pd.read_csv(cohort["test"])) and (out["status"] == "ok").all()
 
 
-def test_lone_surrogate_costs_no_other_row(tiny_model, cohort):
+def test_lone_surrogate_costs_no_other_row(tiny_model, cohort, monkeypatch):
     df = pd.read_csv(cohort["test"], dtype=str).astype(object)
-    df["image_path"] = [str(cohort["dir"] / p) if isinstance(p, str) else p for p in df["image_path"]]
+    monkeypatch.setattr(tiny_model.config.data, "image_root", str(cohort["dir"]))  # a DataFrame's image paths
     df.loc[2, "report_text"] = "mass seen \ud800 here"
     out = tiny_model.predict(df)
     assert len(out) == len(df) and out.loc[2, "status"] == "ok"

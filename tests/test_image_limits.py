@@ -392,7 +392,9 @@ def test_confined_paths_outside_the_root_are_refused(tree, cell):
     cell = str(outside / "out.png") if cell == "ABS" else cell
     with pytest.raises(RecordError, match="image path outside the image root") as e:
         _prep(True).load([cell], root)
-    assert str(e.value) == f"image path outside the image root: {cell}"
+    # named as the cell writes it, relative to the root; an absolute path is not named (it may carry a name)
+    shown = ".../out.png" if cell.startswith("/") else cell
+    assert str(e.value) == f"image path outside the image root: {shown}"
 
 
 @pytest.mark.parametrize("cell", ["sub/in.png", "sub/../sub/in.png", "link_in.png"])
@@ -408,3 +410,116 @@ def test_unconfined_is_todays_behaviour(tree):
     assert x.shape == (3, 1, 16, 16)
     assert np.allclose(x.numpy(), 128 / 255, atol=1e-6)
     assert _prep(True).load([None], root).shape == (0, 1, 16, 16)
+
+
+def test_images_are_confined_unless_the_config_opts_out(tree, cohort):
+    from multimodal.config import load_config
+    from multimodal.data.preprocess import Preprocessing
+    from multimodal.data.records import load_records
+
+    root, outside = tree
+    default = ImagePreprocessor(image_config(size=16), [0.5], [0.5])  # every reader that builds its own
+    for cell in ("../outside/out.png", str(outside / "out.png")):
+        with pytest.raises(RecordError, match="outside the image root"):
+            default.load([cell], root)
+    assert default.load([str(root / "sub" / "in.png")], root).shape == (1, 1, 16, 16)  # absolute, inside
+    for confine in (True, False):
+        over = {} if confine else {"data.confine_images": False}
+        cfg = load_config(Path(__file__).parents[1] / "configs" / "synthetic.yaml", over)
+        prep = Preprocessing.fit(cfg, load_records(cohort["train"], cfg, labels=True)).image
+        assert prep.confine is confine
+        x = _load_or_error(prep, "../outside/out.png", root)
+        assert (x == "outside") if confine else x.shape == (1, cfg.image.in_chans, cfg.image.size, cfg.image.size)
+
+
+def _load_or_error(prep, cell, root):
+    try:
+        return prep.load([cell], root)
+    except RecordError as e:
+        return "outside" if "outside the image root" in str(e) else str(e)
+
+
+def _series(folder, n=3):
+    from test_series import _slice
+
+    folder.mkdir(parents=True)
+    for k in range(n):
+        _slice(folder / f"IM{k}.dcm", k * 5.0, k + 1, value=10 * k)
+    return folder
+
+
+def test_a_symlinked_slice_pointing_outside_refuses_the_series(tree, monkeypatch):
+    import multimodal.data.series as series
+
+    root, outside = tree
+    folder = _series(root / "ct")
+    _series(outside / "elsewhere", 1)
+    (folder / "IM9.dcm").symlink_to(outside / "elsewhere" / "IM0.dcm")
+    read = []
+    real = series._header
+    monkeypatch.setattr(series, "_header", lambda p: read.append(p) or real(p))
+    with pytest.raises(RecordError) as e:
+        _prep(True).load(["ct"], root)
+    assert str(e.value) == "series folder ct: slice IM9.dcm lies outside the image root"
+    assert read == []  # refused before any header was read
+    (folder / "IM9.dcm").unlink()
+    (folder / "IM8.dcm").symlink_to(folder / "IM0.dcm")  # a link that stays inside is a slice
+    assert _prep(True).load(["ct"], root).shape == (4, 1, 16, 16)
+    (folder / "IM9.dcm").symlink_to(outside / "elsewhere" / "IM0.dcm")
+    assert _prep(False).load(["ct"], root).shape == (4, 1, 16, 16)  # opted out: read as before
+
+
+def test_messages_name_images_relative_to_the_root_not_by_full_path(tmp_path):
+    root = tmp_path / "Doe_Jane_1961" / "images"  # a folder above the root that names the patient
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    _series(root / "ct")
+    (root / "ct" / "IM1.dcm").write_bytes((root / "ct" / "IM1.dcm").read_bytes()[:-100])  # pixels cut
+    cases = {"sub/missing.png": "image not found: sub/missing.png",
+             "sub/broken.png": "sub/broken.png",
+             str(root / "sub" / "broken.png"): "sub/broken.png",
+             "ct": "ct/IM1.dcm"}
+    for confine in (True, False):
+        for cell, needle in cases.items():
+            with pytest.raises(RecordError) as e:
+                _prep(confine).load([cell], root)
+            assert needle in str(e.value) and "Doe_Jane" not in str(e.value) and str(tmp_path) not in str(e.value)
+    with pytest.raises(RecordError) as e:
+        _prep(False).load([str(tmp_path / "Doe_Jane_1961" / "gone.png")], root)
+    assert str(e.value) == "image not found: .../gone.png"
+
+
+ESC = "\x1b[31mred\x07\x1b[2J"  # no ';': a cell splits there
+
+
+def test_control_sequences_from_files_are_escaped_in_messages(tmp_path, monkeypatch):
+    from multimodal.data.batches import one_line
+
+    (tmp_path / f"x{ESC}.png").write_bytes(b"not an image")
+    with pytest.raises(RecordError) as e:
+        _prep(True).load([f"x{ESC}.png"], tmp_path)
+    _assert_escaped(str(e.value))
+    assert "x\\x1b[31mred\\x07\\x1b[2J.png" in str(e.value)
+    folder = _series(tmp_path / "root" / f"ct{ESC}")
+    (folder / f"IM{ESC}.dcm").symlink_to(tmp_path / f"x{ESC}.png")
+    with pytest.raises(RecordError, match="lies outside") as e:  # a slice's name and the folder's
+        _prep(True).load([folder.name], folder.parent)
+    _assert_escaped(str(e.value))
+
+    path = write_dicom(tmp_path / "h.dcm", np.zeros((2, 2), np.uint16))
+
+    class Loud:
+        def as_array(self, *args, **kwargs):
+            raise ValueError(f"header says {ESC}\u202eevil")  # a decoder quoting header text
+
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda ts: Loud())
+    with pytest.raises(RecordError) as e:
+        read_image(path)
+    _assert_escaped(str(e.value))
+    assert "\\u202e" in str(e.value)
+    _assert_escaped(one_line(OSError(f"any error {ESC}")))
+
+
+def _assert_escaped(msg):
+    assert not any(ord(c) < 32 or 0x7f <= ord(c) < 0xa0 or c == "\u202e" for c in msg), repr(msg)
+    assert "\\x1b" in msg, msg

@@ -62,10 +62,13 @@ def _logit(p):
     return np.log(p) - np.log1p(-p)
 
 
-def _three_views(cohort):
-    """Six test records, each listing its own image and two others; and each image as a record alone."""
+def _three_views(cohort, *models):
+    """Six test records, each listing its own image and two others; and each image as a record alone.
+    DataFrames: their paths resolve against the models' image root, set here to the cohort's folder."""
+    for m in models:
+        m.config.data.image_root = str(cohort["dir"])
     df = pd.read_csv(cohort["test"]).head(6).reset_index(drop=True)
-    paths = [str(cohort["dir"] / p) for p in df["image_path"]]
+    paths = list(df["image_path"])
     lists = [[paths[i], paths[(i + 1) % 6], paths[(i + 2) % 6]] for i in range(6)]
     many = df.assign(image_path=[";".join(p) for p in lists])
     single = pd.concat([df.iloc[[i]].assign(image_path=p) for i in range(6) for p in lists[i]], ignore_index=True)
@@ -73,7 +76,7 @@ def _three_views(cohort):
 
 
 def test_all_views_score_the_mean_logit_of_each_image(views_model, cohort):
-    many, single = _three_views(cohort)
+    many, single = _three_views(cohort, views_model)
     col = f"prob_{views_model.classes[-1]}"
     got = views_model.predict(many)
     assert (got["status"] == "ok").all() and len(got) == 6
@@ -88,7 +91,7 @@ def test_all_views_through_onnx_match_pytorch(views_model, cohort, tmp_path):
 
     views_model.save(tmp_path / "m")
     loaded = DiagnosisModel.load(tmp_path / "m")
-    many, _ = _three_views(cohort)
+    many, _ = _three_views(cohort, loaded)
     col = f"prob_{loaded.classes[-1]}"
     torch_p = loaded.predict(many)[col].to_numpy()
     loaded.export_onnx(tmp_path / "m.onnx", cohort["test"])

@@ -83,9 +83,11 @@ class DataConfig(_Strict):
     image_root: Optional[str] = None
     """Folder that relative image paths resolve against; default: the records file's folder. At training
     time only: a saved model never redirects reads, predict resolves against the records file or --image-root."""
-    confine_images: bool = False
-    """Refuse image paths that resolve outside the image root (absolute paths, `..`, symlinks out), so a
-    records file cannot pull arbitrary readable images into reports."""
+    confine_images: bool = True
+    """Read only images that lie under the image root: a path that resolves outside it (an absolute path
+    elsewhere, `..`, a symlinked file or slice pointing out) is that record's error, so a records file
+    can neither probe which files exist nor pull any readable image into a model or a report. false
+    reads any path the records name (absolute ones as given, relative ones against the image root)."""
 
 
 class FusionConfig(_Strict):

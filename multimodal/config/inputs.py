@@ -179,12 +179,16 @@ class TextConfig(_Strict):
     lowercase: bool = True
     """Lower-case before the trained WordPiece tokenizer (ignored for pretrained tokenizers)."""
     min_doc_freq: int = Field(2, ge=1)
-    """A word joins the trained vocabulary only if it occurs in at least this many training reports.
-    The vocabulary is saved in the model directory (tokenizer.json): names or record numbers that occur
-    in a single patient's report must not travel with the model."""
+    """A word joins the trained vocabulary only if the reports of at least this many training patients
+    hold it (patients: data.group, else the record id; a patient's several reports count once). The
+    vocabulary is saved in the model directory (tokenizer.json): names or record numbers that occur in
+    a single patient's reports must not travel with the model."""
     scrub: bool = False
-    """Also keep out of the vocabulary words that look like identifiers or dates (4+ digits, digit runs
-    with separators), whatever their frequency."""
+    """Also keep out of the vocabulary, whatever their frequency, words that look like identifiers or
+    dates (4+ digits) and words that read as names: a word after a title (Dr, Mrs, ...), and a
+    Capitalised word inside a sentence that the reports never write in lower case (a clinician's name
+    in many reports; an eponym such as Crohn is dropped too). Names written only in lower case or in
+    capitals are not recognised."""
     embed_dim: int = Field(64, ge=1)
     """Word-piece embedding width (lstm, bow)."""
     hidden_dim: int = Field(64, ge=1)
@@ -215,9 +219,9 @@ class TabularConfig(_Strict):
     embed_dim: int = Field(32, ge=1)
     """Width of each feature token."""
     min_category_count: int = Field(2, ge=1)
-    """A category gets its own embedding (and is written to preprocessing.json) only if at least this
-    many training records have it; rarer values share the unknown bucket, so a value unique to one
-    patient does not travel with the model."""
+    """A category gets its own embedding (and is written to preprocessing.json) only if the records of
+    at least this many training patients have it (patients as for text.min_doc_freq); rarer values
+    share the unknown bucket, so a value unique to one patient does not travel with the model."""
 
     @model_validator(mode="after")
     def _some(self):

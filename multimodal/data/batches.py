@@ -13,14 +13,16 @@ from multimodal.errors import RecordError
 from multimodal.data.preprocess import Preprocessing
 from multimodal.data.preprocess.image import record_paths
 from multimodal.data.records import Records
+from multimodal.data.shown import printable
 
 
 def one_line(e: BaseException) -> str:
+    """A record's error as its row shows it: one line, and printable (an exception may quote a file)."""
     if isinstance(e, RecordError):
         msg = str(e)
     else:
         msg = f"{type(e).__name__}: {e}"
-    return " ".join(msg.split())[:300]
+    return printable(" ".join(msg.split())[:300])
 
 
 class RecordDataset(Dataset):

@@ -26,7 +26,7 @@ import torch
 
 from multimodal.config import Config
 from multimodal.errors import RecordError, UserError
-from multimodal.data.preprocess.image import split_paths
+from multimodal.data.preprocess.image import record_paths
 from multimodal.data.preprocess.text import clean
 
 log = logging.getLogger("mmdx")
@@ -40,14 +40,41 @@ def views(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack(out[:n], 1)
 
 
-def identity(cfg: Config, encoder, weights_digest: str) -> str:
-    """Everything the cached activation depends on, as one hash."""
+def identity(cfg: Config, encoder, weights_digest: str, prep=None) -> str:
+    """Everything the cached activation depends on, as one hash. The frozen part's own tensors are in
+    it, not only the name of its weights: a random-init encoder is named "random-init" whatever its
+    seed, and a hub tag names whatever the hub serves today. `prep`: the fitted preprocessing, whose
+    normalisation is what the config's mean/std (null: the weights' own) came to."""
     ic = cfg.image
     facts = {"format": FORMAT, "arch": ic.encoder, "weights": weights_digest, "cut": encoder.cut,
+             "frozen": frozen_image_digest(encoder),
              "in_chans": ic.in_chans, "size": ic.size, "window": ic.window, "frames": ic.frames,
              "max_images": ic.max_images, "mean": ic.mean, "std": ic.std, "views": ic.cache_views,
-             "limits": ic.limits.model_dump()}
+             "limits": ic.limits.model_dump(), "jpeg_draft": ic.jpeg_draft,
+             "normalise": prep.image.state() if prep is not None and prep.image is not None else None}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _tensors_digest(h, named) -> None:
+    """Add (name, dtype, shape, bytes) of every tensor to the hash `h`."""
+    for name, t in named:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def frozen_image_digest(encoder) -> str:
+    """sha256 of what the frozen part of an image encoder computes with: the parameters and buffers
+    (BatchNorm statistics) of its frozen modules, or of the whole backbone when all of it is frozen."""
+    backbone = getattr(encoder, "backbone", None)
+    if backbone is not None and not any(p.requires_grad for p in backbone.parameters()):
+        modules = [backbone]
+    else:
+        modules = list(encoder.frozen)
+    h = hashlib.sha256()
+    for k, m in enumerate(modules):
+        _tensors_digest(h, ((f"{k}.{n}", t) for n, t in m.state_dict().items()))
+    return h.hexdigest()
 
 
 def cache_root() -> Path:
@@ -56,12 +83,34 @@ def cache_root() -> Path:
     return cache_dir() / "features"
 
 
+def _series_fingerprint(h, folder: Path) -> None:
+    """A series folder as every slice file's name and stat (size, mtime_ns, ctime_ns, inode, device;
+    symlinks followed). Which slices are read depends on every slice's header (their order) and on
+    max_images, so only the whole folder determines the features; reading every slice's bytes on each
+    run would cost about what the cache saves (a CT series is hundreds of MB). The stat changes
+    whenever any slice does: a rewrite changes mtime and ctime (which no user tool can set back, as
+    cp -p or touch set mtime), a replaced file has another inode. A copied folder misses the cache."""
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError:
+        h.update(b"<unreadable folder>")
+        return
+    h.update(f"<series {len(files)}>".encode())
+    for p in files:
+        try:
+            st = p.stat()
+            h.update(f"{p.name}\0{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino} {st.st_dev}\0"
+                     .encode("utf-8", "surrogateescape"))
+        except OSError:
+            h.update(p.name.encode("utf-8", "surrogateescape") + b"<unreadable>")
+
+
 class FeatureCache:
     """Frozen activations per record: [V, views, C', h, w] float16, V = that record's images."""
 
     def __init__(self, cfg: Config, prep, encoder, weights_digest: str, root: Optional[Path] = None):
         self.cfg, self.prep, self.encoder = cfg, prep, encoder
-        self.dir = (root or cache_root()) / identity(cfg, encoder, weights_digest)
+        self.dir = (root or cache_root()) / identity(cfg, encoder, weights_digest, prep)
         self.memory: dict[str, torch.Tensor] = {}
         self.hits = self.misses = 0
 
@@ -70,23 +119,26 @@ class FeatureCache:
         return self.encoder.cut
 
     def key(self, records, i: int) -> str:
-        """Hash of the record's image cells and the bytes of every file they name (up to max_images)."""
+        """Hash of what the record's first max_images image paths hold: each path as written, then the
+        bytes of the file it names (located as loading locates it), or a series folder's fingerprint."""
         row = records.row(i)
         h = hashlib.sha256()
-        n = 0
-        for col in self.cfg.image.columns:
-            for rel in split_paths(row[col]):
-                if n >= self.cfg.image.max_images:
-                    break
-                path = Path(rel) if Path(rel).is_absolute() else records.root / rel
-                h.update(rel.encode("utf-8", "replace") + b"\0")
-                try:
-                    with open(path, "rb") as f:
-                        for chunk in iter(lambda: f.read(1 << 20), b""):
-                            h.update(chunk)
-                except OSError:
-                    h.update(b"<unreadable>")
-                n += 1
+        for rel in record_paths([row[c] for c in self.cfg.image.columns])[: self.cfg.image.max_images]:
+            h.update(rel.encode("utf-8", "replace") + b"\0")
+            try:
+                path, _ = self.prep.image.locate(rel, records.root)
+            except RecordError:  # refused (outside the image root): loading fails the same way
+                h.update(b"<refused>")
+                continue
+            if path.is_dir():
+                _series_fingerprint(h, path)
+                continue
+            try:
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+            except OSError:
+                h.update(b"<unreadable>")
         return h.hexdigest()
 
     def _file(self, key: str) -> Path:
@@ -169,10 +221,7 @@ def frozen_text_identity(encoder, prep) -> str:
     frozen weights, and where the trainable layers begin."""
     h = hashlib.sha256(prep.text.to_json().encode())
     h.update(json.dumps([prep.text.max_length, prep.text.max_chars, encoder.n_top]).encode())
-    for name, p in encoder.named_parameters():
-        if not p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    _tensors_digest(h, ((n, p) for n, p in encoder.named_parameters() if not p.requires_grad))
     return h.hexdigest()
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from multimodal.config import DecodeLimits
 from multimodal.errors import RecordError
+from multimodal.data.shown import printable
 from multimodal.data.image_guard import (
     PIXEL_KEYWORDS,
     check_file_size,
@@ -39,7 +40,8 @@ from multimodal.data.image_guard import (
 )
 
 
-def read_image(path, *, window="auto", frames="all", max_count=None, limits=None, min_size=None) -> list[np.ndarray]:
+def read_image(path, *, window="auto", frames="all", max_count=None, limits=None, min_size=None,
+               name=None) -> list[np.ndarray]:
     """Return one float32 image in [0, 1] per selected frame: (H, W) or (H, W, 3).
 
     window (DICOM grayscale only): "auto" uses the file's VOI LUT Sequence or
@@ -52,6 +54,8 @@ def read_image(path, *, window="auto", frames="all", max_count=None, limits=None
     (default: its defaults). Non-DICOM files count as one frame and ignore `window`.
     min_size: the caller will shrink the image to this many pixels a side, so a JPEG may be decoded
     at 1/2, 1/4 or 1/8 scale in the DCT (Pillow's draft mode), never below min_size: 4-10x less work.
+    name: how messages name the file (default: the path as given; a caller that knows the image root
+    passes the path relative to it, multimodal.data.shown.shown_path).
     """
     window = _check_window(window)
     if not (isinstance(frames, str) and frames in ("all", "first", "middle")) and (
@@ -62,7 +66,7 @@ def read_image(path, *, window="auto", frames="all", max_count=None, limits=None
                                   or max_count < 1):
         raise ValueError(f"max_count must be None or an int >= 1, got {max_count!r}")
     limits = DecodeLimits() if limits is None else limits
-    name = printable_path(path)
+    name = printable(path) if name is None else name
     p = Path(path)
     if not p.exists():
         raise RecordError(f"image not found: {name}")
@@ -74,7 +78,7 @@ def read_image(path, *, window="auto", frames="all", max_count=None, limits=None
         with p.open("rb") as f:
             head = f.read(140)
     except OSError as e:
-        raise RecordError(f"cannot read {name}: {_reason(e)}") from None
+        raise RecordError(f"cannot read {name}: {e.strerror or type(e).__name__}") from None
     has_preamble = head[128:132] == b"DICM"
     if has_preamble or p.suffix.lower() == ".dcm":
         start = 132 if has_preamble else 0
@@ -84,11 +88,6 @@ def read_image(path, *, window="auto", frames="all", max_count=None, limits=None
             return _read_dicom(p, name, has_preamble, window, frames, max_count, limits)
     _frame_index(frames, 1, name)
     return [_read_pil(p, name, head, limits, min_size)]
-
-
-def printable_path(path) -> str:
-    """A path as one line: messages are one line, and a records cell may hold a newline."""
-    return os.fspath(path).replace("\n", "\\n").replace("\r", "\\r")
 
 
 def _check_window(window):
@@ -121,11 +120,14 @@ def _frame_index(frames, n, name):
     return i
 
 
-def _reason(exc, ds=None):
-    """Underlying error text as one short line, with every header string scrubbed out."""
+def _reason(exc, p, name, ds=None):
+    """Underlying error text as one short, printable line, naming the file as `name` does (decoders
+    quote the full path), with every header string scrubbed out."""
     text = " ".join(str(exc).split()) or type(exc).__name__
+    text = text.replace(os.fspath(p), name)
     if ds is not None:
         text = scrub(text, ds)
+    text = printable(text)
     return text if len(text) <= 200 else text[:197] + "..."
 
 
@@ -155,7 +157,7 @@ def _read_dicom(p, name, has_preamble, window, frames, max_count, limits):
         # force=True only for '.dcm' files without preamble (raw ACR-NEMA style)
         ds = pydicom.dcmread(p, force=not has_preamble)
     except Exception as e:
-        raise RecordError(f"cannot read DICOM {name}: {_reason(e)}") from None
+        raise RecordError(f"cannot read DICOM {name}: {_reason(e, p, name)}") from None
     if not any(k in ds for k in PIXEL_KEYWORDS):
         if _has_pixel_tag(p):
             raise RecordError(f"cannot read pixel data of DICOM {name}: file truncated or malformed")
@@ -178,7 +180,7 @@ def _read_dicom(p, name, has_preamble, window, frames, max_count, limits):
             stack, meta = np.stack([arr for arr, _ in decoded]), decoded[-1][1]
     except Exception as e:
         raise RecordError(
-            f"cannot decode DICOM {name} (transfer syntax {transfer_syntax_label(ts)}): {_reason(e, ds)}"
+            f"cannot decode DICOM {name} (transfer syntax {transfer_syntax_label(ts)}): {_reason(e, p, name, ds)}"
         ) from None
     pi = str(meta.get("photometric_interpretation") or ds.get("PhotometricInterpretation") or "MONOCHROME2")
     try:
@@ -187,7 +189,7 @@ def _read_dicom(p, name, has_preamble, window, frames, max_count, limits):
         else:
             out = _dicom_colour(stack, ds, pi)
     except Exception as e:
-        raise RecordError(f"cannot convert DICOM {name} ({photometric_label(pi)}): {_reason(e, ds)}") from None
+        raise RecordError(f"cannot convert DICOM {name} ({photometric_label(pi)}): {_reason(e, p, name, ds)}") from None
     return [np.ascontiguousarray(f, dtype=np.float32) for f in out]
 
 
@@ -337,13 +339,13 @@ def _read_pil(p, name, head, limits, min_size=None):
     except Image.DecompressionBombError:
         raise RecordError(f"image too large: {name} (over Pillow's decompression-bomb limit)") from None
     except Exception as e:
-        raise RecordError(f"cannot decode image {name}: {_reason(e)}") from None
+        raise RecordError(f"cannot decode image {name}: {_reason(e, p, name)}") from None
     with opened:
         check_pixels(*opened.size, name, limits)
         if min_size and opened.format == "JPEG":
             with contextlib.suppress(Exception):  # a draft that fails leaves the full decode
                 opened.draft(opened.mode, (min_size, min_size))
-        return _pil_pixels(opened, name)
+        return _pil_pixels(opened, p, name)
 
 
 def _format_refused(head, allowed):
@@ -365,7 +367,7 @@ def _format_refused(head, allowed):
     return ""
 
 
-def _pil_pixels(im, name):
+def _pil_pixels(im, p, name):
     """The decoding half of _read_pil, apart so that nothing is decoded before the size check."""
     from PIL import ImageOps
 
@@ -387,5 +389,5 @@ def _pil_pixels(im, name):
         else:  # RGB, RGBA, P, PA, CMYK, YCbCr, ...: colour
             out = np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255)
     except Exception as e:
-        raise RecordError(f"cannot decode image {name}: {_reason(e)}") from None
+        raise RecordError(f"cannot decode image {name}: {_reason(e, p, name)}") from None
     return np.ascontiguousarray(np.nan_to_num(out, nan=0.0), dtype=np.float32)

@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+import numpy as np
 import pandas as pd
 
 from multimodal.config import Config
+from multimodal.data.shown import printable
 from multimodal.errors import UserError
 
 log = logging.getLogger("mmdx")
@@ -40,6 +42,18 @@ class Records:
 
     def subset(self, idx) -> "Records":
         return Records(self.df.iloc[idx].reset_index(drop=True), self.root, self.source)
+
+
+def patients(df: pd.DataFrame, config: Config) -> np.ndarray:
+    """The patient of each row: its `data.group` cell, else (no group column, or an empty cell) its id.
+    What privacy thresholds count: two records of one patient are one patient, so a name written in
+    both of them is still a single patient's."""
+    ids = "id:" + df[config.data.id].astype(str)
+    if not config.data.group:
+        return ids.to_numpy(dtype=str)
+    g = df[config.data.group]
+    empty = g.isna() | (g.astype(str).str.strip() == "")
+    return np.where(empty, ids, "group:" + g.astype(str)).astype(str)
 
 
 class Row:
@@ -119,8 +133,9 @@ def checked(df: pd.DataFrame, config: Config, source: str, folder: Path, labels:
     need = [config.data.id] + ([config.data.group] if config.data.group else []) + config.columns() + (config.label_columns() if labels else [])
     missing = [c for c in dict.fromkeys(need) if c not in df.columns]
     if missing:
+        has = printable(", ".join(map(str, df.columns[:12])))
         raise UserError(f"{source}: unknown column{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(repr(c) for c in missing)} (file has: {', '.join(map(str, df.columns[:12]))})")
+                        f"{', '.join(repr(c) for c in missing)} (file has: {has})")
     if labels:
         cols = config.label_columns()
         if df[cols].isna().all(axis=None):

@@ -11,11 +11,13 @@ and the folder, never a header value (UIDs identify patients).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from multimodal.errors import RecordError
 from multimodal.data.image_guard import looks_like_dicom
+from multimodal.data.shown import printable
 
 MAX_FILES = 5000  # a "series" folder bigger than this is more likely a whole archive
 
@@ -36,6 +38,13 @@ def _header(path: Path):
         return None
 
 
+def _inside(path: Path, root: Path, name: str) -> Path:
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise RecordError(f"series folder {name}: slice {printable(path.name)} lies outside the image root")
+    return resolved
+
+
 def _position(ds) -> float | None:
     try:
         ipp = np.asarray([float(v) for v in ds.ImagePositionPatient])
@@ -47,11 +56,15 @@ def _position(ds) -> float | None:
         return None
 
 
-def series_slices(folder: Path, n: int, name: str) -> list[Path]:
-    """`n` slice files of the one series in `folder`, evenly spaced in anatomical order."""
+def series_slices(folder: Path, n: int, name: str, within: Optional[Path] = None) -> list[Path]:
+    """`n` slice files of the one series in `folder`, evenly spaced in anatomical order. `within`: the
+    resolved image root when images are confined: every slice is resolved (symlinks followed) and one
+    that lies outside refuses the series before any header is read, as a symlinked file would be."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if len(files) > MAX_FILES:
         raise RecordError(f"series folder {name} holds {len(files)} files (more than {MAX_FILES}); name one series")
+    if within is not None:
+        files = [_inside(p, within, name) for p in files]
     slices = [(p, ds) for p in files if (ds := _header(p)) is not None]
     if not slices:
         raise RecordError(f"series folder {name} holds no DICOM files")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from multimodal.config import Config
-from multimodal.data.records import Records
+from multimodal.data.records import Records, patients
 from multimodal.data.preprocess.image import ImagePreprocessor
 from multimodal.data.preprocess.labels import LabelEncoder
 from multimodal.data.preprocess.tabular import TabularPreprocessor
@@ -47,6 +47,7 @@ class Preprocessing:
     @classmethod
     def fit(cls, cfg: Config, records: Records) -> "Preprocessing":
         df, mods = records.df, cfg.modalities
+        who = patients(df, cfg)  # privacy thresholds count patients, not records
         prep = cls(labels=LabelEncoder(cfg.task).fit(df, records.source))
         if "image" in mods:
             prep.image = ImagePreprocessor(cfg.image, *_image_stats(cfg), confine=cfg.data.confine_images)
@@ -54,9 +55,9 @@ class Preprocessing:
             tc = cfg.text
             prep.text = (TextPreprocessor.from_pretrained(_text_source(tc.pretrained), tc)
                          if tc.encoder == "hf" and tc.pretrained
-                         else TextPreprocessor.train(df[tc.column].tolist(), tc))
+                         else TextPreprocessor.train(df[tc.column].tolist(), tc, who))
         if "tabular" in mods:
-            prep.tabular = TabularPreprocessor(cfg.tabular).fit(df)
+            prep.tabular = TabularPreprocessor(cfg.tabular).fit(df, who)
         return prep
 
     def state(self) -> dict:

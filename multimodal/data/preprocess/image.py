@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from multimodal.config import ImageConfig
 from multimodal.errors import RecordError
-from multimodal.data.imageio import printable_path, read_image
+from multimodal.data.imageio import read_image
 from multimodal.data.series import series_slices
+from multimodal.data.shown import printable, shown_path
 
 
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -35,8 +36,9 @@ def record_paths(cells) -> list[str]:
 
 
 class ImagePreprocessor:
-    def __init__(self, cfg: ImageConfig, mean: list[float], std: list[float], *, confine: bool = False):
-        """confine: refuse paths that are absolute or resolve outside the image root (data.confine_images)."""
+    def __init__(self, cfg: ImageConfig, mean: list[float], std: list[float], *, confine: bool = True):
+        """confine: refuse paths that resolve outside the image root (data.confine_images). On unless
+        a caller turns it off, so every reader of records (training, predict, baselines) is confined."""
         self.cfg = cfg
         self.confine = confine
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -90,16 +92,16 @@ class ImagePreprocessor:
             if remaining <= 0:  # the rest would be dropped: don't decode them
                 break
             used += 1
-            path = self._locate(rel, Path(root))
+            path, name = self.locate(rel, Path(root))
             if not path.exists():
-                raise RecordError(f"image not found: {printable_path(path)}")
-            files = series_slices(path, remaining, printable_path(path)) if path.is_dir() else [path]
-            for f in files:  # a folder is one series: its slices in order, evenly spaced
+                raise RecordError(f"image not found: {name}")
+            files = self._slices(path, remaining, name, Path(root)) if path.is_dir() else [(path, name)]
+            for f, shown in files:  # a folder is one series: its slices in order, evenly spaced
                 if len(out) >= self.cfg.max_images:
                     break
                 images = read_image(f, window=self.cfg.window, frames=self.cfg.frames,
                                     max_count=self.cfg.max_images - len(out), limits=self.cfg.limits,
-                                    min_size=self.cfg.size if self.cfg.jpeg_draft else None)
+                                    min_size=self.cfg.size if self.cfg.jpeg_draft else None, name=shown)
                 out += [self._to_tensor(a) for a in images]
         return out[: self.cfg.max_images], used
 
@@ -108,21 +110,28 @@ class ImagePreprocessor:
             return torch.zeros(0, self.cfg.in_chans, self.cfg.size, self.cfg.size)
         return torch.stack(images)
 
-    def _locate(self, rel: str, root: Path) -> Path:
-        """The file a cell names. Confined, it is the resolved path (symlinks followed), so what is
-        read is what was checked; a path escaping the root would let a records file pull any
-        readable image into a model or a report."""
+    def locate(self, rel: str, root: Path) -> tuple[Path, str]:
+        """The file a cell names, and how messages name it (relative to the root: the full path may
+        carry a patient's name). Confined, it is the resolved path (symlinks followed), so what is read
+        is what was checked; a path escaping the root would let a records file probe which files exist
+        and pull any readable image into a model or a report."""
         path = Path(rel)
+        path = path if path.is_absolute() else root / path
+        name = shown_path(path, root)
         if not self.confine:
-            return path if path.is_absolute() else root / path
-        if not path.is_absolute():
-            try:
-                resolved, base = (root / path).resolve(), root.resolve()
-            except (OSError, RuntimeError):  # symlink loop, unreadable folder
-                raise RecordError(f"cannot resolve image path: {printable_path(rel)}") from None
-            if resolved.is_relative_to(base):
-                return resolved
-        raise RecordError(f"image path outside the image root: {printable_path(rel)}")
+            return path, name
+        try:
+            resolved, base = path.resolve(), root.resolve()
+        except (OSError, RuntimeError):  # symlink loop, unreadable folder
+            raise RecordError(f"cannot resolve image path: {name}") from None
+        if not resolved.is_relative_to(base):
+            raise RecordError(f"image path outside the image root: {name}")
+        return resolved, name
+
+    def _slices(self, folder: Path, n: int, name: str, root: Path) -> list[tuple[Path, str]]:
+        """A series folder's chosen slices, each confined like a listed file when images are."""
+        files = series_slices(folder, n, name, within=root.resolve() if self.confine else None)
+        return [(f, f"{name}/{printable(f.name)}") for f in files]
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         aug = self.cfg.augment

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 
 from multimodal.config import TaskConfig
+from multimodal.data.shown import printable
 from multimodal.errors import UserError
 
 
@@ -59,7 +60,7 @@ class LabelEncoder:
             if unknown:
                 raise UserError(f"{source}: task.positive value{'s' if len(unknown) > 1 else ''} "
                                 f"{', '.join(map(repr, unknown))} never occur in '{self.columns[0]}' "
-                                f"(it has: {', '.join(sorted(seen)[:8])})")
+                                f"(it has: {printable(', '.join(sorted(seen)[:8]))})")
             if seen <= set(self.task.positive):
                 raise UserError(f"{source}: every label in '{self.columns[0]}' is in task.positive: no negatives")
             return self
@@ -72,8 +73,9 @@ class LabelEncoder:
         else:
             values = sorted({_as_str(v) for v in df[self.columns[0]].dropna()}, key=_sort_key)
             if t == "binary" and len(values) != 2:
+                shown = printable(", ".join(values[:6]))
                 raise UserError(f"{source}: label column '{self.columns[0]}' has {len(values)} distinct values "
-                                f"({', '.join(values[:6])}); task type binary needs exactly 2 (use multiclass?)")
+                                f"({shown}); task type binary needs exactly 2 (use multiclass?)")
             if t == "multiclass" and len(values) < 2:
                 raise UserError(f"{source}: label column '{self.columns[0]}' has fewer than 2 classes")
             self.classes = values

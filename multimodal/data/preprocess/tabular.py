@@ -60,14 +60,18 @@ class TabularPreprocessor:
         """Embedding rows per categorical column: the seen values plus the missing/unknown bucket."""
         return [len(self.vocab[c]) + 1 for c in self.categorical]
 
-    def fit(self, df: pd.DataFrame) -> "TabularPreprocessor":
+    def fit(self, df: pd.DataFrame, patients=None) -> "TabularPreprocessor":
+        """Means, spreads and the categories kept: those of at least min_category_count patients
+        (`patients`: whose record each row is; default: each row its own patient)."""
+        patients = range(len(df)) if patients is None else patients
         for i, c in enumerate(self.numeric):
             x = pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64)
             x = x[np.isfinite(x)]
             self.mean[i] = float(x.mean()) if len(x) else 0.0
             self.std[i] = float(x.std()) if len(x) > 1 and x.std() > 0 else 1.0
         for c in self.categorical:
-            counts = Counter(s for s in map(_category, df[c]) if s is not None)
+            pairs = {(p, s) for p, s in zip(patients, map(_category, df[c]), strict=True) if s is not None}
+            counts = Counter(s for _, s in pairs)
             self.vocab[c] = sorted(v for v, n in counts.items() if n >= self.min_count)
         self._reindex()
         return self

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from multimodal.config import TextConfig
+from multimodal.data.shown import printable
 from multimodal.errors import RecordError, UserError
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -33,17 +34,61 @@ def looks_like_identifier(word: str) -> bool:
     return sum(ch.isdigit() for ch in word) >= 4
 
 
-def _private_words(tok, texts: list[str], min_doc_freq: int, scrub: bool) -> set[str]:
-    """Normalised words in fewer than `min_doc_freq` reports (or identifier-like): never vocabulary."""
-    df: Counter = Counter()
-    for t in texts:
-        df.update({w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(t))})
-    return {w for w, n in df.items() if n < min_doc_freq or (scrub and looks_like_identifier(w))}
+# A word after one of these is a name, whatever its case ("Dr. Smith", "seen by dr smith"). Case matters:
+# "MS lesions", "did not miss" and "MR angiography" are no titles.
+TITLES = {"Mr", "Mrs", "Ms", "Mx", "Miss", "Dr", "Prof", "mr", "mrs", "dr"}
+_SENTENCE_END = {".", "!", "?", ":", ";"}
+
+
+def _words(tok, text: str) -> list[str]:
+    """A text's words as the vocabulary sees them (normalised: lower-cased unless text.lowercase is off)."""
+    return [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))]
+
+
+def name_like(tok, texts: list[str]) -> set[str]:
+    """Normalised words that read as names in these reports: a word after a title (Dr, Mrs, ...), and a
+    Capitalised word inside a sentence that is never written in lower case anywhere in the reports
+    ("seen by Smith", but not "Mass" when "mass" also occurs). A name only ever written in lower case or
+    in capitals is not found, and an eponym (Crohn, Parkinson) is taken for one."""
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.BertPreTokenizer()
+    lower, capitalised, titled = set(), set(), set()
+    for text in texts:
+        at_start, after_title, prev_end = True, False, 0  # at_start: no word yet in this sentence or line
+        for w, (start, end) in split.pre_tokenize_str(text):
+            at_start = at_start or "\n" in text[prev_end:start]
+            prev_end = end
+            if w.isalpha():
+                if w.islower():
+                    lower.add(w)
+                elif len(w) > 1 and w[0].isupper() and w[1:].islower() and not at_start:
+                    capitalised.add(w.lower())
+                if after_title and len(w) > 1:
+                    titled.add(w.lower())
+                at_start, after_title = False, w in TITLES
+            elif w == "." and after_title:  # "Dr." ends no sentence
+                continue
+            else:
+                at_start, after_title = at_start or w in _SENTENCE_END, False
+    names = (capitalised - lower) | titled
+    return {n for w in names for n in _words(tok, w)} | {n for w in names for n in _words(tok, w.title())}
+
+
+def _private_words(tok, texts: list[str], patients: list, min_patients: int, scrub: bool) -> set[str]:
+    """Normalised words of fewer than `min_patients` patients, and with `scrub` every word that looks like
+    an identifier or a name: never vocabulary. Counted by patient, not by report, so a name repeated in
+    one patient's several reports is still one patient's."""
+    seen: dict = {}
+    for t, p in zip(texts, patients):
+        seen.setdefault(p, set()).update(_words(tok, t))
+    df = Counter(w for words in seen.values() for w in words)
+    private = {w for w, n in df.items() if n < min_patients or (scrub and looks_like_identifier(w))}
+    return private | (name_like(tok, texts) if scrub else set())
 
 
 def _without(tok, text: str, private: set[str]) -> str:
-    words = tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))
-    return " ".join(w for w, _ in words if w not in private)
+    return " ".join(w for w in _words(tok, text) if w not in private)
 
 
 def _bert_style(tok, lowercase: bool):
@@ -82,7 +127,7 @@ def _tokenizer_failures(error: type, what: str):
     try:
         yield
     except Exception as e:  # noqa: BLE001
-        raise error(f"{what} ({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
+        raise error(f"{what} ({type(e).__name__}: {printable(' '.join(str(e).split())[:100])})") from None
     except BaseException as e:
         if type(e).__name__ != "PanicException":
             raise
@@ -103,14 +148,18 @@ class TextPreprocessor:
         return self.tokenizer.get_vocab_size()
 
     @classmethod
-    def train(cls, texts: Iterable[str], cfg: TextConfig) -> "TextPreprocessor":
+    def train(cls, texts: Iterable[str], cfg: TextConfig, patients: Optional[Iterable] = None) -> "TextPreprocessor":
+        """A WordPiece vocabulary of these reports; `patients`: whose report each is (default: each report
+        its own patient), what text.min_doc_freq counts."""
         from tokenizers import Tokenizer, models
 
         tok = _bert_style(Tokenizer(models.WordPiece(unk_token="[UNK]")), cfg.lowercase)
-        texts = [t for t in (clean(t, cfg.max_chars) for t in texts) if t]
-        private = _private_words(tok, texts, cfg.min_doc_freq, cfg.scrub)
-        kept = [_without(tok, t, private) for t in texts] or ["empty"]
-        vocab = _learn_wordpieces(tok, kept, cfg.vocab_size)
+        texts = [clean(t, cfg.max_chars) for t in texts]
+        patients = range(len(texts)) if patients is None else list(patients)
+        kept = [(t, p) for t, p in zip(texts, patients, strict=True) if t]
+        texts, patients = [t for t, _ in kept], [p for _, p in kept]
+        private = _private_words(tok, texts, patients, cfg.min_doc_freq, cfg.scrub)
+        vocab = _learn_wordpieces(tok, [_without(tok, t, private) for t in texts] or ["empty"], cfg.vocab_size)
         # Renumbered in sorted order: the same reports give the same ids, and so the same model.
         ordered = SPECIALS + sorted(t for t in vocab if t not in SPECIALS and t not in private)
         final = _bert_style(Tokenizer(models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")),
