@@ -267,6 +267,8 @@ class DiagnosisModel:
                logits: bool = False, net=None) -> dict:
         """`net`: a module other than the model's own (an ensemble member) on the same inputs."""
         self._require_trained()
+        if batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
         cfg = self.config
         ds = RecordDataset(rec, self.prep, cfg.modalities, cfg)
 

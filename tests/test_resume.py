@@ -17,15 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, one_line_error, run_cli
+from test_batch import model_dir  # noqa: F401  (a fixture: the tiny model, saved)
 
 CHUNK, BATCH = 25, 8
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model, tmp_path_factory):
-    d = tmp_path_factory.mktemp("resume") / "model"
-    tiny_model.save(d)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +191,8 @@ def test_batch_size_zero_is_one_line(capsys, model_dir, records, tmp_path):
                            tmp_path / "p.csv", "--batch-size", 0)
     one_line_error(code, err, "--batch-size must be at least 1")
     assert not list(tmp_path.iterdir())
+    code, _, err = run_cli(capsys, "evaluate", "--model", model_dir, "--records", records, "--batch-size", 0)
+    one_line_error(code, err, "--batch-size must be at least 1")
 
 
 # -- what a kill -9 leaves behind -----------------------------------------------------------------------------------
@@ -250,6 +246,43 @@ def test_kill_9_takes_the_decoding_worker_along_and_resume_succeeds(capsys, mode
     code, _, err = run_cli(capsys, *argv[:-1], "--resume", "--quiet")
     assert code == 0, err
     assert list(pd.read_csv(out, dtype=str)["id"]) == list(big["patient_id"])  # every row exactly once, in order
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_an_early_decoding_worker_dies_with_its_parent(model_dir, cohort, tmp_path):
+    """The worst case, made certain: the parent is killed while it builds its network and reads
+    nothing, so the worker's queue is full; its feeder thread then blocked its exit for ever."""
+    df = pd.read_csv(cohort["test"], dtype=str, keep_default_na=False)
+    big = pd.concat([df] * (2000 // len(df) + 1), ignore_index=True)
+    recs = cohort["dir"] / "parent_dies.csv"
+    big.to_csv(recs, index=False)
+    script = textwrap.dedent(f"""
+        import multiprocessing, os, sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        import multimodal.api as api
+
+        def reads_nothing(net, batches, *a, **k):  # stands in for the forward pass: never takes a batch
+            print(*(p.pid for p in multiprocessing.active_children()), flush=True)
+            time.sleep(120)
+
+        api.run_inference = reads_nothing
+        m = api.DiagnosisModel.load({str(model_dir)!r}, device="cpu", defer_network=True)
+        m.predict({str(recs)!r}, batch_size=4)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert workers, "no decoding worker started"
+    time.sleep(3)  # it decodes everything it may and fills its queue
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 5
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, "the decoding worker outlived its killed parent"
 
 
 def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path):

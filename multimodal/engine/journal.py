@@ -71,11 +71,12 @@ def job_digest(ident: dict) -> str:
 
 
 def clear(parts: Path) -> None:
-    """Only what an earlier job of ours wrote there: its job file, parts, entries, locks and temporaries."""
+    """Only what an earlier job of ours wrote there: its job file, parts, entries, locks and temporaries
+    (never through a symbolic link: they would be the link target's files)."""
     if parts.is_symlink():
         return
     for f in parts.iterdir():
-        if f.name == JOB or f.name.startswith(("part-", ".part-")):
+        if f.name == JOB or f.name.startswith(("part-", ".part-", f".{JOB}")):
             f.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         parts.rmdir()
@@ -98,6 +99,9 @@ def prepare(parts: Path, ident: dict, resume: bool) -> int:
         old = _json(parts / JOB) if parts.is_dir() else None
         if old is None:
             raise UserError(f"{parts} exists but is not an mmdx batch job's folder; move it away")
+        if resume and old.get("format") != FORMAT:
+            raise UserError(f"--resume: the interrupted run was written by another version of mmdx; "
+                            f"rerun without --resume to start over")
         if resume and old != ident:
             changed = sorted(k for k in set(ident) | set(old) if old.get(k) != ident.get(k))
             raise UserError(f"--resume: the interrupted run differs in {', '.join(changed)}; "
