@@ -90,6 +90,9 @@ def _tamper(kind, parts, tmp_path, model_dir, records):
         shutil.copy(parts / "part-000000.json", parts / "part-000001.json")
     elif kind == "reordered":  # the same values, prob_1 before prob_0
         _rewrite(p1, t.select(["id", "prob_1", "prob_0", "pred", "status", "error"]))
+    elif kind == "linked":  # a link to a device that never ends
+        p1.unlink()
+        p1.symlink_to("/dev/zero")
     elif kind == "no_entry":  # killed between the part's rename and its entry's
         (parts / "part-000001.json").unlink()
     elif kind == "foreign":  # part 1 and its entry from a job on other records
@@ -101,7 +104,8 @@ def _tamper(kind, parts, tmp_path, model_dir, records):
         shutil.copy(oparts / "part-000001.json", parts / "part-000001.json")
 
 
-@pytest.mark.parametrize("kind", ["altered", "short", "truncated", "duplicated", "reordered", "no_entry", "foreign"])
+@pytest.mark.parametrize("kind", ["altered", "short", "truncated", "duplicated", "reordered", "linked", "no_entry",
+                                  "foreign"])
 def test_resume_computes_again_a_part_that_does_not_match_its_journal(capsys, model_dir, records, full, tmp_path,
                                                                       kind):
     out = tmp_path / "p.csv"

@@ -23,6 +23,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Optional
 
@@ -75,17 +77,28 @@ def clear(parts: Path) -> None:
     (never through a symbolic link: they would be the link target's files)."""
     if parts.is_symlink():
         return
-    for f in parts.iterdir():
-        if f.name == JOB or f.name.startswith(("part-", ".part-", f".{JOB}")):
-            f.unlink(missing_ok=True)
+    ours = [f for f in parts.iterdir() if f.name.startswith(("part-", ".part-", f".{JOB}"))]
+    for f in [*ours, parts / JOB]:  # the job file last: a folder killed half-cleared is still known as ours
+        f.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         parts.rmdir()
 
 
+def _regular_bytes(path: Path) -> Optional[bytes]:
+    """The file's bytes if it is a regular file and not a link (a part linked to /dev/zero or a FIFO
+    would never finish reading); else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read() if stat.S_ISREG(os.fstat(fd).st_mode) else None
+
+
 def _json(path: Path) -> Optional[dict]:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
+        value = json.loads(_regular_bytes(path) or b"")
+    except ValueError:
         return None
     return value if isinstance(value, dict) else None
 
@@ -125,7 +138,7 @@ def _keep_matching(parts: Path, ident: dict) -> int:
             i = int(f.stem.split("-", 1)[1])
         except ValueError:
             i = -1
-        if i >= 0 and check(parts, i, ident) is not None:
+        if i >= 0 and f.name == part_path(parts, i).name and check(parts, i, ident) is not None:
             kept += 1
             continue
         bad.append(f.name)
@@ -153,12 +166,8 @@ def check(parts: Path, i: int, ident: dict):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    entry, start = _json(entry_path(parts, i)), i * ident["chunk_rows"]
-    try:
-        data = part_path(parts, i).read_bytes()
-    except OSError:
-        return None
-    if entry is None or entry.get("job") != job_digest(ident) or entry.get("chunk") != i:
+    entry, start, data = _json(entry_path(parts, i)), i * ident["chunk_rows"], _regular_bytes(part_path(parts, i))
+    if data is None or entry is None or entry.get("job") != job_digest(ident) or entry.get("chunk") != i:
         return None
     rows = entry.get("rows")
     if not (isinstance(rows, list) and len(rows) == 2 and rows[0] == start and start < rows[1] <= start
