@@ -85,8 +85,9 @@ def _merge(parts: Path, ident: dict, n_chunks: int, out: Path, inputs) -> dict:
             t = journal.check(parts, i, ident)
             if t is None:
                 what = "missing" if not journal.part_path(parts, i).exists() else "changed since it was written"
-                raise UserError(f"batch job incomplete: {journal.part_path(parts, i).name} of {n_chunks} parts is "
-                                f"{what}; rerun with --resume")
+                name = journal.part_path(parts, i).name
+                raise UserError(f"batch job incomplete: part {i + 1} of {n_chunks} ({name}) is {what}; "
+                                f"rerun with --resume")
             counts["rows"] += t.num_rows
             counts["errors"] += int(t.column("status").to_pandas().eq("error").sum())
             ids.append(pd.util.hash_array(t.column("id").to_pandas().astype(str).to_numpy(object)))
@@ -168,7 +169,8 @@ def predict_file(model, records, out, *, chunk_rows: int = 10_000, resume: bool 
 
 def _predict_chunks(model, records: Path, parts: Path, ident: dict, shard: Shard, workers: int, progress: bool,
                     keep: bool) -> tuple[int, int]:
-    """This rank's chunks that have no part yet, or none that holds their rows → (chunks in the file, rows predicted)."""
+    """Predicts this rank's chunks that have no part yet, or none that holds their rows.
+    → (chunks in the file, rows predicted)."""
     from multimodal.progress import bar as progress_bar
 
     n_chunks, done = 0, 0
@@ -179,7 +181,7 @@ def _predict_chunks(model, records: Path, parts: Path, ident: dict, shard: Shard
             n_chunks = i + 1
             mine = i % shard.world == shard.rank
             if mine and not _kept(parts, i, ident, rec, model.config.data.id):
-                result = model._infer(rec, ident["batch_size"], workers, False)  # a deferred network builds in the first
+                result = model._infer(rec, ident["batch_size"], workers, False)  # a deferred network builds here
                 sha = _write_part(model._frame(rec, result), journal.part_path(parts, i))
                 journal.record(parts, i, ident, len(rec), sha)
                 done += len(rec)
@@ -199,5 +201,6 @@ def _kept(parts: Path, i: int, ident: dict, rec, id_column: str) -> bool:
     table = journal.check(parts, i, ident)
     if table is not None and _same_rows(table, rec, id_column):
         return True
-    log.warning("--resume: %s does not hold the rows of chunk %d; computing it again", journal.part_path(parts, i).name, i)
+    log.warning("--resume: %s does not hold the rows of chunk %d; computing it again",
+                journal.part_path(parts, i).name, i)
     return False
