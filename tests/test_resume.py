@@ -152,6 +152,28 @@ def test_resume_refuses_a_records_file_reordered_with_the_same_size_and_mtime(ca
     assert parts.exists() and not out.exists()
 
 
+def test_records_changed_during_the_run_are_not_merged(model_dir, records, tmp_path):
+    """Chunks are read as the job goes: rows re-sorted under it would come out lost and duplicated."""
+    from multimodal import DiagnosisModel
+    from multimodal.errors import UserError
+
+    mine = records.parent / f"{tmp_path.name}.csv"
+    shutil.copy(records, mine)
+    m, out = DiagnosisModel.load(model_dir), tmp_path / "p.csv"
+    real = m._infer
+
+    def infer(rec, *a, **k):
+        if rec.df["patient_id"].iloc[0] == "r00000":  # while the first chunk is predicted
+            lines = mine.read_text().splitlines(keepends=True)
+            mine.write_text(lines[0] + "".join(reversed(lines[1:])))
+        return real(rec, *a, **k)
+
+    m._infer = infer
+    with pytest.raises(UserError, match="changed while it was being predicted"):
+        m.predict_file(mine, out, chunk_rows=CHUNK, batch_size=BATCH)
+    assert not out.exists()
+
+
 def test_resume_refuses_another_image_root(capsys, model_dir, records, tmp_path):
     out = tmp_path / "p.csv"
     parts = _interrupted(model_dir, records, out)

@@ -157,6 +157,8 @@ def predict_file(model, records, out, *, chunk_rows: int = 10_000, resume: bool 
         _barrier(shard)
         if shard.rank != 0:
             return {"rows": done, "chunks": n_chunks, "reused_chunks": 0, "seconds": time.perf_counter() - t0}
+        if sha256_file(records) != ident["records_sha256"]:  # the chunks were read from two versions of it
+            raise UserError(f"{records} changed while it was being predicted; rerun without --resume")
         counts = _merge(parts, ident, n_chunks, out, inputs)
         journal.clear(parts)
     if counts["repeated_ids"]:
