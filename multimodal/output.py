@@ -128,7 +128,11 @@ def check_dir_target(path: PathLike, kind: str, overwrite: bool = False,
 # -- one run per target -----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def claim(path: PathLike) -> Iterator[Path]:
-    """Hold an exclusive lock on `path` for the duration: a second run aiming at it fails at once."""
+    """Hold an exclusive lock on `path` for the duration: a second run aiming at it fails at once.
+
+    The lock file names its holder (pid and host). A lock whose holder is gone but that something
+    it left behind still holds open (a child process, once an orphaned decoding worker) is stale: it
+    is taken over, so that a killed run never blocks its own --resume."""
     path = Path(path)
     lock = path.parent / f".{path.name}.mmdx-lock"
     key = os.path.abspath(lock)
@@ -141,19 +145,33 @@ def claim(path: PathLike) -> Iterator[Path]:
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
-            os.close(fd)
-            raise UserError(f"another mmdx run is writing {path}; wait for it or choose another --out") from None
+            locked = False
         try:
             same = os.stat(lock).st_ino == os.fstat(fd).st_ino  # not unlinked by a run that just finished
         except FileNotFoundError:
             same = False
+        if not locked:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").split()
+            os.close(fd)
+            if not same:  # a run that just finished removed it
+                continue
+            if len(holder) == 2 and holder[0].isdigit() and holder[1] == os.uname().nodename \
+                    and not _alive(int(holder[0])):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)  # a fresh file, that nothing holds, is the lock from now on
+                continue
+            who = f" (pid {holder[0]})" if holder and holder[0].isdigit() else ""
+            raise UserError(f"another mmdx run is writing {path}{who}; wait for it or choose another --out") from None
         if same:
             break
         os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {os.uname().nodename}\n".encode())
     _held[key] = 1
     try:
         yield path

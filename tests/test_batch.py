@@ -102,7 +102,7 @@ def test_resume_refuses_a_changed_input(capsys, model_dir, big_records, tmp_path
     out = tmp_path / "p.csv"
     parts = out.parent / f".{out.name}.mmdx-parts"
     parts.mkdir()
-    (parts / "job.json").write_text('{"records": "elsewhere.csv"}')
+    (parts / "job.json").write_text('{"format": 2, "records_sha256": "0"}')
     code, _, err = run_cli(capsys, "predict", "--model", model_dir, "--records", big_records, "--out", out,
                            "--resume", "--quiet")
     one_line_error(code, err, "differs in")

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import itertools
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -56,6 +61,39 @@ def shared_memory_budget(cap: int = 512 << 20) -> int:
     except OSError:
         return 0
     return min(cap, st.f_bavail * st.f_frsize // 4)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(loader: DataLoader) -> DataLoader:
+    """`loader`, whose worker processes end when this process does, even by kill -9: an orphaned
+    worker would keep its decoded batches (hundreds of MB of shared memory) and every file this
+    process had open, the --out lock included, so that --resume is refused until someone kills it."""
+    loader.worker_init_fn = functools.partial(_tie_to_parent, os.getpid(), loader.worker_init_fn)
+    return loader
+
+
+def _tie_to_parent(parent: int, then: Optional[Callable], worker_id: int) -> None:
+    """DataLoader worker_init_fn. Linux: the kernel sends SIGKILL when the parent dies; elsewhere a
+    thread watches the parent. DataLoader's own watchdog is not enough: a worker whose queue feeder
+    is blocked on a pipe nobody reads never gets back to it."""
+    watch = True
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            watch = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+    if watch:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if then is not None:
+        then(worker_id)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def start_early(ds, loader: Callable[..., DataLoader], batch_size: int, workers: int,
