@@ -63,8 +63,9 @@ def _attention(net, batch: dict) -> Optional[dict[str, torch.Tensor]]:
     atts = [f.last_attention for f in heads]
     if not all(atts):
         return None
-    seen = [m for m in net.modalities if any(m in a for a in atts)]
-    return {m: (sum(a[m].float().sum(1) for a in atts if m in a) / sum(m in a for a in atts)).cpu() for m in seen}
+    if any(set(a) != set(atts[0]) for a in atts):  # per-modality networks: each attends to one modality only
+        return None
+    return {m: sum(a[m].float().sum(1) for a in atts).cpu() / len(atts) for m in atts[0]}
 
 
 def _display(model, x: torch.Tensor) -> np.ndarray:

@@ -115,9 +115,8 @@ class DiagnosisModel:
             reuse_preprocessing: bool = False) -> "DiagnosisModel":
         """Fit preprocessing (vocabulary, scalers, label names) on `train`, then train from scratch.
 
-        `reuse_preprocessing=True` keeps the already fitted preprocessing: the WordPiece trainer in
-        `tokenizers` can break count ties differently between runs (huggingface/tokenizers#1794), so
-        bit-identical retraining needs the same fitted vocabulary."""
+        `reuse_preprocessing=True` keeps the already fitted preprocessing (vocabulary, scalers), e.g. to
+        retrain on other records with the inputs encoded exactly as before."""
         tc = self.config.train
         train_rec = self.records(train, labels=True)
         if val is None:
@@ -251,20 +250,40 @@ class DiagnosisModel:
         return val, rec, y, z
 
     def _weigh_members(self, val: Records) -> dict:
-        """fusion.strategy unimodal / auto: the members' weights, fitted on the hold-out logits, and
-        every candidate's hold-out AUROC beside the combination's."""
-        from multimodal.engine.stacking import fit_member_weights, strategy_report
-        from multimodal.model.network import MemberOutputs
+        """fusion.strategy unimodal / auto: each network calibrated on the hold-out, then the weights of
+        their mixture chosen there (multimodal.engine.stacking)."""
+        from multimodal.engine.stacking import answers_absent, calibrate_members, choose_weights, strategy_report
 
         rec, y = labelled(val, self.prep)
-        K, M = self.net.num_outputs, len(self.net.members)
+        net, task, plan = self.net, self.config.task.type, member_plan(self.config)
         with self.uncalibrated():
-            out = self._infer(rec, 64, 0, False, logits=True, net=MemberOutputs(self.net))["logits"]
+            z, seen = self._member_logits(rec, 64, 0, None, calibrated=False)
+        answers = answers_absent(seen)
+        net.member_answers_absent.copy_(torch.as_tensor(answers))
+        seen = seen | answers[None]
+        tc = self.config.train
+        t, b = calibrate_members(z, seen, y, task, tc.calibrate_bias) if tc.calibrate else (
+            np.ones(len(plan)), np.zeros((len(plan), net.num_outputs)))
+        net.member_temperature.copy_(torch.as_tensor(t, dtype=net.member_temperature.dtype))
+        net.member_bias.copy_(torch.as_tensor(b, dtype=net.member_bias.dtype))
+        z = z / t[None, :, None] + b[None]
+        chosen, w, scores = choose_weights(self.config.fusion.strategy, plan, z, seen, y, task, self.config.train.seed)
+        net.member_weights.copy_(torch.as_tensor(w, dtype=net.member_weights.dtype))
+        return strategy_report(self.config.fusion.strategy, plan, z, y, w, chosen, scores, task)
+
+    def _member_logits(self, rec: Records, batch_size: int, workers: int, absent, calibrated: bool = True):
+        """A fusion strategy's networks side by side: logits [N, M, K] (each calibrated on its own, or
+        raw) and whether each saw the patient [N, M]."""
+        from multimodal.model.network import MemberOutputs
+
+        net = self.net
+        K, M = net.num_outputs, len(net.members)
+        out = self._infer(rec, batch_size, workers, False, absent, logits=True, net=MemberOutputs(net))["logits"]
         z, seen = out[:, :M * K].reshape(len(out), M, K), out[:, M * K:] > 0
-        w = fit_member_weights(z, seen, y, self.config.task.type)
-        self.net.member_weights.copy_(torch.as_tensor(w, dtype=self.net.member_weights.dtype))
-        return strategy_report(self.config.fusion.strategy, member_plan(self.config), z, seen, y, w,
-                               self.config.task.type)
+        if calibrated:
+            z = z / net.member_temperature.cpu().numpy()[None, :, None] + net.member_bias.cpu().numpy()[None]
+            seen = seen | net.member_answers_absent.cpu().numpy()[None]
+        return z, seen
 
     def _calibrate(self, z: np.ndarray, y: np.ndarray) -> dict:
         """Temperature (and bias) scaling on the hold-out logits (the patients early stopping used)."""
@@ -374,13 +393,11 @@ class DiagnosisModel:
     def _against_members(self, rec: Records, y, P, batch_size: int, workers: int, absent, n_boot: int) -> dict:
         """fusion.strategy unimodal / auto: the fused output beside its own single-modality networks."""
         from multimodal.engine.stacking import against_members
-        from multimodal.model.network import MemberOutputs
 
-        K, M = self.net.num_outputs, len(self.net.members)
-        out = self._infer(rec, batch_size, workers, False, absent, logits=True, net=MemberOutputs(self.net))["logits"]
+        z, _ = self._member_logits(rec, batch_size, workers, absent)
         groups = groups_of(rec, self.config) if self.config.data.group else None
-        return against_members(y, P, out[:, :M * K].reshape(len(out), M, K), member_plan(self.config),
-                               self.config.task.type, n_boot, self.config.train.seed, groups)
+        return against_members(y, P, z, member_plan(self.config), self.config.task.type, n_boot,
+                               self.config.train.seed, groups)
 
     def _scored_metrics(self, allrec: Records, rec: Records, y: np.ndarray, P: np.ndarray, n_boot: int,
                         plots_dir=None) -> dict:

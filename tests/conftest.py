@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 # Small enough to train in seconds on 2 CPU cores; the real settings are in configs/synthetic.yaml.
+# The suite tests the joint network by default; tests/test_strategies.py covers the per-modality ones.
 TINY = {"image.size": 32, "image.token_grid": 1, "image.augment": None, "text.vocab_size": 200,
-        "train.epochs": 2, "train.batch_size": 16, "fusion.layers": 1}
+        "train.epochs": 2, "train.batch_size": 16, "fusion.layers": 1, "fusion.strategy": "joint"}
 
 
 def shared(*parts) -> Path:

@@ -29,7 +29,7 @@ CONFIG = REPO / "configs" / "synthetic.yaml"
 # image root: they need the opt-out from confinement.
 FAST = {"image.encoder": "test_resnet", "image.size": 48, "image.augment": None, "text.vocab_size": 300,
         "train.epochs": 6, "train.batch_size": 16, "train.patience": 100, "fusion.layers": 1, "train.seed": 0,
-        "data.confine_images": False}
+        "data.confine_images": False, "fusion.strategy": "joint"}
 N_STEPS = 16
 
 

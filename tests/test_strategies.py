@@ -16,8 +16,8 @@ EXPORTABLE = TINY | {"text.encoder": "bow"}  # the BiLSTM has no ONNX form
 def fitted(request, cohort, tmp_path_factory):
     from multimodal import DiagnosisModel
 
-    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **EXPORTABLE,
-                                       **{"fusion.strategy": request.param})
+    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml",
+                                       **(EXPORTABLE | {"fusion.strategy": request.param}))
     model.fit(cohort["train"], cohort["val"], progress=False)
     out = model.save(tmp_path_factory.mktemp(request.param) / "model")
     return request.param, model, out
@@ -38,8 +38,13 @@ def test_members_weights_and_candidates_are_recorded(fitted):
     w = np.array([m["weight"] for m in report["members"]])
     assert (w >= 0).all() and abs(w.sum() - 1) < 1e-3
     assert np.allclose(model.net.member_weights.numpy(), w, atol=1e-4)
-    expected = {"equal weights", "fitted weights"} | ({"joint", "unimodal"} if strategy == "auto" else set())
-    assert set(report["holdout_auroc"]) == expected
+    scores = report["holdout_auroc_out_of_fold"]
+    assert report["chosen"] in scores and scores[report["chosen"]] == max(scores.values())
+    expected = {"equal weights", "fitted weights"} if strategy == "unimodal" else {
+        "equal weights, per-modality networks", "equal weights, all networks", "joint network alone", "fitted weights"}
+    assert set(scores) == expected
+    t = model.net.member_temperature.numpy()
+    assert (t > 0).all() and not np.allclose(t, 1.0)  # each network calibrated on the hold-out
 
 
 def test_reload_gives_identical_probabilities(fitted, cohort):
@@ -90,25 +95,44 @@ def test_exports_to_onnx_with_the_same_probabilities(fitted, cohort, tmp_path):
     np.testing.assert_allclose(fast, eager, atol=1e-5)
 
 
+def _planted(n: int = 300, seed: int = 0):
+    """Hold-out logits of three networks: the first carries the label, the other two are noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    informative = (2 * y - 1) * 1.5 + rng.normal(0, 1, n)
+    return np.stack([informative, rng.normal(0, 1, n), rng.normal(0, 1, n)], 1)[..., None], y
+
+
 def test_weights_favour_the_planted_informative_network():
-    """Three networks' hold-out logits: one carries the label, two are noise → it takes most weight."""
     from multimodal.engine.stacking import fit_member_weights
 
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 300)
-    informative = (2 * y - 1) * 1.5 + rng.normal(0, 1, 300)
-    z = np.stack([rng.normal(0, 1, 300), informative, rng.normal(0, 1, 300)], 1)[..., None]
+    z, y = _planted()
     w = fit_member_weights(z, np.ones((300, 3), bool), y, "binary")
-    assert w[1] > 0.7 and w[1] > 5 * max(w[0], w[2]) and abs(w.sum() - 1) < 1e-9
+    assert w[0] > 0.7 and w[0] > 5 * max(w[1], w[2]) and abs(w.sum() - 1) < 1e-9
 
 
-def test_combine_leaves_out_networks_that_saw_nothing():
-    from multimodal.model.network import combine
+def test_auto_picks_the_planted_better_candidate():
+    """auto over a joint network that carries the signal and two per-modality networks that do not."""
+    from multimodal.engine.stacking import choose_weights
 
-    z = torch.tensor([[[1.0], [1.0]], [[3.0], [3.0]], [[10.0], [10.0]]])  # 3 networks, 2 patients
+    z, y = _planted()
+    plan = [(("image", "text"), 0), (("image",), 0), (("text",), 0)]
+    chosen, w, scores = choose_weights("auto", plan, z, np.ones((300, 3), bool), y, "binary")
+    assert chosen in ("joint network alone", "fitted weights") and w[0] > 0.7, (chosen, w, scores)
+    assert scores[chosen] > scores["equal weights, per-modality networks"] + 0.2
+
+
+def test_mix_leaves_out_networks_that_saw_nothing():
+    from multimodal.model.network import mix
+
+    z = torch.tensor([[[0.0], [0.0]], [[2.0], [2.0]], [[-3.0], [-3.0]]])  # 3 networks, 2 patients
     seen = torch.tensor([[True, True], [True, True], [True, False]])
-    out = combine(z, seen, torch.tensor([0.25, 0.25, 0.5]))
-    assert out[0, 0].item() == pytest.approx(0.25 * 1 + 0.25 * 3 + 0.5 * 10)
-    assert out[1, 0].item() == pytest.approx((1 + 3) / 2)  # the third network did not see patient 2
-    nobody = combine(z, torch.zeros(3, 2, dtype=torch.bool), torch.tensor([0.25, 0.25, 0.5]))
-    assert nobody[1, 0].item() == pytest.approx(0.25 * 1 + 0.25 * 3 + 0.5 * 10)
+    p = torch.sigmoid(z[:, 0, 0])
+    out = torch.sigmoid(mix(z, seen, torch.tensor([0.25, 0.25, 0.5]), "binary"))
+    assert out[0, 0].item() == pytest.approx(float(0.25 * p[0] + 0.25 * p[1] + 0.5 * p[2]), abs=1e-6)
+    assert out[1, 0].item() == pytest.approx(float((p[0] + p[1]) / 2), abs=1e-6)  # the third did not see patient 2
+    nobody = torch.sigmoid(mix(z, torch.zeros(3, 2, dtype=torch.bool), torch.tensor([0.25, 0.25, 0.5]), "binary"))
+    assert nobody[1, 0].item() == pytest.approx(float(0.25 * p[0] + 0.25 * p[1] + 0.5 * p[2]), abs=1e-6)
+    three = torch.softmax(mix(torch.randn(2, 4, 3), torch.ones(2, 4, dtype=torch.bool), torch.tensor([0.5, 0.5]),
+                              "multiclass"), -1)
+    assert torch.allclose(three.sum(-1), torch.ones(4))

@@ -106,11 +106,11 @@ class FusionConfig(_Strict):
     """Per patient and modality, the chance a modality is hidden during training."""
     strategy: Literal["joint", "unimodal", "auto"] = "joint"
     """joint: one network over every modality (the head above). unimodal: one network per modality,
-    each trained alone to its own best epoch, their logits combined with non-negative weights fitted
-    on the hold-out logits (a patient's missing modality drops out of the combination); joint training
-    tends to settle on the easiest modality and under-learn the others, which this avoids. auto: the
-    joint network and the per-modality ones, weighted alike, so the hold-out decides how much of each
-    (a weight of 0 drops a candidate); every candidate's hold-out score is kept in metrics.json.
+    each trained alone to its own best epoch, then calibrated on the hold-out; the output is a weighted
+    mean of their probabilities, the weights (equal, or fitted) chosen by cross-validation inside the
+    hold-out. Joint training tends to settle on the easiest modality and under-learn the others, which
+    this avoids. auto: the joint network and the per-modality ones, mixed alike, so the hold-out decides
+    how much of each. The choice and every candidate's hold-out score are kept in metrics.json.
     unimodal and auto need the shared hold-out (train.ensemble_holdout: shared)."""
     aux_weight: float = Field(0.0, ge=0)
     """Weight of auxiliary per-modality losses: each encoder also predicts the label from its own pooled

@@ -1,42 +1,70 @@
-"""Weights for a fusion strategy's networks (fusion.strategy unimodal / auto), fitted on hold-out logits.
+"""How a fusion strategy's networks (fusion.strategy unimodal / auto) are combined, fitted on hold-out logits.
 
 Each network was early-stopped on the hold-out, never trained on it, so its hold-out logits are the
-fairest evidence of how much it should count. The weights are non-negative and sum to 1 (a softmax
-of free parameters), fitted by the negative log-likelihood of the combination under a free scale
-and bias (the same loss calibration uses afterwards), with a weak pull towards equal weights: on a
-hold-out of a hundred patients, four free weights would otherwise chase its noise.
+fairest evidence there is of how much it should count. Each network is calibrated on its own there
+(temperature and bias), then the model's output is a weighted mean of their probabilities. Which
+weights is itself chosen on the hold-out, by cross-validation inside it: equal weights, or weights
+fitted by log-likelihood. On a hold-out of a hundred patients fitted weights chase its noise (on
+the demo cohort they lost 0.006 AUROC on the test patients to equal weights), so they are kept only
+where they score better on hold-out patients they were not fitted on.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from multimodal.engine.calibration import _nll
+from multimodal.engine.calibration import _nll, fit_temperature
+
+FOLDS = 5
+MIN_ABSENT = 5  # hold-out patients without a network's inputs needed to calibrate what it says of them
 
 
-def _combined(z: torch.Tensor, seen: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    from multimodal.model.network import combine
+def answers_absent(seen: np.ndarray) -> np.ndarray:
+    """[M]: networks that met enough patients without their inputs (in training, as in the hold-out) to
+    have learnt what that absence says; the others are left out of such patients' mixture."""
+    return (~seen).sum(0) >= MIN_ABSENT
 
-    return combine(z.permute(1, 0, 2), seen.T, w)
+
+def calibrate_members(z: np.ndarray, seen: np.ndarray, y: np.ndarray, task: str,
+                      bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """z [N, M, K] raw member logits → each member's temperature [M] and bias [M, K] (zeros without
+    `bias`: train.calibrate_bias), fitted on the patients it speaks for, as a model of its own would be."""
+    ts, bs = [], []
+    for i in range(z.shape[1]):
+        ok = seen[:, i] & np.isfinite(z[:, i]).all(1)
+        if ok.sum() < 2:
+            ts.append(1.0)
+            bs.append(np.zeros(z.shape[2]))
+            continue
+        fitted = fit_temperature(z[ok, i], np.asarray(y)[ok], task, bias=bias)
+        ts.append(fitted[0] if bias else fitted)
+        bs.append(fitted[1] if bias else np.zeros(z.shape[2]))
+    return np.array(ts), np.stack(bs)
+
+
+def mixture_logits(z: np.ndarray, seen: np.ndarray, w: np.ndarray, task: str) -> np.ndarray:
+    """Calibrated member logits [N, M, K] → the mixture's logits [N, K], as the network computes them."""
+    from multimodal.model.network import mix
+
+    return mix(torch.as_tensor(z).permute(1, 0, 2), torch.as_tensor(seen).T, torch.as_tensor(w, dtype=torch.float64),
+               task).numpy()
 
 
 def fit_member_weights(z: np.ndarray, seen: np.ndarray, y: np.ndarray, task: str, prior: float = 1.0) -> np.ndarray:
-    """z [N, M, K] raw member logits, seen [N, M] whether member m saw patient n → weights [M].
-    `prior`: strength of the pull towards equal weights, in patients' worth of log-likelihood."""
+    """Weights [M] on the simplex maximising the likelihood of the mixture of calibrated members'
+    probabilities. `prior`: the pull towards equal weights, in patients' worth of log-likelihood."""
+    from multimodal.model.network import mix
+
     ok = np.isfinite(z).all((1, 2))
-    Z = torch.as_tensor(z[ok], dtype=torch.float64)
-    S = torch.as_tensor(seen[ok])
-    yt = torch.as_tensor(y[ok], dtype=torch.float64)
-    M, K = Z.shape[1], Z.shape[2]
-    a = torch.zeros(M, dtype=torch.float64, requires_grad=True)
-    log_s = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(K, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([a, log_s, b], lr=0.1, max_iter=300, line_search_fn="strong_wolfe")
+    Z = torch.as_tensor(z[ok], dtype=torch.float64).permute(1, 0, 2)
+    S = torch.as_tensor(seen[ok]).T
+    yt = torch.as_tensor(np.asarray(y)[ok], dtype=torch.float64)
+    a = torch.zeros(Z.shape[0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([a], lr=0.1, max_iter=300, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = _nll(_combined(Z, S, torch.softmax(a, 0)) * log_s.exp() + b, yt, task)
-        loss = loss + prior / max(len(Z), 1) * (a ** 2).sum()
+        loss = _nll(mix(Z, S, torch.softmax(a, 0), task), yt, task) + prior / max(len(yt), 1) * (a ** 2).sum()
         loss.backward()
         return loss
     opt.step(closure)
@@ -63,29 +91,71 @@ def auroc(z: np.ndarray, y: np.ndarray, task: str) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def strategy_report(strategy: str, plan: list, z: np.ndarray, seen: np.ndarray, y: np.ndarray, w: np.ndarray,
-                    task: str) -> dict:
-    """What metrics.json keeps of the choice: each network's weight and hold-out AUROC, and the
-    hold-out AUROC of each candidate the strategy weighed (with auto: the joint networks alone, the
-    per-modality ones alone with their own fitted weights, and the combination of all)."""
-    def score(weights: np.ndarray) -> float:
-        zz = _combined(torch.as_tensor(z), torch.as_tensor(seen), torch.as_tensor(weights)).numpy()
-        return round(auroc(zz, y, task), 4)
+def candidates(strategy: str, plan: list) -> dict[str, np.ndarray]:
+    """The combinations a strategy weighs, as masks over its networks, simplest first: fixed equal
+    weights over the masked networks, then "fitted" over all. The per-modality networks with equal
+    weights lead: it is the uni-modal ensemble that Du et al. (ICML 2023) found hard to beat where
+    joint training under-learns the weaker modalities."""
+    every = np.ones(len(plan))
+    if strategy != "auto":
+        return {"equal weights": every, "fitted weights": every}
+    joint = np.array([len(m) > 1 for m, _ in plan], dtype=float)
+    return {"equal weights, per-modality networks": 1 - joint, "equal weights, all networks": every,
+            "joint network alone": joint, "fitted weights": every}
 
+
+def _out_of_fold(name: str, mask: np.ndarray, z: np.ndarray, seen: np.ndarray, y: np.ndarray, task: str,
+                 folds: list) -> np.ndarray:
+    """A candidate's hold-out logits from weights that never saw the patient (fixed weights see none)."""
+    if not name.startswith("fitted"):
+        return mixture_logits(z, seen, mask, task)
+    oof = np.full((len(y), z.shape[2]), np.nan)
+    for fit_rows, score_rows in folds:
+        w = fit_member_weights(z[fit_rows], seen[fit_rows], y[fit_rows], task)
+        oof[score_rows] = mixture_logits(z[score_rows], seen[score_rows], w, task)
+    return oof
+
+
+def choose_weights(strategy: str, plan: list, z: np.ndarray, seen: np.ndarray, y: np.ndarray, task: str,
+                   seed: int = 0, n_boot: int = 200) -> tuple[str, np.ndarray, dict[str, float]]:
+    """Each candidate's AUROC on hold-out patients its weights were not fitted on (out-of-fold over
+    FOLDS folds of the hold-out), then the simplest candidate that no later one beats by more than one
+    standard error of their paired difference (patients resampled; Breiman's one-standard-error
+    rule): on a hundred patients, differences smaller than that are the draw of the hold-out.
+    → (the choice, its weights fitted on the whole hold-out, every candidate's score)."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    from multimodal.engine.comparison import bootstrap_stats
+
+    y = np.asarray(y)
+    n, cands = len(y), candidates(strategy, plan)
+    strat = task != "multilabel" and np.bincount(y.astype(int)).min() >= FOLDS
+    split = (StratifiedKFold if strat else KFold)(FOLDS, shuffle=True, random_state=seed)
+    folds = list(split.split(np.zeros(n), y if strat else None)) if n >= 2 * FOLDS else []
+    oof = {k: _out_of_fold(k, m, z, seen, y, task, folds) for k, m in cands.items() if folds or k[:6] != "fitted"}
+    scores = {k: auroc(v, y, task) for k, v in oof.items()}
+    boots = bootstrap_stats(y if task != "multilabel" else np.zeros(n), lambda idx: {
+        k: auroc(v[idx], y[idx], task) for k, v in oof.items()}, n_boot, seed) if task != "multilabel" else {}
+    best = next(iter(oof))
+    for k in list(oof)[1:]:
+        d = np.asarray(boots.get(k, [np.nan])) - np.asarray(boots.get(best, [np.nan]))
+        d = d[np.isfinite(d)]
+        se = d.std() if len(d) >= 10 else np.inf
+        if scores[k] - scores[best] > se:
+            best = k
+    w = fit_member_weights(z, seen, y, task) if best.startswith("fitted") else cands[best] / cands[best].sum()
+    return best, w, scores
+
+
+def strategy_report(strategy: str, plan: list, z: np.ndarray, y: np.ndarray, w: np.ndarray, chosen: str,
+                    scores: dict, task: str) -> dict:
+    """What metrics.json keeps of the choice: each network's weight and hold-out AUROC, and every
+    candidate combination's out-of-fold hold-out AUROC."""
     members = [{"modalities": list(mods), "seed_offset": offset, "weight": round(float(wi), 4),
                 "holdout_auroc": round(auroc(z[:, i], y, task), 4)}
                for i, ((mods, offset), wi) in enumerate(zip(plan, w))]
-    candidates = {"equal weights": score(np.ones(len(w))), "fitted weights": score(w)}
-    if strategy == "auto":
-        joint = np.array([len(m) > 1 for m, _ in plan], dtype=float)
-        alone = 1.0 - joint
-        candidates["joint"] = score(joint)
-        sub = np.flatnonzero(alone)
-        if len(sub) > 1:
-            fitted = np.zeros(len(w))
-            fitted[sub] = fit_member_weights(z[:, sub], seen[:, sub], y, task)
-            candidates["unimodal"] = score(fitted)
-    return {"strategy": strategy, "members": members, "holdout_auroc": candidates}
+    return {"strategy": strategy, "chosen": chosen, "members": members,
+            "holdout_auroc_out_of_fold": {k: round(v, 4) for k, v in scores.items()}}
 
 
 def against_members(y: np.ndarray, P: np.ndarray, z: np.ndarray, plan: list, task: str, n_boot: int = 1000,
@@ -93,7 +163,7 @@ def against_members(y: np.ndarray, P: np.ndarray, z: np.ndarray, plan: list, tas
     """The fused output beside what one would get without fusing: each modality's own network(s) and
     the plain mean of their probabilities, as AUROCs with 95% CIs and paired-bootstrap differences
     (fused minus each) on the same resamples of the same patients. y: labels, P: fused probabilities
-    [N] or [N, K], z: the members' raw logits [N, M, K]."""
+    [N] or [N, K], z: the members' calibrated logits [N, M, K]."""
     from multimodal.engine.comparison import auroc as fast_auroc
     from multimodal.engine.comparison import bootstrap_stats, ci95, difference
     from multimodal.engine.inference import probabilities

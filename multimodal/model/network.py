@@ -61,21 +61,33 @@ class Ensemble(nn.Module):
     """Several DiagnosisNets in one model. Seed members (train.ensemble) share one architecture: on a
     few thousand patients the seed alone moves validation AUROC by about 0.01, and the mean of the
     members' raw logits moves less. Members of a fusion strategy (fusion.strategy unimodal / auto) see
-    different modalities and are `weighted`: their logits are combined with weights fitted on the
-    hold-out, over the members that see something of the patient (a text-only member says nothing
-    about a patient without a report). Calibration is fitted once, on the combination, so its buffers
-    live here and the members' own stay at temperature 1, bias 0. An encoder with nothing to train is
-    one module shared by every member (safetensors stores it once)."""
+    different modalities and form a `mixture` (the task type): each member's logits are calibrated on
+    their own (member_temperature, member_bias), and the output is the weighted mean of the members'
+    probabilities, returned as logits. A member whose inputs a patient lacks still counts if it learnt
+    what that absence says (member_answers_absent: the hold-out had such patients to calibrate it on),
+    and is left out otherwise (a text-only member that never met a patient without a report). Calibrating each member first keeps one
+    over-confident member from outvoting the rest, which averaging raw logits allows. The ensemble's
+    own calibration is fitted once, on the combination, so those buffers live here and the members'
+    own stay at temperature 1, bias 0. An encoder with nothing to train is one module shared by every
+    member (safetensors stores it once)."""
 
-    def __init__(self, members: list[DiagnosisNet], weighted: bool = False):
+    def __init__(self, members: list[DiagnosisNet], mixture: Optional[str] = None):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.num_outputs = members[0].num_outputs
-        self.weighted = weighted
+        self.mixture = mixture
         self.register_buffer("temperature", torch.ones(1))
         self.register_buffer("logit_bias", torch.zeros(self.num_outputs))
-        if weighted:
-            self.register_buffer("member_weights", torch.full((len(members),), 1.0 / len(members)))
+        if mixture:
+            M = len(members)
+            self.register_buffer("member_weights", torch.full((M,), 1.0 / M))
+            self.register_buffer("member_temperature", torch.ones(M))
+            self.register_buffer("member_bias", torch.zeros(M, self.num_outputs))
+            self.register_buffer("member_answers_absent", torch.zeros(M, dtype=torch.bool))
+
+    @property
+    def weighted(self) -> bool:
+        return self.mixture is not None
 
     @property
     def modalities(self) -> list[str]:
@@ -108,18 +120,25 @@ class Ensemble(nn.Module):
         if "image_group" in batch:
             return over_view_groups(batch, lambda b: self.forward(b, absent), return_attention)
         z, seen = self.member_logits(batch, absent, return_attention)
-        return combine(z, seen, self.member_weights if self.weighted else None) / self.temperature + self.logit_bias
+        if self.mixture is None:
+            fused = z.mean(0)
+        else:
+            z = z / self.member_temperature[:, None, None] + self.member_bias[:, None, :]
+            fused = mix(z, seen | self.member_answers_absent[:, None], self.member_weights, self.mixture)
+        return fused / self.temperature + self.logit_bias
 
 
-def combine(z: torch.Tensor, seen: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """Members' logits [M, B, K] → [B, K]: the plain mean, or the `weights`-weighted mean over the
-    members that see the patient (all members where none does)."""
-    if weights is None:
-        return z.mean(0)
+def mix(z: torch.Tensor, seen: torch.Tensor, weights: torch.Tensor, task: str) -> torch.Tensor:
+    """Members' calibrated logits [M, B, K] → the logits [B, K] of their `weights`-weighted mean
+    probability over the members that see the patient (over all members where none does)."""
     w = weights.to(z.dtype)[:, None] * seen.to(z.dtype)  # [M, B]
     total = w.sum(0, keepdim=True)
     w = torch.where(total > 0, w / total.clamp(min=1e-12), (weights / weights.sum()).to(z.dtype)[:, None])
-    return (w[..., None] * z).sum(0)
+    if task == "multiclass":
+        p = (w[..., None] * torch.softmax(z.float(), -1)).sum(0)
+        return p.clamp(min=1e-7).log().to(z.dtype)
+    p = (w[..., None] * torch.sigmoid(z.float())).sum(0).clamp(1e-7, 1 - 1e-7)
+    return (p.log() - (-p).log1p()).to(z.dtype)
 
 
 class MemberOutputs(nn.Module):
