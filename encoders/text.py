@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .base import ENCODERS, Tokens
+from .weights import TEXT_ARCHITECTURES
 
 
 def _nonempty(mask: torch.Tensor) -> torch.Tensor:
@@ -73,11 +74,6 @@ class BagOfNgramsEncoder(nn.Module):
 
 # Config keys that point transformers at code or files outside the model directory: dropped.
 _FOREIGN_KEYS = ("auto_map", "_name_or_path", "custom_pipelines", "_commit_hash")
-# Architectures whose modelling code builds everything from its own config: no backbone, sub-model or
-# kernel is looked up by name. Others (detr, timm_wrapper, ... build a backbone that transformers
-# fetches from the hub by the name in their config) are refused, when training and when loading.
-TEXT_ARCHITECTURES = ("albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "mpnet",
-                      "roberta", "xlm-roberta")
 _DICT_KEYS = ("id2label", "label2id")  # the only nested values a text encoder's config may hold
 
 
@@ -107,7 +103,9 @@ def _from_pretrained(source: str):
 
     stored = AutoConfig.from_pretrained(source, trust_remote_code=False)
     cfg = safe_config(stored.to_diff_dict() | {"model_type": stored.model_type})
-    model, info = AutoModel.from_pretrained(source, config=cfg, trust_remote_code=False, output_loading_info=True)
+    # mismatched shapes are reported (and refused below) rather than raised as transformers' own error
+    model, info = AutoModel.from_pretrained(source, config=cfg, trust_remote_code=False, output_loading_info=True,
+                                            ignore_mismatched_sizes=True)
     unset = sorted(info.get("missing_keys") or ()) + sorted(str(k) for k in info.get("mismatched_keys") or ())
     if unset:
         raise ValueError(f"text.pretrained {source}: {len(unset)} weights of the {cfg.model_type} network are not in "

