@@ -228,3 +228,35 @@ def test_identifiers_of_one_patient_do_not_travel_with_the_model(cohort):
     df.loc[5:, "report_text"] = df.loc[5:, "report_text"].astype(str) + " seen 20190412"
     vocab = Preprocessing.fit(scrubbed, load_records(df, scrubbed, labels=True)).text.tokenizer.get_vocab()
     assert "20190412" not in vocab and "seen" in vocab
+
+
+# -- an edited architecture is checked against the stored weights before it gets any memory -----------------------
+def test_oversized_architecture_is_refused_before_it_is_built(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    d = tiny_model.save(tmp_path / "m")
+    _attack(d, _set((["config", "fusion", "dim"], 12000)))  # ~4.7 GB of fusion weights if built
+    probe = ("import resource, sys\nfrom multimodal import DiagnosisModel, UserError\n"
+             "try:\n    DiagnosisModel.load(sys.argv[1])\nexcept UserError as e:\n    print('refused:', e)\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(d)], capture_output=True, text=True, timeout=300,
+                         cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)}).stdout.splitlines()
+    assert int(out[-1]) < 2500, f"peak RSS {out[-1]} MB: the network was built before its weights were checked"
+    assert out[0].startswith("refused:") and "model.safetensors does not fit" in out[0], out
+    assert "(3, 12000)" in out[0]
+
+
+# -- every file of the model directory gets the mode the umask gives ---------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_model_files_share_one_mode(tiny_model, tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        d = tiny_model.save(tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, {k: oct(v) for k, v in modes.items()}

@@ -19,6 +19,7 @@ of fewer than `tabular.min_category_count` records are left out (see README, "Pr
 from __future__ import annotations
 
 import json
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -73,6 +74,8 @@ def save(out_dir, cfg: Config, prep, net, metrics: Optional[dict] = None, overwr
         weights = net.state_dict()
         save_file({k: weights[k].contiguous() for k in dict.fromkeys(stored_names(weights).values())},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # safetensors creates its file 0600 whatever the umask; it gets the mode its siblings got
+        os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
         _dump(tmp / "metrics.json", metrics or {})
         _dump(tmp / "versions.json", library_versions())
         _dump(tmp / CHECKSUMS, {p.name: sha256_file(p) for p in sorted(tmp.iterdir())})
@@ -176,17 +179,47 @@ def build_stored(model_dir, cfg, prep, state: dict, device: Optional[torch.devic
     """The network of a directory read() has checked, with its weights, in eval mode on `device`
     (whatever device it was trained on). Built from config.json, preprocessing.json and
     model.safetensors alone: no hub or folder lookups, no pretrained weights fetched, no remote code
-    (see build.build_network(offline=True))."""
+    (see build.build_network(offline=True)). The architecture is checked against the stored tensors'
+    shapes before any memory is given to it."""
     from safetensors import SafetensorError
 
     from multimodal.model.build import build_network
 
     d = Path(model_dir)
-    net = build_network(cfg, prep, text_config=state.get("text_encoder_config"), offline=True)
-    device = device or torch.device("cpu")
+    text_config = state.get("text_encoder_config")
     try:
+        _check_shapes(d / "model.safetensors", cfg, prep, text_config)
+        net = build_network(cfg, prep, text_config=text_config, offline=True)
+        device = device or torch.device("cpu")
         _load_weights(net, d / "model.safetensors", device)
     except (RuntimeError, SafetensorError, OSError) as e:
         first = " ".join(str(e).split())[:200]
         raise UserError(f"{d}: model.safetensors does not fit the network config.json describes ({first})") from None
     return net.to(device).eval()
+
+
+def _check_shapes(weights: Path, cfg, prep, text_config) -> None:
+    """The network config.json describes, built on the meta device (shapes only, no memory), must have
+    exactly the tensors model.safetensors holds, shape for shape (read from its header). An edited
+    architecture (fusion.dim: 100000) is refused here instead of allocating gigabytes of weights first."""
+    from safetensors import safe_open
+
+    from multimodal.model.build import build_network
+
+    with torch.device("meta"):
+        net = build_network(cfg, prep, text_config=text_config, offline=True)
+    want: dict[str, tuple] = {}
+    seen: set[int] = set()
+    for k, v in net.state_dict(keep_vars=True).items():  # as stored_names: a shared tensor once
+        if v.numel() and id(v) in seen:
+            continue
+        seen.add(id(v))
+        want[k] = tuple(v.shape)
+    with safe_open(str(weights), framework="pt") as f:
+        got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    odd = sorted(set(want) ^ set(got))
+    if odd:
+        raise RuntimeError(f"{'unexpected' if odd[0] in got else 'missing'} tensor {odd[0]}")
+    for k, shape in want.items():
+        if got[k] != shape:
+            raise RuntimeError(f"{k} is {got[k]} in the file, {shape} in the network")
