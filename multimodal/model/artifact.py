@@ -172,7 +172,23 @@ def read(model_dir):
         raise
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise UserError(f"{d}: preprocessing.json does not fit config.json ({type(e).__name__}: {e})") from None
+    _check_tokenizer(d, prep, state)
     return cfg, prep, state, _read_json(d, "metrics.json")
+
+
+def _check_tokenizer(d: Path, prep, state) -> None:
+    """Every id the stored tokenizer can emit must index the text encoder's embedding (as many rows as the
+    tokenizer has ids, or a transformer config's vocab_size): an edited tokenizer.json with shifted ids
+    would otherwise fail inside torch, at build or in every batch, as a traceback."""
+    if prep.text is None:
+        return
+    tc = state.get("text_encoder_config") if isinstance(state, dict) else None
+    rows = tc.get("vocab_size") if isinstance(tc, dict) else None
+    rows = rows if isinstance(rows, int) else prep.text.vocab_size
+    ids = list(prep.text.tokenizer.get_vocab(with_added_tokens=True).values()) + [prep.text.pad_id]
+    if None in ids or min(ids) < 0 or max(ids) >= rows:
+        top = "no padding token" if None in ids else f"token ids up to {max(ids)}"
+        raise UserError(f"{d}: tokenizer.json does not fit the model ({top}, {rows} embedding rows)")
 
 
 def build_stored(model_dir, cfg, prep, state: dict, device: Optional[torch.device] = None):

@@ -98,6 +98,6 @@ def _build_one(cfg: Config, prep: Preprocessing, text_config: Optional[dict], of
         head = FUSION_HEADS.create(fc.type, input_dims={m: e.output_dim for m, e in encs.items()},
                                    num_outputs=prep.labels.num_outputs, dim=fc.dim, layers=fc.layers,
                                    heads=fc.heads, dropout=fc.dropout, modality_dropout=fc.modality_dropout)
-    except (ValueError, RuntimeError, OSError, KeyError, TypeError) as e:
+    except (ValueError, RuntimeError, OSError, KeyError, TypeError, AssertionError) as e:  # torch asserts its arguments
         raise UserError(f"cannot build model: {' '.join(str(e).split())[:250]}") from None
     return DiagnosisNet(encs, head, prep.labels.num_outputs, aux_heads=cfg.fusion.aux_weight > 0)
