@@ -7,6 +7,7 @@ checksums so a damaged or edited directory is refused instead of silently predic
     tokenizer.json       tokenizers' own format (when text is used)
     metrics.json         training history and validation metrics
     versions.json        library versions it was trained with
+    exports.json         (after mmdx export) the sha256, size and inputs of each ONNX file exported from it
     checksums.json       sha256 of every file above; a file it does not list is refused
 
 It is integrity, not authenticity: anyone can recompute checksums. So loading trusts nothing in the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
@@ -34,6 +36,8 @@ from multimodal.errors import UserError
 from multimodal.model.network import members
 from multimodal.output import MODEL_MANIFEST as CHECKSUMS
 from multimodal.output import staged_dir, strict_json
+
+EXPORTS = "exports.json"
 
 FORMAT_VERSION = 1
 REQUIRED = frozenset({"config.json", "model.safetensors", "preprocessing.json", "metrics.json", "versions.json"})
@@ -138,6 +142,47 @@ def verify(model_dir) -> dict:
     if missing:
         raise UserError(f"{d}: {missing[0]} is missing")
     return sums
+
+
+def record_export(model_dir, onnx_sha256: str, info: dict, weights_sha256: str) -> None:
+    """Vouch for one ONNX file in the model directory itself: its sha256 goes into exports.json, which
+    checksums.json covers. A pairing kept anywhere else (in the ONNX file, or beside it) is as easy to
+    forge as the graph; this one is as hard to change as the weights. The directory is re-staged whole
+    (hard links: no weights copied) so the swap is atomic, and only if its weights are still the ones the
+    graph was traced from."""
+    d = Path(model_dir)
+    sums = verify(d)
+    if sums.get("model.safetensors") != weights_sha256:
+        raise UserError(f"{d} changed while it was being exported; run mmdx export again")
+    known = exports(d) | {onnx_sha256: info}
+    with staged_dir(d, "model", overwrite=True) as tmp:
+        for name in sums:
+            if name != EXPORTS:
+                try:
+                    os.link(d / name, tmp / name)
+                except OSError:  # a filesystem without hard links
+                    shutil.copy2(d / name, tmp / name)
+        _dump(tmp / EXPORTS, known)
+        _dump(tmp / CHECKSUMS, {k: v for k, v in sums.items() if k != EXPORTS} | {EXPORTS: sha256_file(tmp / EXPORTS)})
+
+
+def exports(model_dir) -> dict[str, dict]:
+    """ONNX sha256 → {"bytes", "inputs"} as export recorded them (empty: nothing exported), checked
+    against checksums.json; an edited or malformed record is one line, not a traceback later."""
+    d = Path(model_dir)
+    if not (d / EXPORTS).is_file():
+        return {}
+    sums = _read_json(d, CHECKSUMS)
+    if not isinstance(sums, dict) or sums.get(EXPORTS) != sha256_file(d / EXPORTS):
+        raise UserError(f"{d}: {EXPORTS} does not match its recorded checksum (modified or corrupt)")
+    recs = _read_json(d, EXPORTS)
+    ok = isinstance(recs, dict) and all(
+        isinstance(k, str) and len(k) == 64 and isinstance(r, dict) and isinstance(r.get("bytes"), int)
+        and isinstance(r.get("inputs"), list) and r["inputs"] and all(isinstance(i, str) for i in r["inputs"])
+        for k, r in recs.items())
+    if not ok:
+        raise UserError(f"{d}: {EXPORTS} is not an ONNX sha256 -> {{bytes, inputs}} mapping")
+    return recs
 
 
 def _read_json(d: Path, name: str):
