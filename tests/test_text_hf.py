@@ -147,11 +147,11 @@ def _edit_folder(src, dst, drop=None, config=None):
     ({"config": {"hidden_size": 32}}, "text.pretrained"),
     ({"config": {"model_type": "timm_wrapper", "architecture": "resnet18"}}, "is not one mmdx builds"),
 ])
-def test_pretrained_folder_must_fill_every_weight_of_an_allowed_architecture(local_bert, cohort, tmp_path,
-                                                                              edit, needle):
+def test_pretrained_folder_must_fill_every_weight_of_an_allowed_architecture(cohort, tmp_path, edit, needle):
     from multimodal import UserError
 
-    bad = _edit_folder(local_bert, tmp_path / "bad", **edit)
+    (tmp_path / "good").mkdir()
+    bad = _edit_folder(_bert_folder(tmp_path / "good", layers=1), tmp_path / "bad", **edit)
     model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", modalities="text,tabular",
                                        **TINY, **{"text.encoder": "hf", "text.pretrained": str(bad)})
     with pytest.raises(UserError, match=needle):
