@@ -266,6 +266,7 @@ def test_model_files_share_one_mode(tiny_model, tmp_path, umask):
 @pytest.mark.parametrize("shift", [1, 1000])
 def test_tokenizer_with_shifted_ids_is_one_line(capsys, tiny_model, cohort, tmp_path, shift):
     d = tiny_model.save(tmp_path / "m")
-    edit_json(d / "tokenizer.json", lambda t: t["model"].update(vocab={k: v + shift for k, v in t["model"]["vocab"].items()}))
+    edit_json(d / "tokenizer.json",
+              lambda t: t["model"].update(vocab={k: v + shift for k, v in t["model"]["vocab"].items()}))
     rehash(d)
     assert "tokenizer.json does not fit the model" in _cli_error(capsys, d, cohort, tmp_path)

@@ -107,8 +107,9 @@ def _huge_graph(path, props):
 
 def test_a_graph_that_allocates_without_bound_is_never_parsed(capsys, exported, cohort, tmp_path):
     d, f = exported["a"]
-    props = {p.key: p.value for p in onnx.load(str(f)).metadata_props} or {
-        "mmdx_weights_sha256": json.loads((d / "checksums.json").read_text())["model.safetensors"], "mmdx_inputs": "num"}
+    weights = json.loads((d / "checksums.json").read_text())["model.safetensors"]
+    props = {p.key: p.value for p in onnx.load(str(f)).metadata_props} or {"mmdx_weights_sha256": weights,
+                                                                          "mmdx_inputs": "num"}
     _refused(capsys, exported, cohort, tmp_path, _huge_graph(tmp_path / "huge.onnx", props))
 
 

@@ -112,6 +112,7 @@ def test_text_architecture_outside_the_allowlist_is_refused_at_train(capsys, coh
                           f"text.hf_config={json.dumps(hf_config)}")
     one_line_error(code, err, "text encoder")
     assert "is not one mmdx builds" in err or "is not allowed" in err
+    model = DiagnosisModel.from_config(CFG, **(TINY | {"modalities": "text,tabular", "text.encoder": "hf",
+                                                       "text.hf_config": hf_config}))
     with pytest.raises(UserError, match="text encoder"):
-        DiagnosisModel.from_config(CFG, **(TINY | {"modalities": "text,tabular", "text.encoder": "hf",
-                                                   "text.hf_config": hf_config})).fit(cohort["train"], cohort["val"], progress=False)
+        model.fit(cohort["train"], cohort["val"], progress=False)

@@ -27,8 +27,8 @@ def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: 
             weights = Weights() if offline else resolve(ic.pretrained, arch)
         except WeightsError as e:
             raise UserError(str(e)) from None
-        enc = ENCODERS.create("timm", model_name=arch, in_chans=ic.in_chans, image_size=ic.size, token_grid=ic.token_grid,
-                              weights=weights, freeze=ic.freeze)
+        enc = ENCODERS.create("timm", model_name=arch, in_chans=ic.in_chans, image_size=ic.size,
+                              token_grid=ic.token_grid, weights=weights, freeze=ic.freeze)
         enc.weights_digest = weights.digest  # what feature caches are keyed by
         return enc
     if modality == "text":
