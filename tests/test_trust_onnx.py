@@ -154,3 +154,33 @@ def test_retraining_forgets_earlier_exports(capsys, exported, cohort, tmp_path):
     DiagnosisModel.load(again).save(again, overwrite=True)  # what train --overwrite writes: no exports.json
     code, _, err = _predict(capsys, again, f, cohort, tmp_path / "p.csv")
     one_line_error(code, err, "was not exported from")
+
+
+def test_a_graph_recorded_by_an_edited_directory_cannot_take_the_machines_memory(capsys, exported, cohort,
+                                                                                 tmp_path):
+    """Someone who edits exports.json and checksums.json can make any graph run; ONNX Runtime's arena is
+    capped at half the machine's memory, so one that asks for 60% of it fails in one line."""
+    import os
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    d, _ = exported["a"]
+    copy = tmp_path / "m"
+    shutil.copytree(d, copy)
+    floats = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.6) // 4
+    shape = numpy_helper.from_array(np.array([floats // 2**20, 2**20], np.int64), "shape")
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+             helper.make_node("ReduceSum", ["big"], ["s"], keepdims=1),
+             helper.make_node("Add", ["num", "s"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("num", TensorProto.FLOAT, ["batch", None])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], initializer=[shape])
+    big = tmp_path / "big.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(big))
+    (copy / "exports.json").write_text(json.dumps({hashlib.sha256(big.read_bytes()).hexdigest():
+                                                   {"bytes": big.stat().st_size, "inputs": ["num"]}}))
+    sums = json.loads((copy / "checksums.json").read_text())
+    sums["exports.json"] = hashlib.sha256((copy / "exports.json").read_bytes()).hexdigest()
+    (copy / "checksums.json").write_text(json.dumps(sums))
+    code, _, err = _predict(capsys, copy, big, cohort, tmp_path / "p.csv")
+    one_line_error(code, err, "ONNX Runtime could not run the graph")
