@@ -184,3 +184,25 @@ def test_a_graph_recorded_by_an_edited_directory_cannot_take_the_machines_memory
     (copy / "checksums.json").write_text(json.dumps(sums))
     code, _, err = _predict(capsys, copy, big, cohort, tmp_path / "p.csv")
     one_line_error(code, err, "ONNX Runtime could not run the graph")
+
+
+def test_export_that_cannot_be_recorded_is_one_line_and_leaves_nothing(capsys, exported, cohort, tmp_path,
+                                                                        monkeypatch):
+    import errno
+
+    from multimodal.model import artifact
+
+    d, _ = exported["a"]
+    copy = tmp_path / "m"
+    shutil.copytree(d, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifact, "_dump", full)  # the disk fills while the record is written
+    code, _, err = run_cli(capsys, "export", "--model", copy, "--records", cohort["val"], "--out", tmp_path / "x.onnx")
+    one_line_error(code, err, "cannot record the export in")
+    assert not (tmp_path / "x.onnx").exists()
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left behind

@@ -155,15 +155,23 @@ def record_export(model_dir, onnx_sha256: str, info: dict, weights_sha256: str) 
     if sums.get("model.safetensors") != weights_sha256:
         raise UserError(f"{d} changed while it was being exported; run mmdx export again")
     known = exports(d) | {onnx_sha256: info}
-    with staged_dir(d, "model", overwrite=True) as tmp:
-        for name in sums:
-            if name != EXPORTS:
-                try:
-                    os.link(d / name, tmp / name)
-                except OSError:  # a filesystem without hard links
-                    shutil.copy2(d / name, tmp / name)
-        _dump(tmp / EXPORTS, known)
-        _dump(tmp / CHECKSUMS, {k: v for k, v in sums.items() if k != EXPORTS} | {EXPORTS: sha256_file(tmp / EXPORTS)})
+    try:
+        with staged_dir(d, "model", overwrite=True) as tmp:
+            for name in sums:
+                if name != EXPORTS:
+                    _link_or_copy(d / name, tmp / name)
+            _dump(tmp / EXPORTS, known)
+            _dump(tmp / CHECKSUMS, {k: v for k, v in sums.items() if k != EXPORTS}
+                  | {EXPORTS: sha256_file(tmp / EXPORTS)})
+    except OSError as e:  # e.g. a read-only model directory: the ONNX file cannot be vouched for
+        raise UserError(f"cannot record the export in {d} ({e.strerror or e}); predict --onnx needs it there") from None
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
 
 
 def exports(model_dir) -> dict[str, dict]:
