@@ -247,6 +247,17 @@ def test_oversized_architecture_is_refused_before_it_is_built(tiny_model, tmp_pa
     assert "(3, 12000)" in out[0]
 
 
+@pytest.mark.parametrize("edit", [(["config", "fusion", "layers"], 10 ** 6), (["config", "text", "layers"], 10 ** 6)])
+def test_a_layer_count_no_stored_file_can_fill_is_refused_before_any_build(capsys, tiny_model, cohort, tmp_path,
+                                                                           monkeypatch, edit):
+    from multimodal.model import build
+
+    d = tiny_model.save(tmp_path / "m")
+    _attack(d, _set(edit))
+    monkeypatch.setattr(build, "build_network", lambda *a, **k: pytest.fail("built before the check"))
+    assert "asks for 1000000 layers" in _cli_error(capsys, d, cohort, tmp_path)
+
+
 # -- every file of the model directory gets the mode the umask gives ---------------------------------------------
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_model_files_share_one_mode(tiny_model, tmp_path, umask):

@@ -275,6 +275,13 @@ def _check_shapes(weights: Path, cfg, prep, text_config) -> None:
 
     from multimodal.model.build import build_network
 
+    with safe_open(str(weights), framework="pt") as f:
+        got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    # even shapes-only modules cost memory per layer: a layer count no file of this size can fill is
+    # refused before the meta build (a million-layer config would take minutes and gigabytes there)
+    most = max(n for n in _layer_counts(cfg, text_config) if isinstance(n, int))
+    if most > len(got):
+        raise RuntimeError(f"config.json asks for {most} layers, the file holds {len(got)} tensors")
     with torch.device("meta"):
         net = build_network(cfg, prep, text_config=text_config, offline=True)
     want: dict[str, tuple] = {}
@@ -284,11 +291,19 @@ def _check_shapes(weights: Path, cfg, prep, text_config) -> None:
             continue
         seen.add(id(v))
         want[k] = tuple(v.shape)
-    with safe_open(str(weights), framework="pt") as f:
-        got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     odd = sorted(set(want) ^ set(got))
     if odd:
         raise RuntimeError(f"{'unexpected' if odd[0] in got else 'missing'} tensor {odd[0]}")
     for k, shape in want.items():
         if got[k] != shape:
             raise RuntimeError(f"{k} is {got[k]} in the file, {shape} in the network")
+
+
+def _layer_counts(cfg, text_config) -> list:
+    """The config values that set how many modules get built (each holds at least one stored tensor)."""
+    counts = [cfg.fusion.layers]
+    if "text" in cfg.modalities and cfg.text.encoder == "lstm":
+        counts.append(cfg.text.layers)
+    if "text" in cfg.modalities and cfg.text.encoder == "hf" and isinstance(text_config, dict):
+        counts.append(text_config.get("num_hidden_layers"))
+    return counts
