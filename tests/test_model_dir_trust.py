@@ -133,6 +133,20 @@ def test_predict_cli_with_hub_config_is_one_line(capsys, tiny_model, cohort, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the network failed to build: no job folder left
 
 
+@pytest.mark.parametrize("text_config", [
+    {"model_type": "detr", "use_timm_backbone": False, "backbone": "facebook/resnet-50", "use_pretrained_backbone": True},
+    {"model_type": "timm_wrapper", "architecture": "resnet18", "pretrained_cfg": {"hf_hub_id": "timm/resnet18.a1_in1k"}},
+    {"model_type": "bert", "hidden_size": 16, "num_attention_heads": 2, "attn_implementation": "kernels-community/x"},
+])
+def test_stored_text_architecture_outside_the_allowlist_is_one_line(capsys, tiny_model, cohort, tmp_path,
+                                                                     no_network, text_config):
+    d = tiny_model.save(tmp_path / "m")
+    _attack(d, _set((["config", "text", "encoder"], "hf")), _set((["text_encoder_config"], text_config)))
+    err = _cli_error(capsys, d, cohort, tmp_path)
+    assert "is not one mmdx builds" in err or "is not allowed" in err
+    assert no_network == []
+
+
 # -- 3: the manifest must vouch for every file ---------------------------------------------------------------------
 def test_manifest_must_list_every_file(tiny_model, tmp_path):
     d = tiny_model.save(tmp_path / "m")
@@ -214,3 +228,56 @@ def test_identifiers_of_one_patient_do_not_travel_with_the_model(cohort):
     df.loc[5:, "report_text"] = df.loc[5:, "report_text"].astype(str) + " seen 20190412"
     vocab = Preprocessing.fit(scrubbed, load_records(df, scrubbed, labels=True)).text.tokenizer.get_vocab()
     assert "20190412" not in vocab and "seen" in vocab
+
+
+# -- an edited architecture is checked against the stored weights before it gets any memory -----------------------
+def test_oversized_architecture_is_refused_before_it_is_built(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    d = tiny_model.save(tmp_path / "m")
+    _attack(d, _set((["config", "fusion", "dim"], 12000)))  # ~4.7 GB of fusion weights if built
+    probe = ("import resource, sys\nfrom multimodal import DiagnosisModel, UserError\n"
+             "try:\n    DiagnosisModel.load(sys.argv[1])\nexcept UserError as e:\n    print('refused:', e)\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(d)], capture_output=True, text=True, timeout=300,
+                         cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)}).stdout.splitlines()
+    assert int(out[-1]) < 2500, f"peak RSS {out[-1]} MB: the network was built before its weights were checked"
+    assert out[0].startswith("refused:") and "model.safetensors does not fit" in out[0], out
+    assert "(3, 12000)" in out[0]
+
+
+@pytest.mark.parametrize("edit", [(["config", "fusion", "layers"], 10 ** 6), (["config", "text", "layers"], 10 ** 6)])
+def test_a_layer_count_no_stored_file_can_fill_is_refused_before_any_build(capsys, tiny_model, cohort, tmp_path,
+                                                                           monkeypatch, edit):
+    from multimodal.model import build
+
+    d = tiny_model.save(tmp_path / "m")
+    _attack(d, _set(edit))
+    monkeypatch.setattr(build, "build_network", lambda *a, **k: pytest.fail("built before the check"))
+    assert "asks for 1000000 layers" in _cli_error(capsys, d, cohort, tmp_path)
+
+
+# -- every file of the model directory gets the mode the umask gives ---------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_model_files_share_one_mode(tiny_model, tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        d = tiny_model.save(tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, {k: oct(v) for k, v in modes.items()}
+
+
+# -- an edited tokenizer.json is the model's one-line error, not torch's traceback --------------------------------
+@pytest.mark.parametrize("shift", [1, 1000])
+def test_tokenizer_with_shifted_ids_is_one_line(capsys, tiny_model, cohort, tmp_path, shift):
+    d = tiny_model.save(tmp_path / "m")
+    edit_json(d / "tokenizer.json",
+              lambda t: t["model"].update(vocab={k: v + shift for k, v in t["model"]["vocab"].items()}))
+    rehash(d)
+    assert "tokenizer.json does not fit the model" in _cli_error(capsys, d, cohort, tmp_path)

@@ -123,3 +123,36 @@ def test_last_layers_that_cannot_run_alone_are_refused_in_one_line(bert3, cohort
     monkeypatch.setattr(HFTextEncoder, "top", lambda self, x, mask: x)  # as if the layers ignored their input
     with pytest.raises(UserError, match=r"^text.cache_features with text.freeze: 1 cannot run the last layers"):
         _top_cached(bert3).fit(cohort["train"], cohort["val"], progress=False)
+
+
+def _edit_folder(src, dst, drop=None, config=None):
+    """A copy of a pretrained folder with tensors dropped from its weights or keys set in its config."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if drop:
+        sd = load_file(str(dst / "model.safetensors"))
+        save_file({k: v for k, v in sd.items() if drop not in k}, str(dst / "model.safetensors"))
+    if config:
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps(cfg | config))
+    return dst
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"drop": "encoder.layer.0.attention"}, "are not in its files or do not fit"),
+    ({"config": {"hidden_size": 32}}, "text.pretrained"),
+    ({"config": {"model_type": "timm_wrapper", "architecture": "resnet18"}}, "is not one mmdx builds"),
+])
+def test_pretrained_folder_must_fill_every_weight_of_an_allowed_architecture(cohort, tmp_path, edit, needle):
+    from multimodal import UserError
+
+    (tmp_path / "good").mkdir()
+    bad = _edit_folder(_bert_folder(tmp_path / "good", layers=1), tmp_path / "bad", **edit)
+    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", modalities="text,tabular",
+                                       **TINY, **{"text.encoder": "hf", "text.pretrained": str(bad)})
+    with pytest.raises(UserError, match=needle):
+        model.fit(cohort["train"], cohort["val"], progress=False)

@@ -14,32 +14,21 @@ from multimodal.model.network import DiagnosisNet, Ensemble
 from multimodal.data.preprocess import Preprocessing
 
 
-def _offline_timm_name(name: str) -> str:
-    """A model directory may only name a timm architecture: `hf-hub:`/`local-dir:` names make timm
-    fetch configs or read foreign folders before any weights are loaded."""
-    import timm
-
-    if ":" in name or not timm.is_model(name):
-        raise UserError(f"image.encoder {name!r} is not a timm architecture name; a saved model names one "
-                        f"(e.g. resnet18), never a hub or folder")
-    return name
-
-
 def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: Optional[dict] = None,
                   offline: bool = False):
     """`offline`: the weights come from a model directory next, so build the bare architecture from the
     stored config alone: no hub ids, folders, checkpoints or remote code are looked at."""
     if modality == "image":
-        from encoders.weights import Weights, WeightsError, resolve
+        from encoders.weights import Weights, WeightsError, resolve, timm_arch
 
         ic = cfg.image
         try:
-            weights = Weights() if offline else resolve(ic.pretrained, ic.encoder)
+            arch = timm_arch(ic.encoder)  # before any weights or cache file is touched
+            weights = Weights() if offline else resolve(ic.pretrained, arch)
         except WeightsError as e:
             raise UserError(str(e)) from None
-        enc = ENCODERS.create("timm", model_name=_offline_timm_name(ic.encoder) if offline else ic.encoder,
-                              in_chans=ic.in_chans, image_size=ic.size, token_grid=ic.token_grid,
-                              weights=weights, freeze=ic.freeze)
+        enc = ENCODERS.create("timm", model_name=arch, in_chans=ic.in_chans, image_size=ic.size,
+                              token_grid=ic.token_grid, weights=weights, freeze=ic.freeze)
         enc.weights_digest = weights.digest  # what feature caches are keyed by
         return enc
     if modality == "text":
@@ -128,6 +117,6 @@ def _build_one(cfg: Config, prep: Preprocessing, text_config: Optional[dict], of
         head = FUSION_HEADS.create(fc.type, input_dims={m: e.output_dim for m, e in encs.items()},
                                    num_outputs=prep.labels.num_outputs, dim=fc.dim, layers=fc.layers,
                                    heads=fc.heads, dropout=fc.dropout, modality_dropout=fc.modality_dropout)
-    except (ValueError, RuntimeError, OSError, KeyError, TypeError) as e:
+    except (ValueError, RuntimeError, OSError, KeyError, TypeError, AssertionError) as e:  # torch asserts its arguments
         raise UserError(f"cannot build model: {' '.join(str(e).split())[:250]}") from None
     return DiagnosisNet(encs, head, prep.labels.num_outputs, aux_heads=cfg.fusion.aux_weight > 0)

@@ -5,14 +5,18 @@ and batch prediction is mostly forward pass. mmdx keeps decoding and preprocessi
 same code either way), so only the network is exported: calibrated logits from the collated tensors.
 `DiagnosisModel.load(dir, onnx=file)` then builds no PyTorch network and imports no timm.
 
-The file is written beside the model directory, never into it (the directory's checksums stay what
-training wrote), and it records the sha256 of the weights it was exported from: a predict that pairs
-it with another model directory is refused. An ONNX graph is data, not code: ONNX Runtime runs only its
-built-in operators, and no custom-op library is ever registered.
+The file is written beside the model directory, never into it; its own sha256 (with its size and
+inputs) is recorded in the model directory's exports.json, which the directory's checksums cover
+(artifact.record_export). Predict runs only a file whose size and then sha256 are recorded there: an
+edited graph or initializer, another model's graph, or a graph built to allocate without bound is
+refused before ONNX Runtime parses it, and nothing is read from the file's own metadata. An ONNX graph
+is data, not code: ONNX Runtime runs only its built-in operators, and no custom-op library is ever
+registered.
 """
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -70,9 +74,60 @@ def _pad_id(model) -> int:
 
 def _weights_digest(model) -> str:
     if model.model_dir is None:
-        raise UserError("export needs a saved model: DiagnosisModel.load(dir) or mmdx export --model DIR")
+        raise UserError("export and --onnx need a saved model: DiagnosisModel.load(dir) or --model DIR")
     sums = json.loads((Path(model.model_dir) / "checksums.json").read_text())
     return sums["model.safetensors"]
+
+
+def _paired(model, path: Path) -> dict:
+    """The record export made of this very file in the model directory: the size must be one recorded
+    (so a huge file is never read), then the sha256 (read no further than that size)."""
+    from encoders.weights import WeightsError, regular_file, sha256_file
+
+    from multimodal.model.artifact import exports
+
+    _weights_digest(model)  # a saved model
+    try:
+        size = regular_file(path, "ONNX file")
+    except WeightsError as e:
+        raise UserError(str(e)) from None
+    recs = exports(model.model_dir)
+    rec = recs.get(sha256_file(path, max_bytes=size)) if any(r["bytes"] == size for r in recs.values()) else None
+    if rec is None:
+        raise UserError(f"{path} was not exported from {model.model_dir} (its sha256 is not recorded in "
+                        f"{model.model_dir}/exports.json); run mmdx export again")
+    return rec
+
+
+_ARENA: list[int] = []  # the cap of the process's one CPU arena, once registered with ONNX Runtime
+
+
+def _capped_arena() -> int:
+    """Every tensor a graph allocates comes from one CPU arena capped at half this machine's memory: a
+    graph that asks for more (one edited together with its record in exports.json) fails in one line
+    instead of driving the machine into swap or the OOM killer. Same speed as ONNX Runtime's own arena."""
+    import onnxruntime as ort
+
+    if not _ARENA:
+        cap = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(cpu, ort.OrtArenaCfg({"max_mem": cap}))
+        _ARENA.append(cap)
+    return _ARENA[0]
+
+
+def _session(path: Path, threads: Optional[int] = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    _capped_arena()
+    opts.add_session_config_entry("session.use_env_allocators", "1")
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001  (onnxruntime raises its own exception types)
+        raise UserError(f"{path}: not an ONNX model ({' '.join(str(e).split())[:120]})") from None
 
 
 def _example_batch(model, records) -> dict:
@@ -91,7 +146,9 @@ def _example_batch(model, records) -> dict:
 def export_onnx(model, out, records, opset: int = 17) -> dict:
     """Trace the network on a batch of `records` into `out` (.onnx), check ONNX Runtime agrees with
     PyTorch on that batch within TOLERANCE, and return {"path", "max_abs_diff", "inputs"}."""
-    import onnx
+    from encoders.weights import sha256_file
+
+    from multimodal.model.artifact import record_export
 
     if "text" in model.config.modalities and model.config.text.encoder == "lstm":
         raise UserError("export: the BiLSTM text encoder (packed sequences) has no ONNX form; use text.encoder "
@@ -111,16 +168,17 @@ def export_onnx(model, out, records, opset: int = 17) -> dict:
             torch.onnx.export(graph, args, tmp, dynamo=False, input_names=keys, output_names=["logits"],
                               dynamic_axes={k: _AXES[k] for k in keys} | {"logits": {0: "batch"}},
                               opset_version=opset)
-        m = onnx.load(tmp)
-        onnx.helper.set_model_props(m, {"mmdx_weights_sha256": digest, "mmdx_inputs": ",".join(keys)})
-        onnx.save(m, tmp)
 
     path = atomic_file(out, write, inputs=[model.model_dir])
-    got = OnnxNetwork(path, model).session.run(None, {k: batch[k].numpy() for k in keys})[0]
-    diff = float(np.abs(torch.sigmoid(torch.from_numpy(got)) - torch.sigmoid(torch.from_numpy(ref))).max())
-    if diff > TOLERANCE:
-        Path(path).unlink()
-        raise UserError(f"export: ONNX Runtime differs from PyTorch by {diff:.2g} (over {TOLERANCE}); not written")
+    try:
+        got = _session(path).run(None, {k: batch[k].numpy() for k in keys})[0]
+        diff = float(np.abs(torch.sigmoid(torch.from_numpy(got)) - torch.sigmoid(torch.from_numpy(ref))).max())
+        if diff > TOLERANCE:
+            raise UserError(f"export: ONNX Runtime differs from PyTorch by {diff:.2g} (over {TOLERANCE}); not written")
+        record_export(model.model_dir, sha256_file(path), {"bytes": path.stat().st_size, "inputs": keys}, digest)
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
     return {"path": str(path), "max_abs_diff": diff, "inputs": keys}
 
 
@@ -128,22 +186,11 @@ class OnnxNetwork:
     """Stands in for the PyTorch network in run_inference: same batch dict in, calibrated logits out."""
 
     def __init__(self, path, model, threads: Optional[int] = None):
-        import onnxruntime as ort
-
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"ONNX file not found: {path}")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        try:  # the graph is parsed once, here; its metadata comes from the same session
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            props = self.session.get_modelmeta().custom_metadata_map
-        except Exception as e:
-            raise UserError(f"{path}: not an ONNX model ({' '.join(str(e).split())[:120]})") from None
-        if props.get("mmdx_weights_sha256") != _weights_digest(model):
-            raise UserError(f"{path} was not exported from {model.model_dir} (weights differ); run mmdx export again")
-        self.keys = props["mmdx_inputs"].split(",")
+        self.path = path = Path(path)
+        self.keys = _paired(model, path)["inputs"]
+        self.session = _session(path, threads)
+        if sorted(i.name for i in self.session.get_inputs()) != sorted(self.keys):
+            raise UserError(f"{path}: the graph's inputs are not the ones {model.model_dir}/exports.json records")
         if "image" in self.keys and "image_slot" not in self.keys:
             raise UserError(f"{path} has the padded image layout of an older mmdx; run mmdx export again")
         self.num_outputs = model.prep.labels.num_outputs
@@ -160,4 +207,8 @@ class OnnxNetwork:
 
             return over_view_groups(batch, self)
         batch = graph_inputs(batch, self.cfg, self.pad_id)
-        return torch.from_numpy(self.session.run(None, {k: batch[k].numpy() for k in self.keys})[0])
+        try:
+            return torch.from_numpy(self.session.run(None, {k: batch[k].numpy() for k in self.keys})[0])
+        except Exception as e:  # noqa: BLE001  (onnxruntime raises its own exception types)
+            raise UserError(f"{self.path}: ONNX Runtime could not run the graph (the arena is capped at "
+                            f"{_capped_arena() / 2**30:.0f} GiB): {' '.join(str(e).split())[:160]}") from None
