@@ -4,7 +4,8 @@ synth → train attention fusion → evaluate → batch predict, then the same c
 single modality, so the table shows what fusion adds, and the scikit-learn baselines a researcher
 would fit instead (`mmdx baselines`), so it shows whether fusion is worth using at all; then
 explanation reports for a few test patients and faithfulness checks against the planted signals.
-Writes summary.json for scripts.
+Writes summary.json for scripts. Everything is written into a staged folder that replaces `--out` at the
+end, only if that is new, empty or an earlier demo folder holding only what the demo wrote.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Optional
 
 from multimodal.api import DiagnosisModel
 from multimodal.engine.metrics import format_table
-from multimodal.output import write_json, write_table
+from multimodal.output import staged_dir, write_json, write_table
 from multimodal.synth import make_cohort
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml"
@@ -30,13 +31,13 @@ def _fmt(m: dict) -> str:
     return _ci(m["overall"]["auroc"])
 
 
-def _explain(model, cohort: dict, out: Path, n_reports: int) -> dict:
+def _explain(model, cohort: dict, work: Path, out: Path, n_reports: int) -> dict:
     """Reports for the first test patients, then the faithfulness checks on the whole test split."""
     from explain.faithfulness import TARGETS, faithfulness
 
     exps = model.explain(model.records(cohort["test"]).subset(range(n_reports)))
-    index = exps.to_html(out / "reports")
-    print(f"[6/6] explanations: {len(exps)} patient reports → {index}")
+    exps.to_html(work / "reports")
+    print(f"[6/6] explanations: {len(exps)} patient reports → {out / 'reports' / 'index.html'}")
     faith = faithfulness(model, cohort["test"], cohort["truth"])
     print("      faithfulness on the held-out split (planted signals known):")
     rows = [("pointing game (IG peak in lesion box)", "pointing_game", ">="),
@@ -55,7 +56,7 @@ def _explain(model, cohort: dict, out: Path, n_reports: int) -> dict:
     return faith
 
 
-def _baselines(cohort: dict, config: Path, preds, out: Path) -> dict:
+def _baselines(cohort: dict, config: Path, preds, work: Path, out: Path) -> dict:
     """The baselines on the records the engine saw (train + val), scored on the test split, and fusion
     minus the best of them on the same patients (paired bootstrap). The image baseline runs where the
     packaged ImageNet weights are installed (the `pretrained` extra); the demo itself needs none."""
@@ -74,7 +75,8 @@ def _baselines(cohort: dict, config: Path, preds, out: Path) -> dict:
     # absolute: a relative image root resolves against each records file's folder (data.image_root)
     tables, info = predict_baselines(config, seen, cohort["test"], image_weights=weights,
                                      image_root=Path(cohort["dir"]).resolve())
-    write_baselines(tables, info, out / "baselines")
+    with staged_dir(work / "baselines", "baselines") as folder:
+        write_baselines(tables, info, folder)
     report = compare({"fusion": preds, **tables}, cohort["test"], label_column="label", id_column="patient_id",
                      n_boot=1000)
     auc = {n: report["auroc"][n]["value"] for n in tables}
@@ -93,10 +95,17 @@ def _baselines(cohort: dict, config: Path, preds, out: Path) -> dict:
 def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None, seed: int = 0,
              config: Path = CONFIG, n_boot: int = 500, n_reports: int = 8) -> dict:
     out = Path(out)
+    with staged_dir(out, "demo") as work:  # refused before any work; appears whole at the end
+        return _run(work, out, n, epochs, seed, config, n_boot, n_reports)
+
+
+def _run(work: Path, out: Path, n: int, epochs: Optional[int], seed: int, config: Path, n_boot: int,
+         n_reports: int) -> dict:
+    """The demo, written into `work`; what it prints and records names the final folder `out`."""
     t0 = time.perf_counter()
-    cohort = make_cohort(out / "cohort", n=n, seed=seed)
+    cohort = make_cohort(work / "cohort", n=n, seed=seed)
     print(f"[1/6] synthetic cohort: {n} patients (DICOM incl. MONOCHROME1, rescale/window, multi-frame; PNG; "
-          f"reports; labs) → {cohort['dir']}")
+          f"reports; labs) → {out / 'cohort'}")
     overrides = {"train.seed": seed} | ({"train.epochs": epochs} if epochs else {})
 
     results, models = {}, {}
@@ -106,7 +115,7 @@ def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None,
         print(f"{step}: training …", flush=True)
         model = DiagnosisModel.from_config(config, **overrides, modalities=mods)
         model.fit(cohort["train"], cohort["val"], progress=False)
-        model.save(out / "models" / name, overwrite=True)  # the demo regenerates its own folder
+        model.save(work / "models" / name)
         results[name] = model.evaluate(cohort["test"], n_boot=n_boot)
         models[name] = model
         t = model.metrics["training"]
@@ -114,8 +123,8 @@ def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None,
               f"held-out AUROC {_fmt(results[name])}  → {out / 'models' / name}")
     fused = models["fusion"]
     preds = fused.predict(cohort["test"])
-    baselines = _baselines(cohort, config, preds, out)
-    write_table(preds, out / "predictions.csv")
+    baselines = _baselines(cohort, config, preds, work, out)
+    write_table(preds, work / "predictions.csv")
     print(f"[5/6] batch predict: {len(preds)} rows ({int((preds.status == 'ok').sum())} ok) → {out / 'predictions.csv'}")
     print("\nattention fusion on the held-out split:\n" + format_table(results["fusion"]))
 
@@ -127,7 +136,7 @@ def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None,
     gain = results["fusion"]["overall"]["auroc"]["value"] - results[best_single]["overall"]["auroc"]["value"]
     print(f"  fusion minus best single modality ({best_single}): {gain:+.3f}")
 
-    faith = _explain(fused, cohort, out, n_reports)
+    faith = _explain(fused, cohort, work, out, n_reports)
 
     summary = {name: results[name]["overall"]["auroc"]["value"] for name in ("fusion",) + SINGLE}
     summary["faithfulness"] = faith
@@ -135,6 +144,6 @@ def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None,
     summary |= {"auroc_ci95": {k: results[k]["overall"]["auroc"]["ci95"] for k in results},
                 "n_test": results["fusion"]["n"], "seconds": round(time.perf_counter() - t0, 1),
                 "models": {k: str(out / "models" / k) for k in results}, "predictions": str(out / "predictions.csv")}
-    write_json(summary, out / "summary.json")
+    write_json(summary, work / "summary.json")
     print(f"\nsummary → {out / 'summary.json'}  ({summary['seconds']:.0f}s in all)")
     return summary
