@@ -1,20 +1,15 @@
 """The one way mmdx writes anything: guarded, locked and atomic.
 
-A user's folders hold records, DICOM archives and earlier models, so a mistyped `--out` must fail
-with one line before any work is done, never delete or overwrite what mmdx did not write. Every
-command states what it reads (records, every image they name, the model directory, the ONNX file,
-configs) to `guard`, which refuses:
-
-- a file output that is an input of the run (by path or by inode, so also a hard link or a symlink to
-  it), that lies in a folder the run reads as a DICOM series, that is an existing directory, or that
-  lies inside a model directory (only `mmdx train` writes those);
-- a directory output that holds or is an input, or that exists and is not an earlier output of the
-  same kind (a model, an explain report, a cv, baselines, synth or demo folder) holding nothing but
-  the files its manifest lists, each still with the sha256 recorded there: a file mmdx cannot prove it
-  wrote is never deleted;
-- a second run aiming at the same target while the first holds it.
-The final file or folder appears by rename, with the mode the umask gives (not mkstemp's 0600);
-temporaries left by a killed run are removed by the next write to the same target.
+A user's folders hold records, DICOM archives and earlier models, so a mistyped `--out` must fail with
+one line before any work is done, never delete or overwrite what mmdx did not write. Every command
+states what it reads (records, every image they name, model directory, ONNX file, configs) to `guard`:
+- a file output may not be an input (by path or inode: a hard link or symlink to one too), lie in a
+  folder the run reads as a DICOM series, be a directory, or lie inside a model directory;
+- a folder output may not hold an input, and replaces only an earlier output of its own kind (KINDS)
+  holding nothing but the files its manifest lists, each with the sha256 recorded there: a file mmdx
+  cannot prove it wrote is never deleted;
+- one run at a time per target; the final file or folder appears by rename, with the mode the umask
+  gives (not mkstemp's 0600); temporaries of a killed run are removed by the next write to the target.
 """
 from __future__ import annotations
 
@@ -32,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from multimodal.errors import UserError
+from multimodal.inputs import Many, not_read
 
 PathLike = Union[str, Path]
 TMP_TAG = ".mmdx-tmp-"
@@ -47,14 +43,6 @@ _held: dict[str, int] = {}  # lock path -> depth: a run may claim its own target
 Inputs = Iterable[Any]  # paths (None skipped), or Many: files named in bulk (a records file's images)
 
 
-class Many:
-    """Files a run reads in bulk, named lazily (`paths()` yields them; each is stat'ed once, only by
-    the guard): e.g. every image a records file names. `what` says what they are in a refusal."""
-
-    def __init__(self, paths: Callable[[], Iterable[PathLike]], what: str):
-        self.paths, self.what = paths, what
-
-
 # -- what may be written where ----------------------------------------------------------------------------------
 def guard(out: Union[PathLike, list], kind: str = "file", inputs: Inputs = (), overwrite: bool = False) -> Path:
     """The check every command makes before any work: `out` (a file, or a list of files, for kind
@@ -65,7 +53,7 @@ def guard(out: Union[PathLike, list], kind: str = "file", inputs: Inputs = (), o
     paths = [i for i in inputs if not isinstance(i, Many)]
     for t in targets:
         check_file_target(t, paths) if kind == "file" else check_dir_target(t, kind, overwrite, paths)
-    _not_read(targets, [i for i in inputs if isinstance(i, Many)])  # after the cheap checks: one pass for all
+    not_read(targets, [i for i in inputs if isinstance(i, Many)])  # after the cheap checks: one pass for all
     return targets[0]
 
 
@@ -112,50 +100,8 @@ def check_file_target(path: PathLike, inputs: Inputs = ()) -> Path:
             raise UserError(f"--out {path} is also an input of this run ({src}); choose another output")
         if src.is_dir() and _inside(path, src):
             raise UserError(f"--out {path} is inside {src}, an input of this run; choose another output")
-    _not_read([path], [i for i in inputs if isinstance(i, Many)])
+    not_read([path], [i for i in inputs if isinstance(i, Many)])
     return path
-
-
-def _identities(targets: list[Path]) -> dict[tuple[int, int], str]:
-    """(st_dev, st_ino) of what writing `targets` replaces (each target, and all below a folder target)
-    or writes into (their folders) → how a refusal says it."""
-    out: dict[tuple[int, int], str] = {}
-
-    def add(p: Path, how: str) -> None:
-        with contextlib.suppress(OSError):
-            st = os.stat(p)
-            out.setdefault((st.st_dev, st.st_ino), how)
-
-    for t in targets:
-        full = Path(os.path.abspath(t))
-        for parent in full.parents:
-            add(parent, f"--out {t} would be written into")
-        if full.is_dir():
-            for p in full.rglob("*"):
-                add(p, f"--out {t} holds")
-        add(full, f"--out {t} is")
-    return out
-
-
-def _not_read(targets: list[Path], many: list[Many]) -> None:
-    """One stat per named file, no reading: a large records file costs one pass over its image cells."""
-    if not many:
-        return
-    danger = _identities(targets)
-    for group in many:
-        seen: set[str] = set()
-        for p in group.paths():
-            key = os.fspath(p)
-            if key in seen:
-                continue
-            seen.add(key)
-            try:
-                st = os.stat(key)
-            except (OSError, ValueError):  # missing or unreadable: not read, so not at stake
-                continue
-            how = danger.get((st.st_dev, st.st_ino))
-            if how is not None:
-                raise UserError(f"{how} {group.what}; choose another output")
 
 
 def _json(path: Path) -> Any:
@@ -203,6 +149,7 @@ def check_dir_target(path: PathLike, kind: str, overwrite: bool = False, inputs:
     """Missing or empty: fine. An earlier output of the same `kind` (see KINDS) holding only its
     manifest's files, unchanged: replaced (a model only with `overwrite`). Anything else: refused."""
     path, what = Path(path), KINDS[kind]
+    name = what.split(" (")[0]
     for src in _paths(inputs):
         if _same(path, src) or _inside(src, path):
             raise UserError(f"--out {path} holds an input of this run ({src}); choose another output folder")
@@ -214,20 +161,20 @@ def check_dir_target(path: PathLike, kind: str, overwrite: bool = False, inputs:
     elif any(path.iterdir()):
         found, files, manifest = _written(path)
         if found is None:
-            raise UserError(f"--out {path} exists and is not an mmdx {what.split(' (')[0]}; refusing to replace it "
-                            f"(choose a new or empty folder)")
+            raise UserError(f"--out {path} exists and is not an mmdx {name}; refusing to replace it (choose a new "
+                            f"or empty folder)")
         if found != kind:
             raise UserError(f"--out {path} is an mmdx {KINDS[found]}; this run replaces only a {what}; "
                             f"choose another folder")
         extra = _unproven(path, kind, files, manifest)
         if extra:
-            raise UserError(f"--out {path}: an earlier {what.split(' (')[0]} that now also holds {extra[0]!r}"
-                            f"{f' and {len(extra) - 1} more' if len(extra) > 1 else ''} (not as mmdx wrote it); "
-                            f"refusing to replace it")
+            more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+            raise UserError(f"--out {path}: an earlier {name} that now also holds {extra[0]!r}{more} (not as mmdx "
+                            f"wrote it); refusing to replace it")
         if kind == "model" and not overwrite:
             raise UserError(f"--out {path} already holds a model; pass --overwrite (API: save(..., overwrite=True)) "
                             f"to replace it")
-    _not_read([path], [i for i in inputs if isinstance(i, Many)])
+    not_read([path], [i for i in inputs if isinstance(i, Many)])
     return path
 
 

@@ -245,6 +245,16 @@ def test_an_output_may_not_be_an_image_the_records_name(capsys, tiny_model, stud
     code, _, err = run(capsys, "evaluate", "--model", m, "--records", rec, "--out", image, "--n-boot", 10)
     one_line_error(code, err, "names (an input of this run)")
     assert snapshot(study) == before
+    (study / "series").mkdir()  # a folder of slices is one image: nothing may be written into it
+    shutil.copy(image, study / "series" / "1.dcm")
+    df = pd.read_csv(rec, dtype=str)
+    df.loc[0, "image_path"] = "series"
+    df.to_csv(study / "series.csv", index=False)
+    before = snapshot(study)
+    code, _, err = run(capsys, "predict", "--model", m, "--records", study / "series.csv", "--out",
+                       study / "series" / "p.csv")
+    one_line_error(code, err, "would be written into an image that")
+    assert snapshot(study) == before
 
 
 def test_an_output_may_not_be_the_onnx_file_or_the_records_of_an_export(capsys, cohort, tmp_path):
