@@ -78,10 +78,13 @@ def record_images(records, cfg, image_root=None) -> Optional[Many]:
         from multimodal.data.preprocess.image import record_paths
         from multimodal.data.records import iter_record_chunks
 
-        for rec in iter_record_chunks(records, cfg, CHUNK_ROWS, image_root):
-            for cells in zip(*(rec.df[c].to_numpy() for c in cfg.image.columns)):
-                for rel in record_paths(cells):
-                    yield Path(rel) if Path(rel).is_absolute() else rec.root / rel
+        try:
+            for rec in iter_record_chunks(records, cfg, CHUNK_ROWS, image_root):
+                for cells in zip(*(rec.df[c].to_numpy() for c in cfg.image.columns)):
+                    for rel in record_paths(cells):
+                        yield Path(rel) if Path(rel).is_absolute() else rec.root / rel
+        except UserError:  # records the loader refuses name no image it reads; the command says why, its way
+            return
 
     return Many(paths, f"an image that {records} names (an input of this run)")
 
