@@ -111,6 +111,7 @@ def command_inputs(args, cfg=None) -> list:
     if cfg is None and getattr(args, "model", None):
         cfg = stored_config(args.model, args.image_root)
     named = [getattr(args, k, None) for k in ("records", "val", "predict", "config", "model", "onnx", "image_weights")]
-    weights = [w for w in (cfg.image.pretrained, cfg.text.pretrained) if isinstance(w, str)] if cfg else []
+    weights = [w for w in (getattr(s, "pretrained", None) for s in (cfg.image, cfg.text)) if isinstance(w, str)] \
+        if cfg else []  # a section is None when its modality is not used
     root = getattr(args, "image_root", None)
     return named + weights + [record_images(getattr(args, k, None), cfg, root) for k in ("records", "val", "predict")]
