@@ -275,35 +275,51 @@ def atomic_file(path: PathLike, write: Callable[[str], Any], inputs: Inputs = ()
 
 @contextlib.contextmanager
 def staged_dir(path: PathLike, kind: str, overwrite: bool = False, inputs: Inputs = ()) -> Iterator[Path]:
-    """Yield an empty sibling folder to fill; on success it replaces `path` (checked by check_dir_target
-    before and again at the swap), on failure it is removed and `path` is untouched.
+    """Yield an empty sibling folder to fill; on success its content replaces that of `path` (checked by
+    `guard` before and again at the swap), on failure it is removed and `path` is left as it was.
 
-    Every kind but a model gets its manifest (OUTPUT_MANIFEST) here; a model directory writes its own."""
+    An existing folder is emptied and filled, not renamed over: it may be the working directory or a
+    mount point, which must stay the same folder. The manifest moves in last, so an interruption leaves
+    nothing that passes for a whole output. Every kind but a model gets its manifest (OUTPUT_MANIFEST)
+    here; a model directory writes its own."""
     out = guard(path, kind, inputs, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with claim(out):
-        _remove_stale(out)
-        tmp = Path(tempfile.mkdtemp(prefix=_tmp_name(out), dir=out.parent))
-        old = None
+    full = Path(os.path.abspath(out))  # staged beside it: "." has no sibling to stage in
+    full.parent.mkdir(parents=True, exist_ok=True)
+    with claim(full):
+        _remove_stale(full)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_name(full), dir=full.parent))
+        old, filling = None, False
         try:
             yield tmp
             if kind != "model":  # a model directory writes its own (checksums.json)
                 files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
                 (tmp / OUTPUT_MANIFEST).write_text(json.dumps({"kind": kind, "files": files}, indent=1) + "\n")
-            os.chmod(tmp, _final_mode(out, True))
             guard(out, kind, inputs, overwrite)  # unchanged while we worked
-            if out.exists() and any(out.iterdir()):
-                old = Path(tempfile.mkdtemp(prefix=_tmp_name(out), dir=out.parent))
-                os.replace(out, old / "previous")
-            os.replace(tmp, out)
+            if not full.is_dir():
+                os.chmod(tmp, _final_mode(full, True))
+                os.replace(tmp, full)
+            else:
+                old = Path(tempfile.mkdtemp(prefix=_tmp_name(full), dir=full.parent))
+                _move_all(full, old)
+                filling = True
+                _move_all(tmp, full)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and (old / "previous").exists() and not out.exists():
-                os.replace(old / "previous", out)
+            if filling:  # what came from tmp goes; the earlier output comes back
+                for p in full.iterdir():
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            if old is not None:
+                _move_all(old, full)
             raise
         finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            for d in (tmp, old):
+                if d is not None:
+                    shutil.rmtree(d, ignore_errors=True)
+
+
+def _move_all(src: Path, dst: Path) -> None:
+    """Every entry of `src` into `dst` by rename, a manifest last."""
+    for p in sorted(src.iterdir(), key=lambda p: p.name in (MODEL_MANIFEST, OUTPUT_MANIFEST)):
+        os.replace(p, dst / p.name)
 
 
 # -- formats ----------------------------------------------------------------------------------------------------

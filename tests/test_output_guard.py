@@ -337,3 +337,25 @@ def test_overwrite_never_deletes_a_file_a_forged_manifest_lists(capsys, tiny_mod
     with pytest.raises(UserError, match="metrics.json"):
         tiny_model.save(d, overwrite=True)
     assert (d / "metrics.json").read_text().startswith("a user's notes")
+
+
+def test_a_swap_that_fails_midway_puts_the_earlier_output_back(tmp_path, monkeypatch):
+    out = tmp_path / "rep"
+    with output.staged_dir(out, "report") as d:
+        (d / "index.html").write_text("first\n")
+    before = snapshot(out)
+    real, calls = output._move_all, []
+
+    def failing(src, dst):  # the earlier output moves out, then the new one fails halfway in
+        calls.append(src)
+        real(src, dst)
+        if len(calls) == 2:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(output, "_move_all", failing)
+    with pytest.raises(OSError, match="disk full"):
+        with output.staged_dir(out, "report") as d:
+            (d / "index.html").write_text("second\n")
+            (d / "extra.html").write_text("second\n")
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]  # no staging folder left
