@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from multimodal.errors import UserError
+from multimodal.inputs import command_inputs as _inputs  # what each command reads, for the output guard
 from multimodal.runtime import tune_malloc
 
 
@@ -19,15 +20,15 @@ def _train(a) -> None:
     from multimodal.api import DiagnosisModel
     from multimodal.config import load_config, parse_overrides
     from multimodal.engine.metrics import format_table
-    from multimodal.output import check_dir_target, claim
+    from multimodal.output import claim, guard
 
     cfg = load_config(a.config, parse_overrides(a.overrides))
     if a.image_root:
         cfg.data.image_root = a.image_root
-    inputs = [a.records, a.val, a.config]
+    inputs = _inputs(a, cfg)
     main = distributed.is_main()  # under torchrun: rank 0 checks, saves and reports; every rank trains
     if main:
-        check_dir_target(a.out, "model", a.overwrite, inputs)  # before hours of training, not after
+        guard(a.out, "model", inputs, a.overwrite)  # before hours of training, not after
     with claim(a.out) if main else contextlib.nullcontext():
         model = DiagnosisModel(cfg).fit(a.records, a.val, progress=not a.quiet)
         if main:
@@ -48,10 +49,12 @@ def _train(a) -> None:
 def _cv(a) -> None:
     from multimodal.config import load_config, parse_overrides
     from multimodal.engine.cv import cross_validate, format_cv
+    from multimodal.output import guard
 
     cfg = load_config(a.config, parse_overrides(a.overrides))
     if a.image_root:
         cfg.data.image_root = a.image_root
+    guard(a.out, "cv", _inputs(a, cfg))  # before the first fold, not after the last
     result = cross_validate(cfg, a.records, folds=a.folds, out=a.out, progress=not a.quiet, n_boot=a.n_boot)
     print(format_cv(result))
     print(f"out-of-fold predictions (one row per record) and metrics written to {a.out}")
@@ -79,15 +82,11 @@ def _load(a, defer_network: bool = False):
     return model
 
 
-def _inputs(a) -> list:
-    return [a.records, a.model]
-
-
 def _predict(a) -> None:
     from multimodal.engine.batch import Shard
-    from multimodal.output import check_file_target
+    from multimodal.output import guard
 
-    check_file_target(a.out, _inputs(a))  # before the model loads
+    guard(a.out, "file", _inputs(a))  # before the model loads
     shard = Shard.from_env()
     if shard.world > 1 and a.device is None and os.environ.get("LOCAL_RANK") and not a.onnx:
         a.device = f"cuda:{os.environ['LOCAL_RANK']}"  # falls back to cpu where there is no GPU
@@ -100,8 +99,11 @@ def _predict(a) -> None:
 
 
 def _export(a) -> None:
+    from multimodal.output import guard
+
     if not str(a.out).endswith(".onnx"):
         raise UserError(f"--out {a.out}: an export is written as a .onnx file")
+    guard(a.out, "file", _inputs(a))
     model = _load(a)
     r = model.export_onnx(a.out, a.records)
     print(f"wrote {r['path']} (inputs {', '.join(r['inputs'])}; ONNX Runtime within {r['max_abs_diff']:.1e} "
@@ -110,12 +112,12 @@ def _export(a) -> None:
 
 def _evaluate(a) -> None:
     from multimodal.engine.metrics import format_table
-    from multimodal.output import check_file_target, write_json
+    from multimodal.output import guard, write_json
 
-    if a.out:
-        check_file_target(a.out, _inputs(a))
-    for name in ("roc.png", "reliability.png") if a.plots else ():
-        check_file_target(Path(a.plots) / name, _inputs(a))
+    targets = ([a.out] if a.out else []) + [Path(a.plots) / n for n in ("roc.png", "reliability.png") if a.plots]
+    inputs = _inputs(a)
+    if targets:
+        guard(targets, "file", inputs)
     model = _load(a, defer_network=True)
     m = model.evaluate(a.records, n_boot=a.n_boot, batch_size=a.batch_size, workers=a.workers, progress=not a.quiet,
                        plots_dir=a.plots)
@@ -131,16 +133,17 @@ def _evaluate(a) -> None:
     if a.plots:
         print(f"ROC curves and reliability diagram written to {a.plots}")
     if a.out:
-        write_json(m, a.out, _inputs(a))
+        write_json(m, a.out, inputs)
         print(f"metrics written to {a.out}")
     else:
         print(json.dumps(m["overall"]))
 
 
 def _explain(a) -> None:
-    from multimodal.output import check_dir_target
+    from multimodal.output import guard
 
-    check_dir_target(a.out, "report", inputs=_inputs(a))
+    inputs = _inputs(a)
+    guard(a.out, "report", inputs)
     model = _load(a)
     rec = model.records(a.records)
     if a.ids:
@@ -153,18 +156,18 @@ def _explain(a) -> None:
     target = int(a.target) if a.target and a.target.isdigit() and a.target not in model.classes else a.target
     exps = model.explain(rec, target=target, method=a.method, n_steps=a.n_steps,
                          internal_batch_size=a.internal_batch_size, batch_size=a.batch_size, progress=not a.quiet)
-    index = exps.to_html(a.out, inputs=_inputs(a))
+    index = exps.to_html(a.out, inputs=inputs)
     n_err = sum(e.error is not None for e in exps)
     print(f"explained {len(exps)} records ({len(exps) - n_err} ok, {n_err} errors) with {a.method}: {index}")
 
 
 def _compare(a) -> None:
     from multimodal.engine.comparison import compare, format_report
-    from multimodal.output import check_file_target, write_json
+    from multimodal.output import guard, write_json
 
     inputs = [a.labels, *a.predictions]
     if a.out:
-        check_file_target(a.out, inputs)
+        guard(a.out, "file", inputs)
     names = [n.strip() for part in a.names for n in part.split(",") if n.strip()] if a.names else None
     report = compare(a.predictions, a.labels, label_column=a.label_column, id_column=a.id_column, n_boot=a.n_boot,
                      seed=a.seed, group_column=a.group_column, positive=a.positive, names=names,
@@ -178,15 +181,15 @@ def _compare(a) -> None:
 def _baselines(a) -> None:
     from multimodal.config import load_config, parse_overrides
     from multimodal.engine.baselines import predict_baselines, write_baselines
-    from multimodal.output import check_dir_target, staged_dir
+    from multimodal.output import guard, staged_dir
 
     cfg = load_config(a.config, parse_overrides(a.overrides))
-    inputs = [a.records, a.predict, a.config]
-    check_dir_target(a.out, "report", inputs=inputs)  # before the fits, not after
+    inputs = _inputs(a, cfg)
+    guard(a.out, "baselines", inputs)  # before the fits, not after
     weights = None if a.image_weights.lower() == "none" else a.image_weights
     tables, info = predict_baselines(cfg, a.records, a.predict, image_weights=weights, seed=a.seed,
                                      image_root=a.image_root)
-    with staged_dir(a.out, "report", inputs=inputs) as tmp:
+    with staged_dir(a.out, "baselines", inputs=inputs) as tmp:
         files = write_baselines(tables, info, tmp)
     print(f"baselines fitted on {info['n_train']} labelled records of {a.records} ({info['n_folds']}-fold "
           f"{'grouped ' if info['grouped'] else ''}CV for every choice), {len(next(iter(tables.values())))} "

@@ -6,7 +6,8 @@ would fit instead (`mmdx baselines`), so that the fused model stands beside the 
 the plain mean of the single-modality models and the best baseline, as paired differences on the same
 patients: whether fusion is worth using at all; then explanation reports for a few test patients and
 faithfulness checks against the planted signals.
-Writes summary.json for scripts.
+Writes summary.json for scripts. Everything is written into a staged folder that replaces `--out` at the
+end, only if that is new, empty or an earlier demo folder holding only what the demo wrote.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Optional
 
 from multimodal.api import DiagnosisModel
 from multimodal.engine.metrics import format_table
-from multimodal.output import write_json, write_table
+from multimodal.output import staged_dir, write_json, write_table
 from multimodal.synth import make_cohort
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml"
@@ -32,13 +33,13 @@ def _fmt(m: dict) -> str:
     return _ci(m["overall"]["auroc"])
 
 
-def _explain(model, cohort: dict, out: Path, n_reports: int) -> dict:
+def _explain(model, cohort: dict, work: Path, out: Path, n_reports: int) -> dict:
     """Reports for the first test patients, then the faithfulness checks on the whole test split."""
     from explain.faithfulness import TARGETS, faithfulness
 
     exps = model.explain(model.records(cohort["test"]).subset(range(n_reports)))
-    index = exps.to_html(out / "reports")
-    print(f"[6/6] explanations: {len(exps)} patient reports → {index}")
+    exps.to_html(work / "reports")
+    print(f"[6/6] explanations: {len(exps)} patient reports → {out / 'reports' / 'index.html'}")
     faith = faithfulness(model, cohort["test"], cohort["truth"])
     print("      faithfulness on the held-out split (planted signals known):")
     rows = [("pointing game (IG peak in lesion box)", "pointing_game", ">="),
@@ -68,7 +69,7 @@ def _mean_of(frames: list) -> "pd.DataFrame":
     return out
 
 
-def _against(cohort: dict, config: Path, preds: dict, out: Path) -> dict:
+def _against(cohort: dict, config: Path, preds: dict, work: Path, out: Path) -> dict:
     """The fused model beside what a researcher would use instead, on the same test patients (paired
     bootstrap): its own single-modality models, their plain mean, and the scikit-learn baselines fitted
     on the records the engine saw (train + val). The image baseline runs where the packaged ImageNet
@@ -88,7 +89,8 @@ def _against(cohort: dict, config: Path, preds: dict, out: Path) -> dict:
     # absolute: a relative image root resolves against each records file's folder (data.image_root)
     tables, info = predict_baselines(config, seen, cohort["test"], image_weights=weights,
                                      image_root=Path(cohort["dir"]).resolve())
-    write_baselines(tables, info, out / "baselines")
+    with staged_dir(work / "baselines", "baselines") as folder:
+        write_baselines(tables, info, folder)
     singles = {f"{m} only": preds[m] for m in SINGLE}
     mean = "mean of the single-modality models"
     report = compare({"fusion": preds["fusion"], **singles, mean: _mean_of(list(singles.values())), **tables},
@@ -115,10 +117,17 @@ def _against(cohort: dict, config: Path, preds: dict, out: Path) -> dict:
 def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None, seed: int = 0,
              config: Path = CONFIG, n_boot: int = 500, n_reports: int = 8) -> dict:
     out = Path(out)
+    with staged_dir(out, "demo") as work:  # refused before any work; appears whole at the end
+        return _run(work, out, n, epochs, seed, config, n_boot, n_reports)
+
+
+def _run(work: Path, out: Path, n: int, epochs: Optional[int], seed: int, config: Path, n_boot: int,
+         n_reports: int) -> dict:
+    """The demo, written into `work`; what it prints and records names the final folder `out`."""
     t0 = time.perf_counter()
-    cohort = make_cohort(out / "cohort", n=n, seed=seed)
+    cohort = make_cohort(work / "cohort", n=n, seed=seed)
     print(f"[1/6] synthetic cohort: {n} patients (DICOM incl. MONOCHROME1, rescale/window, multi-frame; PNG; "
-          f"reports; labs) → {cohort['dir']}")
+          f"reports; labs) → {out / 'cohort'}")
     overrides = {"train.seed": seed} | ({"train.epochs": epochs} if epochs else {})
 
     results, models = {}, {}
@@ -129,7 +138,7 @@ def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None,
         print(f"{step}: training …", flush=True)
         model = DiagnosisModel.from_config(config, **overrides, modalities=mods)
         model.fit(cohort["train"], cohort["val"], progress=False)
-        model.save(out / "models" / name, overwrite=True)  # the demo regenerates its own folder
+        model.save(work / "models" / name)
         results[name] = model.evaluate(cohort["test"], n_boot=n_boot)
         models[name] = model
         t = model.metrics["training"]
@@ -138,8 +147,8 @@ def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None,
     fused = models["fusion"]
     test_preds = {name: models[name].predict(cohort["test"]) for name in models}
     preds = test_preds["fusion"]
-    baselines = _against(cohort, config, test_preds, out)
-    write_table(preds, out / "predictions.csv")
+    baselines = _against(cohort, config, test_preds, work, out)
+    write_table(preds, work / "predictions.csv")
     print(f"[5/6] batch predict: {len(preds)} rows ({int((preds.status == 'ok').sum())} ok) → {out / 'predictions.csv'}")
     print(f"\nfusion ({fusion_kind}) on the held-out split:\n" + format_table(results["fusion"]))
 
@@ -151,7 +160,7 @@ def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None,
     gain = results["fusion"]["overall"]["auroc"]["value"] - results[best_single]["overall"]["auroc"]["value"]
     print(f"  fusion minus best single modality ({best_single}): {gain:+.3f}")
 
-    faith = _explain(fused, cohort, out, n_reports)
+    faith = _explain(fused, cohort, work, out, n_reports)
 
     summary = {name: results[name]["overall"]["auroc"]["value"] for name in ("fusion",) + SINGLE}
     summary["faithfulness"] = faith
@@ -159,6 +168,6 @@ def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None,
     summary |= {"auroc_ci95": {k: results[k]["overall"]["auroc"]["ci95"] for k in results},
                 "n_test": results["fusion"]["n"], "seconds": round(time.perf_counter() - t0, 1),
                 "models": {k: str(out / "models" / k) for k in results}, "predictions": str(out / "predictions.csv")}
-    write_json(summary, out / "summary.json")
+    write_json(summary, work / "summary.json")
     print(f"\nsummary → {out / 'summary.json'}  ({summary['seconds']:.0f}s in all)")
     return summary

@@ -1,41 +1,62 @@
 """The one way mmdx writes anything: guarded, locked and atomic.
 
-A user's folders hold records, DICOM archives and earlier models, so a mistyped `--out` must fail
-with one line before any work is done, never delete or overwrite what mmdx did not write:
-
-- a file output may not be an input of the same run, an existing directory, or lie inside a model
-  directory (only `mmdx train` writes those);
-- a directory output (a model, a report folder) may replace only a directory of the same kind that
-  mmdx wrote and that holds nothing but what its manifest lists; anything else is refused;
-- the final file or folder appears by rename, with the mode the umask gives (not mkstemp's 0600);
-  temporaries left by a killed run are removed by the next write to the same target;
-- one run at a time per target: a second run writing the same `--out` is refused while the first holds it.
+A user's folders hold records, DICOM archives and earlier models, so a mistyped `--out` must fail with
+one line before any work is done, never delete or overwrite what mmdx did not write. Every command
+states what it reads (records, every image they name, model directory, ONNX file, configs) to `guard`:
+- a file output may not be an input (by path or inode: a hard link or symlink to one too), lie in a
+  folder the run reads as a DICOM series, be a directory, or lie inside a model directory;
+- a folder output may not hold an input, and replaces only an earlier output of its own kind (KINDS)
+  holding nothing but the files its manifest lists, each with the sha256 recorded there: a file mmdx
+  cannot prove it wrote is never deleted;
+- one run at a time per target; the final file or folder appears by rename, with the mode the umask
+  gives (not mkstemp's 0600); temporaries of a killed run are removed by the next write to the target.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from multimodal.errors import UserError
+from multimodal.inputs import Many, not_read
 
 PathLike = Union[str, Path]
 TMP_TAG = ".mmdx-tmp-"
 MODEL_MANIFEST = "checksums.json"
-REPORT_MANIFEST = ".mmdx-report.json"
+OUTPUT_MANIFEST = ".mmdx-output.json"  # {"kind": ..., "files": {relative path: sha256}}
+# What each kind of folder is called in messages; a folder is replaced only by a run writing its kind.
+KINDS = {"model": "model directory (mmdx train)", "report": "report folder (mmdx explain)",
+         "cv": "cross-validation folder (mmdx cv)", "baselines": "baselines folder (mmdx baselines)",
+         "synth": "synthetic cohort folder (mmdx synth)", "demo": "demo folder (mmdx demo)"}
 _FORMULA = re.compile(r"^[=+\-@\t\r]")
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _held: dict[str, int] = {}  # lock path -> depth: a run may claim its own target again
+Inputs = Iterable[Any]  # paths (None skipped), or Many: files named in bulk (a records file's images)
 
 
 # -- what may be written where ----------------------------------------------------------------------------------
+def guard(out: Union[PathLike, list], kind: str = "file", inputs: Inputs = (), overwrite: bool = False) -> Path:
+    """The check every command makes before any work: `out` (a file, or a list of files, for kind
+    "file"; else a folder of that kind, see KINDS) may not destroy or change any of the run's `inputs`,
+    a model directory, or a folder mmdx did not write. Returns the (first) target."""
+    targets = [Path(p) for p in (out if isinstance(out, list) else [out])]
+    inputs = list(inputs)
+    paths = [i for i in inputs if not isinstance(i, Many)]
+    for t in targets:
+        check_file_target(t, paths) if kind == "file" else check_dir_target(t, kind, overwrite, paths)
+    not_read(targets, [i for i in inputs if isinstance(i, Many)])  # after the cheap checks: one pass for all
+    return targets[0]
+
+
 def _same(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
@@ -62,7 +83,11 @@ def _enclosing_model_dir(path: Path) -> Optional[Path]:
     return None
 
 
-def check_file_target(path: PathLike, inputs: Iterable[Optional[PathLike]] = ()) -> Path:
+def _paths(inputs: Inputs) -> list[Path]:
+    return [Path(s) for s in inputs if s is not None and not isinstance(s, Many)]
+
+
+def check_file_target(path: PathLike, inputs: Inputs = ()) -> Path:
     """Refuse, before any work, an output file that would destroy an input or a model."""
     path = Path(path)
     if path.is_dir():
@@ -70,58 +95,86 @@ def check_file_target(path: PathLike, inputs: Iterable[Optional[PathLike]] = ())
     model = _enclosing_model_dir(path)
     if model is not None:
         raise UserError(f"--out {path} is inside the model directory {model}; only `mmdx train` writes there")
-    for src in inputs:
-        if src is not None and _same(path, Path(src)):
+    for src in _paths(inputs):
+        if _same(path, src):
             raise UserError(f"--out {path} is also an input of this run ({src}); choose another output")
+        if src.is_dir() and _inside(path, src):
+            raise UserError(f"--out {path} is inside {src}, an input of this run; choose another output")
+    not_read([path], [i for i in inputs if isinstance(i, Many)])
     return path
 
 
-def _manifest_files(d: Path, kind: str) -> Optional[set[str]]:
-    """Files mmdx wrote in `d` by its manifest (relative POSIX paths), or None if `d` is not of `kind`."""
-    name = MODEL_MANIFEST if kind == "model" else REPORT_MANIFEST
+def _json(path: Path) -> Any:
     try:
-        listed = json.loads((d / name).read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if kind == "model" and not is_model_dir(d):
-        return None
-    files = listed if isinstance(listed, list) else list(listed) if isinstance(listed, dict) else None
-    return None if files is None else {str(f) for f in files} | {name}
 
 
-def _present_files(d: Path) -> set[str]:
-    return {p.relative_to(d).as_posix() for p in d.rglob("*") if not p.is_dir()}
+def _written(d: Path) -> tuple[Optional[str], dict[str, str], str]:
+    """(kind, {relative path: sha256}, manifest name) of the earlier mmdx output in folder `d`, by its
+    manifest; kind None when `d` has no manifest mmdx could have written."""
+    if is_model_dir(d):
+        listed, name, kind = _json(d / MODEL_MANIFEST), MODEL_MANIFEST, "model"
+    else:
+        listed, name = _json(d / OUTPUT_MANIFEST), OUTPUT_MANIFEST
+        kind = listed.get("kind") if isinstance(listed, dict) else None
+        listed = listed.get("files") if kind in KINDS else None
+    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+        return None, {}, name
+    return kind, {str(k): v for k, v in listed.items()}, name
 
 
-def check_dir_target(path: PathLike, kind: str, overwrite: bool = False,
-                     inputs: Iterable[Optional[PathLike]] = ()) -> Path:
-    """`kind` is "model" or "report". Missing or empty: fine. An earlier output of the same kind holding
-    only its manifest's files: replaced (a model only with `overwrite`). Anything else: refused."""
-    path = Path(path)
-    for src in inputs:
-        if src is not None and (_same(path, Path(src)) or _inside(Path(src), path)):
+def file_sha256(path: PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _unproven(d: Path, kind: str, files: dict[str, str], manifest: str) -> list[str]:
+    """What in `d` mmdx cannot prove it wrote: anything but a regular file its manifest lists with the
+    sha256 the file still has; in a model directory also any name but a top-level JSON or safetensors
+    file (all mmdx train writes there), so a forged manifest cannot hand a user's file over to deletion."""
+    bad = []
+    for p in sorted(d.rglob("*")):
+        rel, mode = p.relative_to(d).as_posix(), os.lstat(p).st_mode
+        if stat.S_ISDIR(mode) or rel == manifest:
+            continue
+        named = kind != "model" or ("/" not in rel and not rel.startswith(".") and rel.endswith((".json", ".safetensors")))
+        if not (named and stat.S_ISREG(mode) and rel in files and file_sha256(p) == files[rel]):
+            bad.append(rel)
+    return bad
+
+
+def check_dir_target(path: PathLike, kind: str, overwrite: bool = False, inputs: Inputs = ()) -> Path:
+    """Missing or empty: fine. An earlier output of the same `kind` (see KINDS) holding only its
+    manifest's files, unchanged: replaced (a model only with `overwrite`). Anything else: refused."""
+    path, what = Path(path), KINDS[kind]
+    name = what.split(" (")[0]
+    for src in _paths(inputs):
+        if _same(path, src) or _inside(src, path):
             raise UserError(f"--out {path} holds an input of this run ({src}); choose another output folder")
     if not path.exists():
         if _enclosing_model_dir(path) is not None:
             raise UserError(f"--out {path} is inside the model directory {_enclosing_model_dir(path)}")
-        return path
-    if not path.is_dir():
+    elif not path.is_dir():
         raise UserError(f"--out {path} exists and is not a directory; refusing to replace it")
-    present = _present_files(path)
-    if not present and not any(path.iterdir()):
-        return path
-    known = _manifest_files(path, kind)
-    what = "model directory" if kind == "model" else "report folder"
-    if known is None:
-        raise UserError(f"--out {path} exists and is not an mmdx {what}; refusing to replace it "
-                        f"(choose a new or empty folder)")
-    extra = sorted(present - known)
-    if extra:
-        raise UserError(f"--out {path}: an earlier {what} that now also holds {extra[0]!r}"
-                        f"{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}; refusing to replace it")
-    if kind == "model" and not overwrite:
-        raise UserError(f"--out {path} already holds a model; pass --overwrite (API: save(..., overwrite=True)) "
-                        f"to replace it")
+    elif any(path.iterdir()):
+        found, files, manifest = _written(path)
+        if found is None:
+            raise UserError(f"--out {path} exists and is not an mmdx {name}; refusing to replace it (choose a new "
+                            f"or empty folder)")
+        if found != kind:
+            raise UserError(f"--out {path} is an mmdx {KINDS[found]}; this run replaces only a {what}; "
+                            f"choose another folder")
+        extra = _unproven(path, kind, files, manifest)
+        if extra:
+            more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+            raise UserError(f"--out {path}: an earlier {name} that now also holds {extra[0]!r}{more} (not as mmdx "
+                            f"wrote it); refusing to replace it")
+        if kind == "model" and not overwrite:
+            raise UserError(f"--out {path} already holds a model; pass --overwrite (API: save(..., overwrite=True)) "
+                            f"to replace it")
+    not_read([path], [i for i in inputs if isinstance(i, Many)])
     return path
 
 
@@ -220,7 +273,7 @@ def _tmp_name(path: Path) -> str:
     return f".{path.name}{TMP_TAG}{os.getpid()}."
 
 
-def atomic_file(path: PathLike, write: Callable[[str], Any], inputs: Iterable[Optional[PathLike]] = ()) -> Path:
+def atomic_file(path: PathLike, write: Callable[[str], Any], inputs: Inputs = ()) -> Path:
     """`write(tmp_path)` writes the content; the target then appears whole, or not at all."""
     path = check_file_target(path, inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,36 +292,52 @@ def atomic_file(path: PathLike, write: Callable[[str], Any], inputs: Iterable[Op
 
 
 @contextlib.contextmanager
-def staged_dir(path: PathLike, kind: str, overwrite: bool = False,
-               inputs: Iterable[Optional[PathLike]] = ()) -> Iterator[Path]:
-    """Yield an empty sibling folder to fill; on success it replaces `path` (checked by check_dir_target
-    before and again at the swap), on failure it is removed and `path` is untouched.
+def staged_dir(path: PathLike, kind: str, overwrite: bool = False, inputs: Inputs = ()) -> Iterator[Path]:
+    """Yield an empty sibling folder to fill; on success its content replaces that of `path` (checked by
+    `guard` before and again at the swap), on failure it is removed and `path` is left as it was.
 
-    A report folder gets its manifest here; a model directory writes its own (checksums.json)."""
-    out = check_dir_target(path, kind, overwrite, inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with claim(out):
-        _remove_stale(out)
-        tmp = Path(tempfile.mkdtemp(prefix=_tmp_name(out), dir=out.parent))
-        old = None
+    An existing folder is emptied and filled, not renamed over: it may be the working directory or a
+    mount point, which must stay the same folder. The manifest moves in last, so an interruption leaves
+    nothing that passes for a whole output. Every kind but a model gets its manifest (OUTPUT_MANIFEST)
+    here; a model directory writes its own."""
+    out = guard(path, kind, inputs, overwrite)
+    full = Path(os.path.abspath(out))  # staged beside it: "." has no sibling to stage in
+    full.parent.mkdir(parents=True, exist_ok=True)
+    with claim(full):
+        _remove_stale(full)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_name(full), dir=full.parent))
+        old, filling = None, False
         try:
             yield tmp
-            if kind == "report":
-                (tmp / REPORT_MANIFEST).write_text(json.dumps(sorted(_present_files(tmp))) + "\n")
-            os.chmod(tmp, _final_mode(out, True))
-            check_dir_target(out, kind, overwrite, inputs)  # unchanged while we worked
-            if out.exists() and any(out.iterdir()):
-                old = Path(tempfile.mkdtemp(prefix=_tmp_name(out), dir=out.parent))
-                os.replace(out, old / "previous")
-            os.replace(tmp, out)
+            if kind != "model":  # a model directory writes its own (checksums.json)
+                files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+                (tmp / OUTPUT_MANIFEST).write_text(json.dumps({"kind": kind, "files": files}, indent=1) + "\n")
+            guard(out, kind, inputs, overwrite)  # unchanged while we worked
+            if not full.is_dir():
+                os.chmod(tmp, _final_mode(full, True))
+                os.replace(tmp, full)
+            else:
+                old = Path(tempfile.mkdtemp(prefix=_tmp_name(full), dir=full.parent))
+                _move_all(full, old)
+                filling = True
+                _move_all(tmp, full)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and (old / "previous").exists() and not out.exists():
-                os.replace(old / "previous", out)
+            if filling:  # what came from tmp goes; the earlier output comes back
+                for p in full.iterdir():
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            if old is not None:
+                _move_all(old, full)
             raise
         finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            for d in (tmp, old):
+                if d is not None:
+                    shutil.rmtree(d, ignore_errors=True)
+
+
+def _move_all(src: Path, dst: Path) -> None:
+    """Every entry of `src` into `dst` by rename, a manifest last."""
+    for p in sorted(src.iterdir(), key=lambda p: p.name in (MODEL_MANIFEST, OUTPUT_MANIFEST)):
+        os.replace(p, dst / p.name)
 
 
 # -- formats ----------------------------------------------------------------------------------------------------
@@ -318,7 +387,7 @@ def defuse_frame(df):
     return out
 
 
-def write_table(df, path: PathLike, inputs: Iterable[Optional[PathLike]] = ()) -> Path:
+def write_table(df, path: PathLike, inputs: Inputs = ()) -> Path:
     """CSV (formula-safe), or Parquet when the name ends in .parquet."""
     if str(path).endswith((".parquet", ".pq")):
         return atomic_file(path, lambda t: df.to_parquet(t, index=False), inputs)
@@ -326,5 +395,5 @@ def write_table(df, path: PathLike, inputs: Iterable[Optional[PathLike]] = ()) -
     return atomic_file(path, lambda t: safe.to_csv(t, index=False), inputs)
 
 
-def write_json(obj, path: PathLike, inputs: Iterable[Optional[PathLike]] = ()) -> Path:
+def write_json(obj, path: PathLike, inputs: Inputs = ()) -> Path:
     return atomic_file(path, lambda t: Path(t).write_text(strict_json(obj), encoding="utf-8"), inputs)

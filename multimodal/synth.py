@@ -48,16 +48,27 @@ def make_cohort(out_dir, n: int = 600, seed: int = 0, image_size: int = 64,
                 splits=(0.6, 0.2, 0.2), *, _write_images: bool = True) -> dict[str, Path]:
     """Write images, records*.csv and truth.csv into `out_dir`; return their paths.
 
-    Deterministic for a given seed. `_write_images=False` skips rendering (same CSVs),
-    for fast statistical tests on large n.
+    `out_dir` must be new, empty or an earlier synthetic cohort that holds only what mmdx wrote there
+    (output.staged_dir): a user's records or images of the same names are never overwritten, and a
+    crash leaves no half cohort. Deterministic for a given seed. `_write_images=False` skips rendering
+    (same CSVs), for fast statistical tests on large n.
     """
+    from multimodal.output import staged_dir
+
     splits = np.asarray(splits, dtype=float)
     if splits.shape != (3,) or (splits < 0).any() or abs(splits.sum() - 1) > 1e-6:
         raise ValueError("splits must be three non-negative fractions summing to 1")
     if n < 1 or image_size < 16:
         raise ValueError("need n >= 1 and image_size >= 16")
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    with staged_dir(out, "synth") as tmp:
+        _write_cohort(tmp, n, seed, image_size, splits, _write_images)
+    return {"dir": out, "images": out / "images", "all": out / "records.csv", "truth": out / "truth.csv"} | {
+        name: out / f"records_{name}.csv" for name in ("train", "val", "test")}
+
+
+def _write_cohort(out: Path, n: int, seed: int, image_size: int, splits: np.ndarray, write_images: bool) -> None:
+    (out / "images").mkdir()
     rng = np.random.default_rng(seed)
 
     label = (rng.random(n) < P_POSITIVE).astype(int)
@@ -81,7 +92,7 @@ def make_cohort(out_dir, n: int = 600, seed: int = 0, image_size: int = 64,
         report = "" if empty_report[i] else _report(rng, bool(phrase[i]))
         prng = np.random.default_rng([seed, i])  # per patient: images never shift the CSVs
         plan = _plan_images(prng, pid, int(n_images[i]), bool(lesion[i]), image_size)
-        if _write_images:
+        if write_images:
             header = {"pid": pid, "k": i + 1, "age": age[i], "sex": sex[i], "seed": seed}
             for j, img in enumerate(plan["images"]):
                 _write_image(out / img["path"], img, image_size, header, j,
@@ -94,14 +105,10 @@ def make_cohort(out_dir, n: int = 600, seed: int = 0, image_size: int = 64,
 
     df = pd.DataFrame(records, columns=RECORD_COLUMNS)
     part = _stratified_split(label, splits, rng)
-    paths = {"dir": out, "images": out / "images", "all": out / "records.csv",
-             "truth": out / "truth.csv"}
-    df.to_csv(paths["all"], index=False)
+    df.to_csv(out / "records.csv", index=False)
     for s, name in enumerate(("train", "val", "test")):
-        paths[name] = out / f"records_{name}.csv"
-        df[part == s].to_csv(paths[name], index=False)
-    pd.DataFrame(truths, columns=TRUTH_COLUMNS).to_csv(paths["truth"], index=False)
-    return paths
+        df[part == s].to_csv(out / f"records_{name}.csv", index=False)
+    pd.DataFrame(truths, columns=TRUTH_COLUMNS).to_csv(out / "truth.csv", index=False)
 
 
 def _report(rng, with_phrase: bool) -> str:

@@ -186,3 +186,27 @@ def _cli_case(d, cohort, tmp, case):
 def test_cli_mistakes_are_one_line(capsys, cohort, prediction_files, tmp_path, case, needle):
     code, _, err = run_cli(capsys, "compare", *_cli_case(prediction_files, cohort, tmp_path, case))
     one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (bytes(range(256)) * 8, "cannot read records"),       # not a CSV at all
+    (b"", "file is empty"),
+    (b"id,prob_0,prob_1\n", "no records (header only)"),
+    (b"patient,score\nP1,0.5\n", "no prob_<class> columns"),  # another tool's file
+    (b"prob_0,prob_1\n0.1,0.9\n", "no column 'patient_id'"),   # no id column
+    (b"id,prob_0,prob_1\nX1,0.1,0.9\nX2,0.2,0.8\n", "only 0 patients"),  # none of the labelled ids
+    (b"PAR1 not a parquet file", "cannot read records"),
+])
+@pytest.mark.parametrize("role", ["predictions", "labels"])
+def test_bad_files_are_one_line_errors(capsys, cohort, prediction_files, tmp_path, content, needle, role):
+    bad = tmp_path / ("bad.parquet" if content.startswith(b"PAR1") else "bad.csv")
+    bad.write_bytes(content)
+    good = str(prediction_files / "tiny.csv")
+    if role == "labels":
+        needle = {"no prob_<class> columns": "no column 'patient_id'", "only 0 patients": "no column 'patient_id'"}.get(
+            needle, needle)
+        argv = ["--labels", bad, good, prediction_files / "noisy.parquet"]
+    else:
+        argv = ["--labels", cohort["test"], good, bad]
+    code, _, err = run_cli(capsys, "compare", *argv, "--n-boot", 20)
+    one_line_error(code, err, needle)

@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from multimodal import UserError
 from multimodal import output
 
-from conftest import REPO, one_line_error, run_cli
+from conftest import REPO, TINY, one_line_error, run_cli
 
 CFG = str(REPO / "configs" / "synthetic.yaml")
 
@@ -212,3 +213,149 @@ def test_evaluate_says_how_many_rows_had_no_label(capsys, tiny_model, cohort, tm
                        tmp_path / "e.json", "--n-boot", "20")
     assert code == 0 and "5 records have no label" in out
     assert json.loads((tmp_path / "e.json").read_text())["n_unlabelled"] == 5
+
+
+# -- one guard that knows every input of the command ----------------------------------------------------------------
+@pytest.fixture
+def study(tmp_path, cohort):
+    """The test split and its images, copied: a guard that fails may destroy these, never the shared cohort."""
+    d = tmp_path / "study"
+    shutil.copytree(cohort["dir"] / "images", d / "images")
+    shutil.copy(cohort["test"], d / "records.csv")
+    return d
+
+
+def _first_image(records) -> str:
+    cells = pd.read_csv(records, dtype=str, keep_default_na=False)["image_path"]
+    return next(c for c in cells if c).split(";")[0]
+
+
+def test_an_output_may_not_be_an_image_the_records_name(capsys, tiny_model, study, tmp_path):
+    m = tiny_model.save(tmp_path / "m")
+    rec, image = study / "records.csv", study / _first_image(study / "records.csv")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(rec, tmp_path / "elsewhere" / "records.csv")
+    os.link(image, tmp_path / "alias.dcm")  # the same file under another name
+    before = snapshot(study)
+    for args in (["--records", rec, "--out", image],
+                 ["--records", rec, "--out", tmp_path / "alias.dcm"],
+                 ["--records", tmp_path / "elsewhere" / "records.csv", "--image-root", study, "--out", image]):
+        code, _, err = run(capsys, "predict", "--model", m, *args)
+        one_line_error(code, err, "names (an input of this run)")
+    code, _, err = run(capsys, "evaluate", "--model", m, "--records", rec, "--out", image, "--n-boot", 10)
+    one_line_error(code, err, "names (an input of this run)")
+    assert snapshot(study) == before
+    (study / "series").mkdir()  # a folder of slices is one image: nothing may be written into it
+    shutil.copy(image, study / "series" / "1.dcm")
+    df = pd.read_csv(rec, dtype=str)
+    df.loc[0, "image_path"] = "series"
+    df.to_csv(study / "series.csv", index=False)
+    before = snapshot(study)
+    code, _, err = run(capsys, "predict", "--model", m, "--records", study / "series.csv", "--out",
+                       study / "series" / "p.csv")
+    one_line_error(code, err, "would be written into an image that")
+    assert snapshot(study) == before
+
+
+def test_an_output_may_not_be_the_onnx_file_or_the_records_of_an_export(capsys, cohort, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from multimodal import DiagnosisModel
+
+    m = DiagnosisModel.from_config(CFG, **TINY, **{"text.encoder": "bow"}).fit(  # the LSTM has no ONNX form
+        cohort["train"], cohort["val"], progress=False).save(tmp_path / "m")
+    onnx = tmp_path / "m.onnx"
+    assert run(capsys, "export", "--model", m, "--records", cohort["test"], "--out", onnx)[0] == 0
+    before = onnx.read_bytes()
+    code, _, err = run(capsys, "predict", "--model", m, "--onnx", onnx, "--records", cohort["test"], "--out", onnx)
+    one_line_error(code, err, "is also an input")
+    assert onnx.read_bytes() == before
+    rec = tmp_path / "records.onnx"  # a CSV, whatever its name: the loader reads it
+    shutil.copy(cohort["test"], rec)
+    code, _, err = run(capsys, "export", "--model", m, "--records", rec, "--out", rec)
+    one_line_error(code, err, "is also an input")
+    assert rec.read_bytes() == cohort["test"].read_bytes()
+
+
+def test_synth_and_demo_refuse_a_folder_they_did_not_write(capsys, tmp_path):
+    d = tmp_path / "mine"
+    (d / "images").mkdir(parents=True)
+    (d / "records_train.csv").write_text("patient_id,label\nP1,1\n")
+    (d / "images" / "SYN0001_0.dcm").write_bytes(b"a patient's scan")
+    before = snapshot(d)
+    code, _, err = run(capsys, "synth", "--out", d, "--n", 20)
+    one_line_error(code, err, "not an mmdx synthetic cohort folder")
+    t0 = time.perf_counter()
+    code, _, err = run(capsys, "demo", "--out", d, "--n", 20)
+    one_line_error(code, err, "not an mmdx demo folder")
+    assert time.perf_counter() - t0 < 20  # refused before any training
+    assert snapshot(d) == before
+    own = tmp_path / "cohort"
+    assert run(capsys, "synth", "--out", own, "--n", 20)[0] == 0
+    first = snapshot(own)
+    assert run(capsys, "synth", "--out", own, "--n", 20)[0] == 0  # its own earlier cohort: replaced
+    assert snapshot(own) == first
+    (own / "records_train.csv").write_text("edited by a user\n")
+    code, _, err = run(capsys, "synth", "--out", own, "--n", 20)
+    one_line_error(code, err, "records_train.csv")
+    assert (own / "records_train.csv").read_text() == "edited by a user\n"
+
+
+def test_a_folder_is_replaced_only_by_a_run_of_its_kind(capsys, tiny_model, cohort, tmp_path):
+    m = tiny_model.save(tmp_path / "m")
+    rep = tmp_path / "rep"
+    first = pd.read_csv(cohort["test"], dtype=str)["patient_id"].iloc[0]
+    assert run(capsys, "explain", "--model", m, "--records", cohort["test"], "--method", "gradcam", "--quiet",
+               "--ids", first, "--out", rep)[0] == 0
+    before = snapshot(rep)
+    code, _, err = run(capsys, "baselines", "--config", CFG, "--records", cohort["train"], "--predict", cohort["test"],
+                       "--image-weights", "none", "--out", rep)
+    one_line_error(code, err, "is an mmdx report folder (mmdx explain)")
+    code, _, err = run(capsys, "cv", "--config", CFG, "--records", cohort["train"], "--folds", 2, "--out", rep)
+    one_line_error(code, err, "is an mmdx report folder (mmdx explain)")
+    code, _, err = run(capsys, "synth", "--out", rep, "--n", 20)
+    one_line_error(code, err, "is an mmdx report folder (mmdx explain)")
+    other = tiny_model.save(tmp_path / "other")
+    code, _, err = run(capsys, "explain", "--model", m, "--records", cohort["test"], "--ids", first, "--out", other)
+    one_line_error(code, err, "is an mmdx model directory")
+    assert snapshot(rep) == before and (other / "model.safetensors").is_file()
+
+
+def test_overwrite_never_deletes_a_file_a_forged_manifest_lists(capsys, tiny_model, tmp_path):
+    d = tiny_model.save(tmp_path / "m")
+    sums = json.loads((d / "checksums.json").read_text())
+    (d / "precious.txt").write_text("a user's file\n")
+    forged = sums | {"precious.txt": hashlib.sha256(b"a user's file\n").hexdigest()}  # even with its true sha256
+    (d / "checksums.json").write_text(json.dumps(forged))
+    with pytest.raises(UserError, match="precious.txt"):
+        tiny_model.save(d, overwrite=True)
+    code, _, err = run(capsys, "train", "--config", CFG, "--records", REPO / "nope.csv", "--out", d, "--overwrite")
+    one_line_error(code, err, "precious.txt")
+    assert (d / "precious.txt").read_text() == "a user's file\n"
+    (d / "precious.txt").unlink()
+    (d / "checksums.json").write_text(json.dumps(sums))
+    (d / "metrics.json").write_text("a user's notes, under a name mmdx uses\n")  # listed, but not what mmdx wrote
+    with pytest.raises(UserError, match="metrics.json"):
+        tiny_model.save(d, overwrite=True)
+    assert (d / "metrics.json").read_text().startswith("a user's notes")
+
+
+def test_a_swap_that_fails_midway_puts_the_earlier_output_back(tmp_path, monkeypatch):
+    out = tmp_path / "rep"
+    with output.staged_dir(out, "report") as d:
+        (d / "index.html").write_text("first\n")
+    before = snapshot(out)
+    real, calls = output._move_all, []
+
+    def failing(src, dst):  # the earlier output moves out, then the new one fails halfway in
+        calls.append(src)
+        real(src, dst)
+        if len(calls) == 2:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(output, "_move_all", failing)
+    with pytest.raises(OSError, match="disk full"):
+        with output.staged_dir(out, "report") as d:
+            (d / "index.html").write_text("second\n")
+            (d / "extra.html").write_text("second\n")
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]  # no staging folder left

@@ -1,5 +1,6 @@
 """Tests for the synthetic cohort: shape of the files, determinism, DICOM variety,
 lesion visibility through the standard display pipeline, and the planted rates."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,18 @@ def test_planted_rates_and_auroc(big):
         assert 0.7 < a < 0.9, (k, a)
     fused = _auroc(big[["lesion", "phrase", "lab_high"]].sum(axis=1).to_numpy(float), y)
     assert fused > max(aucs.values()) + 0.05, (fused, aucs)
+
+
+def test_an_empty_working_directory_is_filled_not_replaced(tmp_path, monkeypatch):
+    """`mkdir data && cd data && mmdx synth --out .`: the folder stays the same one (the shell is in it)."""
+    d = tmp_path / "data"
+    d.mkdir()
+    inode = d.stat().st_ino
+    monkeypatch.chdir(d)
+    p = make_cohort(".", n=20, seed=5, _write_images=False)
+    assert d.stat().st_ino == inode and os.getcwd() == str(d)
+    assert (d / "records_train.csv").is_file() and (d / ".mmdx-output.json").is_file()
+    assert p["train"].resolve() == d / "records_train.csv"
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["data"]  # no staging folder or lock left beside it
+    make_cohort(".", n=20, seed=5, _write_images=False)  # its own earlier cohort: replaced
+    assert os.getcwd() == str(d)

@@ -58,7 +58,7 @@ def cross_validate(config, records, folds: int = 5, out: Optional[str] = None, p
     if folds < 2:
         raise UserError("--folds must be at least 2")
     if out is not None:
-        check_dir_target(out, "report", inputs=[records])
+        check_dir_target(out, "cv", inputs=[records])
     cfg = DiagnosisModel.from_config(config).config
     rec = load_records(records, cfg, labels=True)
     fold = fold_of(rec, cfg, folds, cfg.train.seed)
@@ -97,7 +97,7 @@ def cross_validate(config, records, folds: int = 5, out: Optional[str] = None, p
     if out is not None:
         from multimodal.output import defuse_frame
 
-        with staged_dir(out, "report", inputs=[records]) as tmp:
+        with staged_dir(out, "cv", inputs=[records]) as tmp:
             defuse_frame(oof).to_csv(tmp / "predictions.csv", index=False)
             (tmp / "metrics.json").write_text(strict_json(result) + "\n")
     result["predictions"] = oof
