@@ -36,6 +36,7 @@ import bench_stats as st  # noqa: E402
 from bench_report import previous_report, updated, write_markdown  # noqa: E402
 
 BASELINE = "baseline: "  # prefix of the scikit-learn baselines' variant names
+MEAN_SINGLES = "mean of single-modality models"  # the plain mean of the "<modality> only" variants' probabilities
 
 DATASETS = {"medpix2": "medpix2.yaml", "ham10000": "ham10000.yaml", "iu_xray": "iu_xray.yaml"}
 QUICK = {"train.epochs": 2, "train.min_epochs": 1, "train.patience": 1, "train.ensemble": 1}
@@ -56,7 +57,10 @@ def text_model_path(name: str | None) -> str | None:
 
 def variants(cfg, text_model: str | None) -> dict[str, dict]:
     """name → config overrides; everything else (encoders, budget, seeds) is shared."""
-    v = {"attention": {}, "concat": {"fusion.type": "concat"}}
+    v = {"attention": {"fusion.strategy": "joint"}, "concat": {"fusion.type": "concat", "fusion.strategy": "joint"}}
+    if len(cfg.modalities) > 1:  # one network per modality, mixed on the hold-out (auto: beside the joint one)
+        shared = {"train.ensemble_holdout": "shared"}
+        v |= {"unimodal ensemble": {"fusion.strategy": "unimodal"} | shared, "auto": {"fusion.strategy": "auto"} | shared}
     if text_model and "text" in cfg.modalities:  # fine-tuned gently: a transformer forgets at lr 1e-3
         v["attention + pretrained text"] = {"text.encoder": "hf", "text.pretrained": text_model,
                                             "train.encoder_lr": (cfg.train.encoder_lr or {}) | {"text": 5e-5}}
@@ -289,10 +293,16 @@ def run_dataset(name: str, args, out: Path) -> dict:
     boots = st.bootstrap(y, probs, args.n_boot)
     summary = st.summarise(y, probs, boots)
     singles = [v for v in probs if v.endswith(" only")]
+    if len(singles) > 1 and len({len(probs[v]) for v in singles}) == 1:  # what training apart and averaging gives
+        probs[MEAN_SINGLES] = [np.mean(ps, 0) for ps in zip(*(probs[v] for v in singles))]
+        boots = st.bootstrap(y, probs, args.n_boot)
+        summary = st.summarise(y, probs, boots)
     best = max(singles, key=lambda v: summary[v]["auroc"]["value"]) if singles else None
     best_base = max(base_probs, key=lambda v: summary[v]["auroc"]["value"])
-    pairs = [("attention", best_base), ("attention", best), ("attention", "concat"), ("concat", best),
-             ("attention + pretrained text", best)]
+    pairs = [(f, other) for f in ("attention", "unimodal ensemble", "auto")
+             for other in (best_base, best, MEAN_SINGLES)]
+    pairs += [("attention", "concat"), ("concat", best), ("attention + pretrained text", best),
+              ("unimodal ensemble", "attention"), ("auto", "attention")]
     comparisons = [st.paired_difference(y, probs, boots, a, b) for a, b in pairs if a in probs and b in probs]
     floors = {v: float(np.mean([st.ece_floor(p) for p in ps])) for v, ps in probs.items() if ", " not in v}
     return {"dataset": name, "config": str(cfg_path.relative_to(ROOT)), "task": cfg.task.label,
