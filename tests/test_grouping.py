@@ -72,3 +72,34 @@ def test_cv_writes_one_out_of_fold_row_per_record(capsys, two_per_patient, tmp_p
     code, cmp_out, err = run_cli(capsys, "compare", out / "predictions.csv", out / "predictions.csv", "--labels",
                                  two_per_patient, "--group-column", "patient", "--n-boot", 50, "--names", "a", "b")
     assert code == 0, err
+
+
+def test_empty_group_cells_are_each_their_own_patient_everywhere(two_per_patient):
+    """The hold-out, CV folds and the baselines' folds use one definition of a patient: a record with an
+    empty group cell is its own patient (they all became one patient "nan" in hold-outs and folds)."""
+    from multimodal.data.records import load_records, patients
+    from multimodal.engine.baselines import folds, train_groups
+    from multimodal.engine.cv import fold_of
+    from multimodal.engine.train import groups_of, holdout_splits
+
+    df = pd.read_csv(two_per_patient, dtype=str, keep_default_na=False)
+    df.loc[df.index[:60], "patient"] = ""  # 60 records without a patient: 60 patients, not one
+    path = two_per_patient.parent / "some_empty_groups.csv"
+    df.to_csv(path, index=False)
+    cfg = _cfg()
+    rec = load_records(path, cfg, labels=True)
+    who = patients(rec.df, cfg)
+    assert len(set(who[:60])) == 60 and len(set(who)) == 60 + df["patient"].iloc[60:].nunique()
+    assert (groups_of(rec, cfg) == who).all() and (train_groups(rec.df, cfg) == who).all()
+    train, held = holdout_splits(rec, cfg)[0]
+    assert not set(patients(train.df, cfg)) & set(patients(held.df, cfg))
+    assert 0 < held.df.index.isin(range(60)).sum() < 60  # the empty-cell records spread, not held out together
+    y = rec.df["label"].astype(int).to_numpy()
+    for part in (fold_of(rec, cfg, 5, 0), None):
+        if part is None:
+            part = np.zeros(len(y), int)
+            for k, (_, test) in enumerate(folds(y, train_groups(rec.df, cfg))):
+                part[test] = k
+        for g in set(who):
+            assert len(set(part[who == g])) == 1  # a patient's records share a fold
+        assert len(set(part[:60])) > 1

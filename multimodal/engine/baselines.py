@@ -45,11 +45,10 @@ def train_groups(df: pd.DataFrame, cfg) -> Optional[np.ndarray]:
     """The patient of each row, when a patient can have several rows (data.group, or repeated ids);
     None when every row is its own patient. Splitting a patient's rows across folds would let a model
     recognise the patient rather than the disease."""
-    if cfg.data.group:
-        g = df[cfg.data.group]
-        return np.where(g.isna(), "id:" + df[cfg.data.id].astype(str), g.astype(str)).astype(str)
-    ids = df[cfg.data.id].astype(str)
-    return ids.to_numpy() if ids.duplicated().any() else None
+    from multimodal.data.records import patients
+
+    g = patients(df, cfg)
+    return g if cfg.data.group or len(set(g)) < len(g) else None
 
 
 def folds(y: np.ndarray, groups: Optional[np.ndarray] = None, n_splits: int = N_FOLDS,

@@ -26,7 +26,7 @@ from multimodal.engine.metrics import onehot, point_metrics, prob_matrix
 from multimodal.data.preprocess import Preprocessing
 from multimodal.progress import bar as progress_bar
 from multimodal.progress import say
-from multimodal.data.records import Records
+from multimodal.data.records import Records, patients
 
 log = logging.getLogger("mmdx")
 
@@ -113,8 +113,9 @@ def param_groups(net, cfg: Config) -> list[dict]:
 
 
 def groups_of(records: Records, cfg: Config) -> np.ndarray:
-    """Patient of each record: `data.group` when set, else the record id (repeated ids stay together)."""
-    return records.df[cfg.data.group or cfg.data.id].astype(str).to_numpy()
+    """Patient of each record (multimodal.data.records.patients: `data.group`, else the record id, so
+    repeated ids stay together and an empty group cell is its record's own patient)."""
+    return patients(records.df, cfg)
 
 
 def holdout_splits(records: Records, cfg: Config, n: int = 1) -> list[tuple[Records, Records]]:
