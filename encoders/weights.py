@@ -49,7 +49,9 @@ class Weights:
 
 
 def cache_dir() -> Path:
-    d = Path(os.environ.get("MMDX_CACHE") or Path.home() / ".cache" / "mmdx")
+    from multimodal.runtime import cache_root
+
+    d = cache_root()
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -16,7 +16,7 @@ from multimodal.model.build import build_network, member_config, member_plan
 from multimodal.config import Config, config_from_dict, load_config
 from multimodal.data.batches import RecordDataset
 from multimodal.errors import UserError
-from multimodal.engine.inference import (amp_dtype, die_with_parent, probabilities, resolve_device, run_inference,
+from multimodal.engine.inference import (amp_dtype, probabilities, resolve_device, run_inference,
                                          scored, start_early)
 from multimodal.engine.metrics import compute_metrics, predicted
 from multimodal.data.preprocess import Preprocessing
@@ -310,7 +310,7 @@ class DiagnosisModel:
         ds = RecordDataset(rec, self.prep, cfg.modalities, cfg)
 
         def loader(d, w: int, **kw):
-            return die_with_parent(make_loader(d, cfg, self.prep, False, self.device, batch_size, workers=w, **kw))
+            return make_loader(d, cfg, self.prep, False, self.device, batch_size, workers=w, **kw)
 
         if self.engine is None and self._build is not None:  # decode while the network builds
             sizes = None  # no images: nothing worth decoding ahead

@@ -45,3 +45,12 @@ def test_config_reference_is_current():
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert doc.read_text() == config_reference(), "docs/config.md is stale: run mmdx config --doc > docs/config.md"
     assert "| `threshold` |" in doc.read_text() and "sensitivity:0.9" in doc.read_text()
+
+
+def test_an_image_size_beyond_any_scan_is_refused():
+    """An edited config.json drives the memory of every resized image: 100000 px would take gigabytes."""
+    from multimodal import load_config
+    from multimodal.errors import UserError
+
+    with pytest.raises((UserError, ValueError)):
+        load_config(REPO / "configs" / "synthetic.yaml", {"image.size": 100_000})

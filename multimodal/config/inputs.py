@@ -59,7 +59,7 @@ class ImageConfig(_Strict):
     per epoch (1: the image as is; 2: + horizontal flip; 4: + vertical flips; 8: + 90-degree turns)."""
     in_chans: Literal[1, 3] = 1
     """1 (grayscale: CT, MR, X-ray) or 3 (colour: dermoscopy, pathology)."""
-    size: int = Field(128, ge=16)
+    size: int = Field(128, ge=16, le=4096)
     """Images are resized to size x size pixels."""
     token_grid: int = Field(4, ge=1)
     """Feature maps larger than this are average-pooled to token_grid x token_grid tokens per image."""

@@ -306,7 +306,7 @@ def pooled_features(records, cfg, cache: Optional[Path] = None, arch: str = "tf_
         return np.load(cache)["x"]
     ic = cfg.image
     mean, std = pretrained_stats(arch, ic.in_chans)
-    prep = ImagePreprocessor(ic, mean, std)
+    prep = ImagePreprocessor(ic, mean, std, confine=cfg.data.confine_images)
     enc = ENCODERS.create("timm", model_name=arch, in_chans=ic.in_chans, image_size=ic.size,
                           weights=resolve(weights, arch), freeze="all").eval()
     out = np.full((len(records), enc.output_dim), np.nan, np.float32)

@@ -21,7 +21,7 @@ from multimodal.engine import distributed
 from multimodal.config import Config, holdout_folds
 from multimodal.data.batches import Collate, RecordDataset, to_device
 from multimodal.errors import UserError
-from multimodal.engine.inference import amp_dtype, autocast, resolve_device, run_inference, scored
+from multimodal.engine.inference import amp_dtype, autocast, die_with_parent, resolve_device, run_inference, scored
 from multimodal.engine.metrics import onehot, point_metrics, prob_matrix
 from multimodal.data.preprocess import Preprocessing
 from multimodal.progress import bar as progress_bar
@@ -164,10 +164,11 @@ def make_loader(ds, cfg: Config, prep: Preprocessing, shuffle: bool, device: tor
     g = torch.Generator().manual_seed(seed)
     features = getattr(getattr(ds, "dataset", ds), "features", None)  # a Subset's too
     stage = features.stage if features is not None else 0
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=g,
-                      num_workers=workers, prefetch_factor=prefetch if workers else None,
-                      collate_fn=Collate(prep, cfg.modalities, cfg, image_stage=stage), pin_memory=device.type == "cuda",
-                      persistent_workers=persistent and workers > 0)
+    return die_with_parent(DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=g,
+        num_workers=workers, prefetch_factor=prefetch if workers else None,
+        collate_fn=Collate(prep, cfg.modalities, cfg, image_stage=stage), pin_memory=device.type == "cuda",
+        persistent_workers=persistent and workers > 0))
 
 
 def validation_score(y: np.ndarray, probs: np.ndarray, task: str) -> float:
