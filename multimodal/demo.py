@@ -144,6 +144,10 @@ def _run(work: Path, out: Path, n: int, epochs: Optional[int], seed: int, config
         t = model.metrics["training"]
         print(f"      {t['n_train']} patients, {len(t['history'])} epochs in {t['train_seconds']:.0f}s; "
               f"held-out AUROC {_fmt(results[name])}  → {out / 'models' / name}")
+        if "fusion" in t:  # a strategy of several networks: how the validation split weighed them
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in t["fusion"]["holdout_auroc_out_of_fold"].items())
+            weights = ", ".join(f"{'+'.join(m['modalities'])} {m['weight']:.2f}" for m in t["fusion"]["members"])
+            print(f"      chosen on validation: {t['fusion']['chosen']} ({weights}); out-of-fold AUROC {scores}")
     fused = models["fusion"]
     test_preds = {name: models[name].predict(cohort["test"]) for name in models}
     preds = test_preds["fusion"]
