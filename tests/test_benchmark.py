@@ -56,10 +56,14 @@ def test_quick_benchmark_medpix2(tmp_path):
     shared("medpix2")
     # configs/medpix2.yaml leaves its images out (no signal in them); the override keeps every image path
     # of the harness covered, and shows an override choosing the variants and baselines
-    report, md, out = _run(tmp_path, "--datasets", "medpix2", "--override", "modalities=image,text,tabular")
+    # (auto leaves out: it is the joint network plus the unimodal ensemble's, both covered here)
+    report, md, out = _run(tmp_path, "--datasets", "medpix2", "--override", "modalities=image,text,tabular",
+                           "--variants", "attention,concat,unimodal ensemble,image only,text only,tabular only")
     d = report["datasets"][0]
     singles = ["image only", "text only", "tabular only"]
-    assert {"attention", "concat", *singles} <= set(d["summary"])
+    assert {"attention", "concat", "unimodal ensemble", "mean of single-modality models", *singles} <= set(d["summary"])
+    assert {(c["a"], c["b"]) for c in d["comparisons"]} >= {
+        ("unimodal ensemble", "mean of single-modality models"), ("unimodal ensemble", d["best_baseline"])}
     assert sum(r["variant"] == "attention" for r in d["runs"]) == 2 and report["seeds"] == [0, 1]
     assert d["best_single"] in singles and d["comparisons"][1]["b"] == d["best_single"]
     baselines = [v for v in d["summary"] if v.startswith("baseline: ")]
@@ -76,7 +80,7 @@ def test_quick_benchmark_medpix2(tmp_path):
         assert f"| {v} | " in md
     assert "attention − " + d["best_single"] in md and "quick mode" in md
     assert "| TF-IDF + LR (text) | " in md  # the baselines' table
-    assert len(list((out / "runs").glob("*.json"))) == 10  # 5 variants x 2 seeds, kept for resuming
+    assert len(list((out / "runs").glob("*.json"))) == 12  # 6 variants x 2 seeds, kept for resuming
 
 
 def test_quick_benchmark_grouped_cv_predicts_every_patient_once(tmp_path):
