@@ -3,6 +3,7 @@ the job identified by content, columns by name; and a killed run leaves nothing 
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -269,7 +270,8 @@ def test_kill_9_takes_the_decoding_worker_along_and_resume_succeeds(capsys, mode
     if alive:
         os.kill(worker, signal.SIGKILL)
     assert not alive, "the decoding worker outlived its killed parent"
-    assert not [p for p in os.listdir("/dev/shm") if str(worker) in p or str(proc.pid) in p]
+    ours = re.compile(rf"(?<!\d)({worker}|{proc.pid})(?!\d)")  # a pid as a whole number: 2792 is not 27929
+    assert not [p for p in os.listdir("/dev/shm") if ours.search(p)]
     code, _, err = run_cli(capsys, *argv[:-1], "--resume", "--quiet")
     assert code == 0, err
     assert list(pd.read_csv(out, dtype=str)["id"]) == list(big["patient_id"])  # every row exactly once, in order
