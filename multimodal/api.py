@@ -16,8 +16,7 @@ from multimodal.model.build import build_network, member_config, member_plan
 from multimodal.config import Config, config_from_dict, load_config
 from multimodal.data.batches import RecordDataset
 from multimodal.errors import UserError
-from multimodal.engine.inference import (amp_dtype, probabilities, resolve_device, run_inference,
-                                         scored, start_early)
+from multimodal.engine.inference import amp_dtype, probabilities, resolve_device, run_inference, scored, start_early
 from multimodal.engine.metrics import compute_metrics, predicted
 from multimodal.data.preprocess import Preprocessing
 from multimodal.data.preprocess.image import MAX_VIEW_GROUPS
@@ -252,24 +251,18 @@ class DiagnosisModel:
     def _weigh_members(self, val: Records) -> dict:
         """fusion.strategy unimodal / auto: each network calibrated on the hold-out, then the weights of
         their mixture chosen there (multimodal.engine.stacking)."""
-        from multimodal.engine.stacking import answers_absent, calibrate_members, choose_weights, strategy_report
+        from multimodal.engine.stacking import fit_mixture
 
         rec, y = labelled(val, self.prep)
-        net, task, plan = self.net, self.config.task.type, member_plan(self.config)
+        cfg = self.config
         with self.uncalibrated():
             z, seen = self._member_logits(rec, 64, 0, None, calibrated=False)
-        answers = answers_absent(seen)
-        net.member_answers_absent.copy_(torch.as_tensor(answers))
-        seen = seen | answers[None]
-        tc = self.config.train
-        t, b = calibrate_members(z, seen, y, task, tc.calibrate_bias) if tc.calibrate else (
-            np.ones(len(plan)), np.zeros((len(plan), net.num_outputs)))
-        net.member_temperature.copy_(torch.as_tensor(t, dtype=net.member_temperature.dtype))
-        net.member_bias.copy_(torch.as_tensor(b, dtype=net.member_bias.dtype))
-        z = z / t[None, :, None] + b[None]
-        chosen, w, scores = choose_weights(self.config.fusion.strategy, plan, z, seen, y, task, self.config.train.seed)
-        net.member_weights.copy_(torch.as_tensor(w, dtype=net.member_weights.dtype))
-        return strategy_report(self.config.fusion.strategy, plan, z, y, w, chosen, scores, task)
+        buffers, report = fit_mixture(cfg.fusion.strategy, member_plan(cfg), z, seen, y, cfg.task.type,
+                                      cfg.train.calibrate, cfg.train.calibrate_bias, cfg.train.seed)
+        for name, value in buffers.items():
+            buf = getattr(self.net, name)
+            buf.copy_(torch.as_tensor(value, dtype=buf.dtype))
+        return report
 
     def _member_logits(self, rec: Records, batch_size: int, workers: int, absent, calibrated: bool = True):
         """A fusion strategy's networks side by side: logits [N, M, K] (each calibrated on its own, or

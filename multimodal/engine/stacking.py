@@ -158,6 +158,21 @@ def strategy_report(strategy: str, plan: list, z: np.ndarray, y: np.ndarray, w: 
             "holdout_auroc_out_of_fold": {k: round(v, 4) for k, v in scores.items()}}
 
 
+def fit_mixture(strategy: str, plan: list, z: np.ndarray, seen: np.ndarray, y: np.ndarray, task: str,
+                calibrate: bool = True, bias: bool = True, seed: int = 0) -> tuple[dict, dict]:
+    """Everything a strategy's mixture learns from the hold-out, from its networks' raw logits z
+    [N, M, K] and whether each saw the patient [N, M]: → ({buffer name: value} for the Ensemble, the
+    report metrics.json keeps)."""
+    answers = answers_absent(seen)
+    seen = seen | answers[None]
+    M, K = z.shape[1], z.shape[2]
+    t, b = calibrate_members(z, seen, y, task, bias) if calibrate else (np.ones(M), np.zeros((M, K)))
+    z = z / t[None, :, None] + b[None]
+    chosen, w, scores = choose_weights(strategy, plan, z, seen, y, task, seed)
+    buffers = {"member_answers_absent": answers, "member_temperature": t, "member_bias": b, "member_weights": w}
+    return buffers, strategy_report(strategy, plan, z, y, w, chosen, scores, task)
+
+
 def against_members(y: np.ndarray, P: np.ndarray, z: np.ndarray, plan: list, task: str, n_boot: int = 1000,
                     seed: int = 0, groups=None) -> dict:
     """The fused output beside what one would get without fusing: each modality's own network(s) and
