@@ -271,12 +271,9 @@ class DiagnosisModel:
 
         net = self.net
         K, M = net.num_outputs, len(net.members)
-        out = self._infer(rec, batch_size, workers, False, absent, logits=True, net=MemberOutputs(net))["logits"]
-        z, seen = out[:, :M * K].reshape(len(out), M, K), out[:, M * K:] > 0
-        if calibrated:
-            z = z / net.member_temperature.cpu().numpy()[None, :, None] + net.member_bias.cpu().numpy()[None]
-            seen = seen | net.member_answers_absent.cpu().numpy()[None]
-        return z, seen
+        out = self._infer(rec, batch_size, workers, False, absent, logits=True,
+                          net=MemberOutputs(net, calibrated))["logits"]
+        return out[:, :M * K].reshape(len(out), M, K), out[:, M * K:] > 0
 
     def _calibrate(self, z: np.ndarray, y: np.ndarray) -> dict:
         """Temperature (and bias) scaling on the hold-out logits (the patients early stopping used)."""

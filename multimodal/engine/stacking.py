@@ -4,9 +4,8 @@ Each network was early-stopped on the hold-out, never trained on it, so its hold
 fairest evidence there is of how much it should count. Each network is calibrated on its own there
 (temperature and bias), then the model's output is a weighted mean of their probabilities. Which
 weights is itself chosen on the hold-out, by cross-validation inside it: equal weights, or weights
-fitted by log-likelihood. On a hold-out of a hundred patients fitted weights chase its noise (on
-the demo cohort they lost 0.006 AUROC on the test patients to equal weights), so they are kept only
-where they score better on hold-out patients they were not fitted on.
+fitted by log-likelihood. On a hold-out of a hundred patients fitted weights chase its noise, so
+they are kept only where they score better on hold-out patients they were not fitted on.
 """
 from __future__ import annotations
 
@@ -72,22 +71,17 @@ def fit_member_weights(z: np.ndarray, seen: np.ndarray, y: np.ndarray, task: str
 
 
 def auroc(z: np.ndarray, y: np.ndarray, task: str) -> float:
-    """Macro one-vs-rest AUROC of logits z [N, K] (binary: K = 1), as the metrics report it."""
-    from sklearn.metrics import roc_auc_score
-
+    """Macro one-vs-rest AUROC of logits z [N, K] (binary: K = 1) over the columns where both outcomes
+    occur, as the metrics report it (comparison.auroc per column, labels missing in a column skipped)."""
+    from multimodal.engine.comparison import auroc as column_auroc
     from multimodal.engine.inference import probabilities
 
     ok = np.isfinite(z).all(1)
-    P = probabilities(torch.as_tensor(z[ok]), task).double().numpy()
+    P = probabilities(torch.as_tensor(z[ok]), task).double().numpy().reshape(int(ok.sum()), -1)
     y = np.asarray(y)[ok]
-    if task == "binary":
-        return float(roc_auc_score(y, P)) if len(np.unique(y)) == 2 else float("nan")
-    Y = np.eye(P.shape[1])[y.astype(int)] if task == "multiclass" else y
-    scores = []
-    for j in range(P.shape[1]):
-        valid = ~np.isnan(Y[:, j])
-        if len(np.unique(Y[valid, j])) == 2:
-            scores.append(roc_auc_score(Y[valid, j], P[valid, j]))
+    Y = np.eye(P.shape[1])[y.astype(int)] if task == "multiclass" else np.asarray(y, float).reshape(len(y), -1)
+    scores = [column_auroc(Y[v, j, None], P[v, j, None]) for j in range(P.shape[1])
+              for v in [~np.isnan(Y[:, j])] if len(np.unique(Y[v, j])) == 2]
     return float(np.mean(scores)) if scores else float("nan")
 
 

@@ -92,8 +92,8 @@ def build_network(cfg: Config, prep: Preprocessing, text_config: Optional[dict] 
     for modalities, offset in plan:
         torch.manual_seed(cfg.train.seed + offset)
         nets.append(_build_one(member_config(cfg, modalities, offset), prep, text_config, offline, shared))
-    weighted = cfg.fusion.strategy != "joint" and len(cfg.modalities) > 1
-    return Ensemble(nets, mixture=cfg.task.type if weighted else None)
+    mixed = any(len(mods) < len(cfg.modalities) for mods, _ in plan)  # networks that see different inputs
+    return Ensemble(nets, mixture=cfg.task.type if mixed else None)
 
 
 def _frozen(module) -> bool:

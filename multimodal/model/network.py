@@ -65,8 +65,9 @@ class Ensemble(nn.Module):
     their own (member_temperature, member_bias), and the output is the weighted mean of the members'
     probabilities, returned as logits. A member whose inputs a patient lacks still counts if it learnt
     what that absence says (member_answers_absent: the hold-out had such patients to calibrate it on),
-    and is left out otherwise (a text-only member that never met a patient without a report). Calibrating each member first keeps one
-    over-confident member from outvoting the rest, which averaging raw logits allows. The ensemble's
+    and is left out otherwise (a text-only member that never met a patient without a report).
+    Calibrating each member first keeps one over-confident member from outvoting the rest, which
+    averaging raw logits allows. The ensemble's
     own calibration is fitted once, on the combination, so those buffers live here and the members'
     own stay at temperature 1, bias 0. An encoder with nothing to train is one module shared by every
     member (safetensors stores it once)."""
@@ -101,8 +102,11 @@ class Ensemble(nn.Module):
             tokens.update(net.encode(batch, done))
         return tokens
 
-    def member_logits(self, batch: dict, absent: Optional[Iterable[str]] = None, return_attention: bool = False):
-        """Raw logits of every member [M, B, K] and whether it sees any of the patient's inputs [M, B]."""
+    def member_logits(self, batch: dict, absent: Optional[Iterable[str]] = None, return_attention: bool = False,
+                      calibrated: bool = False):
+        """Every member's logits [M, B, K] and whether it speaks for the patient [M, B]: raw, with
+        `seen` = the member sees some of the patient's inputs; or (`calibrated`, a mixture) each member
+        calibrated, and `seen` also true where the member answers for an absence."""
         done: dict[int, Tokens] = {}  # a shared encoder runs once per batch, not once per member
         z, seen = [], []
         hidden = set(absent or ())
@@ -111,7 +115,11 @@ class Ensemble(nn.Module):
             z.append(net.fuse(tokens, absent, return_attention))
             shown = [t.present for m, t in tokens.items() if m not in hidden]
             seen.append(torch.stack(shown).any(0) if shown else torch.zeros_like(z[-1][:, 0], dtype=torch.bool))
-        return torch.stack(z), torch.stack(seen)
+        z, seen = torch.stack(z), torch.stack(seen)
+        if calibrated and self.mixture is not None:
+            z = z / self.member_temperature[:, None, None] + self.member_bias[:, None, :]
+            seen = seen | self.member_answers_absent[:, None]
+        return z, seen
 
     def forward(self, batch: dict, absent: Optional[Iterable[str]] = None, return_attention: bool = False,
                 return_aux: bool = False):
@@ -119,12 +127,8 @@ class Ensemble(nn.Module):
             raise ValueError("an ensemble is trained one member at a time; train a member for aux outputs")
         if "image_group" in batch:
             return over_view_groups(batch, lambda b: self.forward(b, absent), return_attention)
-        z, seen = self.member_logits(batch, absent, return_attention)
-        if self.mixture is None:
-            fused = z.mean(0)
-        else:
-            z = z / self.member_temperature[:, None, None] + self.member_bias[:, None, :]
-            fused = mix(z, seen | self.member_answers_absent[:, None], self.member_weights, self.mixture)
+        z, seen = self.member_logits(batch, absent, return_attention, calibrated=True)
+        fused = z.mean(0) if self.mixture is None else mix(z, seen, self.member_weights, self.mixture)
         return fused / self.temperature + self.logit_bias
 
 
@@ -142,17 +146,19 @@ def mix(z: torch.Tensor, seen: torch.Tensor, weights: torch.Tensor, task: str) -
 
 
 class MemberOutputs(nn.Module):
-    """A weighted ensemble's members side by side, [B, M * (K + 1)]: each member's K raw logits, then
-    whether it saw the patient. What the hold-out weights are fitted on (inference's `logits` path)."""
+    """A weighted ensemble's members side by side, [B, M * (K + 1)]: each member's K logits, then
+    whether it speaks for the patient (Ensemble.member_logits). What the hold-out weights are fitted on
+    and evaluate compares with (inference's `logits` path)."""
 
-    def __init__(self, ensemble: Ensemble):
+    def __init__(self, ensemble: Ensemble, calibrated: bool = True):
         super().__init__()
-        self.ensemble, self.num_outputs = ensemble, len(ensemble.members) * (ensemble.num_outputs + 1)
+        self.ensemble, self.calibrated = ensemble, calibrated
+        self.num_outputs = len(ensemble.members) * (ensemble.num_outputs + 1)
 
     def forward(self, batch: dict, absent: Optional[Iterable[str]] = None):
         if "image_group" in batch:
             return over_view_groups(batch, lambda b: self.forward(b, absent))
-        z, seen = self.ensemble.member_logits(batch, absent)
+        z, seen = self.ensemble.member_logits(batch, absent, calibrated=self.calibrated)
         return torch.cat([z.permute(1, 0, 2).flatten(1), seen.T.to(z.dtype)], 1)
 
 
