@@ -14,13 +14,14 @@ weight of the network at random init, or has one the network lacks, is refused.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
+
+from multimodal.output import sha256_file
 
 # name → (python package, accessor class, timm architecture)
 PACKAGED = {
@@ -54,20 +55,6 @@ def cache_dir() -> Path:
     d = cache_root()
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def sha256_file(path: Union[str, Path], max_bytes: Optional[int] = None) -> str:
-    """`max_bytes`: read no further (a file that grows while it is hashed cannot hold the reader)."""
-    h = hashlib.sha256()
-    left = max_bytes if max_bytes is not None else -1
-    with open(path, "rb") as f:
-        while left:
-            chunk = f.read(1 << 20 if left < 0 else min(1 << 20, left))
-            if not chunk:
-                break
-            h.update(chunk)
-            left -= len(chunk) if left > 0 else 0
-    return h.hexdigest()
 
 
 def regular_file(path: Union[str, Path], what: str, max_bytes: int = MAX_WEIGHTS_BYTES) -> int:

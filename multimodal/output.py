@@ -125,9 +125,18 @@ def _written(d: Path) -> tuple[Optional[str], dict[str, str], str]:
     return kind, {str(k): v for k, v in listed.items()}, name
 
 
-def file_sha256(path: PathLike) -> str:
+def sha256_file(path: PathLike, max_bytes: Optional[int] = None) -> str:
+    """`max_bytes`: read no further (a file that grows while it is hashed cannot hold the reader)."""
+    h = hashlib.sha256()
+    left = max_bytes if max_bytes is not None else -1
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while left:
+            chunk = f.read(1 << 20 if left < 0 else min(1 << 20, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk) if left > 0 else 0
+    return h.hexdigest()
 
 
 def _unproven(d: Path, kind: str, files: dict[str, str], manifest: str) -> list[str]:
@@ -140,7 +149,7 @@ def _unproven(d: Path, kind: str, files: dict[str, str], manifest: str) -> list[
         if stat.S_ISDIR(mode) or rel == manifest:
             continue
         named = kind != "model" or ("/" not in rel and not rel.startswith(".") and rel.endswith((".json", ".safetensors")))
-        if not (named and stat.S_ISREG(mode) and rel in files and file_sha256(p) == files[rel]):
+        if not (named and stat.S_ISREG(mode) and rel in files and sha256_file(p) == files[rel]):
             bad.append(rel)
     return bad
 
@@ -310,7 +319,7 @@ def staged_dir(path: PathLike, kind: str, overwrite: bool = False, inputs: Input
         try:
             yield tmp
             if kind != "model":  # a model directory writes its own (checksums.json)
-                files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+                files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
                 (tmp / OUTPUT_MANIFEST).write_text(json.dumps({"kind": kind, "files": files}, indent=1) + "\n")
             guard(out, kind, inputs, overwrite)  # unchanged while we worked
             if not full.is_dir():
