@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/mmdx demo --out mmdx-demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 clean:

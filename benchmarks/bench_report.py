@@ -54,7 +54,7 @@ def _dataset(d: dict, plots_base: Path, md_dir: Path) -> list[str]:
                      f"{d['ece_floor'][v]:.3f} | {epochs} | {secs:.0f} |")
     base = [v for v in s if v.startswith("baseline: ")]
     if base:
-        lines += ["", "What a researcher would fit instead (`mmdx baselines`, multimodal/engine/baselines.py: "
+        lines += ["", "What a researcher would fit instead (`mmdx baselines`, multimodal/evaluation/baselines.py: "
                   "scikit-learn on the same training records, choices by 5-fold CV on them; image features: frozen ImageNet "
                   "EfficientNet-Lite0, mean over a patient's images):", "",
                   "| baseline | AUROC [95% CI] | AUPRC [95% CI] | ECE [95% CI] |", "|---|---|---|---|"]

@@ -6,15 +6,15 @@ draws patients with replacement; each variant's metric is computed per seed on t
 averaged over seeds. The 2.5/97.5 percentiles give a CI that reflects patient sampling (seed noise is
 averaged out and reported separately as the across-seed SD); the same resamples give paired CIs of
 differences such as fusion minus the best single modality. The resampling, intervals and paired
-differences are `mmdx compare`'s (multimodal.engine.comparison), so the benchmark and the command agree.
+differences are `mmdx compare`'s (multimodal.evaluation.comparison), so the benchmark and the command agree.
 """
 from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from multimodal.engine.calibration import expected_calibration_error
-from multimodal.engine.comparison import bootstrap_stats, ci95, difference
+from multimodal.evaluation.calibration import expected_calibration_error
+from multimodal.evaluation.bootstrap import bootstrap_stats, ci95, difference
 
 METRICS = ("auroc", "auprc", "ece")
 

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     from multimodal import DiagnosisModel
     from multimodal.config import load_config
     from multimodal.data.records import load_records
-    from multimodal.engine.inference import amp_dtype, resolve_device
+    from multimodal.inference.forward import amp_dtype, resolve_device
     from multimodal.synth import make_cohort
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():

@@ -80,13 +80,12 @@ def splits(ds_dir: Path, cfg, cv: int, quick: bool, seed: int = 0):
                   for r, n in zip((tr, va), QUICK_N))
     if not cv:
         return [("val", tr, va, np.arange(len(va)))], va
-    from sklearn.model_selection import StratifiedGroupKFold
+    from multimodal.data.splits import folds, patients
 
     pool = Records(pd.concat([tr.df, va.df], ignore_index=True), tr.root, f"{ds_dir.name} train+val")
-    y = pool.df[cfg.label_columns()[0]].astype(str)
-    folds = StratifiedGroupKFold(n_splits=cv, shuffle=True, random_state=seed)
+    y = pool.df[cfg.label_columns()[0]].astype(str).to_numpy()
     return [(f"fold{k}", pool.subset(a), pool.subset(b), b)
-            for k, (a, b) in enumerate(folds.split(pool.df, y, groups=pool.df[cfg.data.id]))], pool
+            for k, (a, b) in enumerate(folds(y, patients(pool.df, cfg), cv, seed))], pool
 
 
 def positive(model, df: pd.DataFrame) -> np.ndarray:
@@ -152,7 +151,7 @@ def run_baselines(cfg, parts, pool, n: int, work: Path) -> tuple[dict[str, np.nd
     import hashlib
 
     from multimodal.data.records import Records
-    from multimodal.engine.baselines import baselines, pooled_features
+    from multimodal.evaluation.baselines import baselines, pooled_features
 
     features = None
     if "image" in cfg.modalities:
@@ -202,7 +201,7 @@ def throughput(model, test, records_csv: Path, work: Path, threads: int) -> dict
     import torch
 
     from multimodal.data.batches import RecordDataset, to_device
-    from multimodal.engine.train import make_loader
+    from multimodal.data.batches import make_loader
 
     model_dir = model.model_dir or model.save(work / "model", overwrite=True)
     mmdx = Path(sys.executable).with_name("mmdx")
@@ -233,7 +232,7 @@ def throughput(model, test, records_csv: Path, work: Path, threads: int) -> dict
 
 def run_dataset(name: str, args, out: Path) -> dict:
     from multimodal.config import load_config
-    from multimodal.engine.plots import write_plots
+    from multimodal.evaluation.plots import write_plots
     from multimodal.data.preprocess.labels import LabelEncoder
 
     cfg_path = ROOT / "configs" / DATASETS[name]

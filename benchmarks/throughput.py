@@ -78,7 +78,7 @@ def forward_rates(model, records: Path, threads: int, onnx_path: Path) -> dict:
 
     from multimodal.data.batches import RecordDataset
     from multimodal.model.export import OnnxNetwork
-    from multimodal.engine.train import make_loader
+    from multimodal.data.batches import make_loader
 
     torch.set_num_threads(threads)
     cfg, rec = model.config, model.records(records)

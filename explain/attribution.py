@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from multimodal.data.batches import to_device
-from multimodal.engine.inference import probabilities
+from multimodal.inference.forward import probabilities
 from multimodal.model.network import members
 
 MODALITY_INPUTS = {"image": ("image",), "text": ("text_ids",), "tabular": ("num", "num_missing", "cat")}

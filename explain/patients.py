@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from multimodal.data.batches import RecordDataset, one_line
 from multimodal.data.preprocess.text import clean
-from multimodal.engine.train import make_loader
+from multimodal.data.batches import make_loader
 from multimodal.model.network import members
 
 from .attribution import (METHODS, _BatchResult, _cuda_safe, _fixed_target, _select, attribute_batch, class_probs,

@@ -1,12 +1,21 @@
 """mmdx: a multimodal diagnosis engine (medical images + clinical text + tabular features).
 
-Data flow, one folder per stage:
+Data flow, one package per stage, each importing only from those below it (the import-linter contract
+in pyproject.toml, checked by `make test`):
 
-    data/    records → decode (imageio, image_guard, series) → preprocess → batches (+ cached features)
-    model/   build (config → modules) → network → artifact (the model directory), export (ONNX)
-    engine/  train (+ distributed) → calibrate → infer, batch (streamed predict) → evaluate (metrics,
-             operating points, plots), cv, comparison, baselines (scikit-learn)
-    api.py and cli.py are the front doors; config/ says what to build; output.py is how anything is written.
+    api.py, cli.py, demo.py       the front doors (command_inputs.py: what each command reads)
+    explain/ (top level)          attributions, per-patient explanations, HTML reports
+    training/    recipe (split → preprocessing → network → members → calibration → operating point), loop
+    evaluation/  bootstrap (the one resampler), metrics, operating points, calibration, comparison,
+                 stacking (a fusion strategy's weights), baselines (scikit-learn), cv
+    inference/   forward (batched forward pass over records), batch + journal (streamed, resumable predict)
+    model/       build (config → modules) → network → artifact (the model directory), export (ONNX)
+    fusion/, encoders/ (top level)
+    data/        records → splits (who is a patient, folds, hold-outs) → decode (imageio, image_guard,
+                 series) → preprocess → batches (+ cached features)
+    config/      what to build, validated
+    ground       pretrained.py (weight catalogue), output.py (every file written), distributed.py
+                 (process state), inputs.py, progress.py, runtime.py, errors.py
 
 The public names load on first use (PEP 562), so `mmdx --help` and `import multimodal.cli` do not pull
 in torch, transformers or scikit-learn.
@@ -18,7 +27,7 @@ from multimodal.runtime import contain
 contain()  # before anything below can import a library that reads its telemetry switch once, at load
 
 __version__ = "0.1.0"
-_EXPORTS = {"DiagnosisModel": "api", "compare": "engine.comparison", "predict_baselines": "engine.baselines",
+_EXPORTS = {"DiagnosisModel": "api", "compare": "evaluation.comparison", "predict_baselines": "evaluation.baselines",
             "Config": "config", "load_config": "config",
             "load_records": "data.records", "Records": "data.records", "UserError": "errors", "RecordError": "errors"}
 __all__ = list(_EXPORTS)

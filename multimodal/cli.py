@@ -11,15 +11,15 @@ import sys
 from pathlib import Path
 
 from multimodal.errors import UserError
-from multimodal.inputs import command_inputs as _inputs  # what each command reads, for the output guard
+from multimodal.command_inputs import command_inputs as _inputs  # what each command reads, for the output guard
 from multimodal.runtime import tune_malloc
 
 
 def _train(a) -> None:
-    from multimodal.engine import distributed
+    from multimodal import distributed
     from multimodal.api import DiagnosisModel
     from multimodal.config import load_config, parse_overrides
-    from multimodal.engine.metrics import format_table
+    from multimodal.evaluation.metrics import format_table
     from multimodal.output import claim, guard
 
     cfg = load_config(a.config, parse_overrides(a.overrides))
@@ -48,14 +48,15 @@ def _train(a) -> None:
 
 def _cv(a) -> None:
     from multimodal.config import load_config, parse_overrides
-    from multimodal.engine.cv import cross_validate, format_cv
+    from multimodal.api import DiagnosisModel
+    from multimodal.evaluation.cv import cross_validate, format_cv
     from multimodal.output import guard
 
     cfg = load_config(a.config, parse_overrides(a.overrides))
     if a.image_root:
         cfg.data.image_root = a.image_root
     guard(a.out, "cv", _inputs(a, cfg))  # before the first fold, not after the last
-    result = cross_validate(cfg, a.records, folds=a.folds, out=a.out, progress=not a.quiet, n_boot=a.n_boot)
+    result = cross_validate(DiagnosisModel(cfg), a.records, folds=a.folds, out=a.out, progress=not a.quiet, n_boot=a.n_boot)
     print(format_cv(result))
     print(f"out-of-fold predictions (one row per record) and metrics written to {a.out}")
 
@@ -83,13 +84,13 @@ def _load(a, defer_network: bool = False):
 
 
 def _predict(a) -> None:
-    from multimodal.engine.batch import Shard
+    from multimodal import distributed
     from multimodal.output import guard
 
     guard(a.out, "file", _inputs(a))  # before the model loads
-    shard = Shard.from_env()
-    if shard.world > 1 and a.device is None and os.environ.get("LOCAL_RANK") and not a.onnx:
-        a.device = f"cuda:{os.environ['LOCAL_RANK']}"  # falls back to cpu where there is no GPU
+    shard = distributed.state()
+    if shard.world > 1 and a.device is None and not a.onnx:
+        a.device = f"cuda:{shard.local_rank}"  # falls back to cpu where there is no GPU
     model = _load(a, defer_network=True)  # built while the first images decode
     s = model.predict_file(a.records, a.out, chunk_rows=a.chunk_rows, resume=a.resume, batch_size=a.batch_size,
                      workers=a.workers, progress=not a.quiet, shard=shard)
@@ -111,7 +112,7 @@ def _export(a) -> None:
 
 
 def _evaluate(a) -> None:
-    from multimodal.engine.metrics import format_table
+    from multimodal.evaluation.metrics import format_table
     from multimodal.output import guard, write_json
 
     targets = ([a.out] if a.out else []) + [Path(a.plots) / n for n in ("roc.png", "reliability.png") if a.plots]
@@ -123,7 +124,7 @@ def _evaluate(a) -> None:
                        plots_dir=a.plots)
     print(format_table(m))
     if m.get("against_members"):
-        from multimodal.engine.stacking import format_against
+        from multimodal.evaluation.stacking import format_against
 
         print(format_against(m["against_members"]))
     if m["n_errors"]:
@@ -162,7 +163,7 @@ def _explain(a) -> None:
 
 
 def _compare(a) -> None:
-    from multimodal.engine.comparison import compare, format_report
+    from multimodal.evaluation.comparison import compare, format_report
     from multimodal.output import guard, write_json
 
     inputs = [a.labels, *a.predictions]
@@ -180,7 +181,7 @@ def _compare(a) -> None:
 
 def _baselines(a) -> None:
     from multimodal.config import load_config, parse_overrides
-    from multimodal.engine.baselines import predict_baselines, write_baselines
+    from multimodal.evaluation.baselines import predict_baselines, write_baselines
     from multimodal.output import guard, staged_dir
 
     cfg = load_config(a.config, parse_overrides(a.overrides))

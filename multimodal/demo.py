@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from multimodal.api import DiagnosisModel
-from multimodal.engine.metrics import format_table
+from multimodal.evaluation.metrics import format_table
 from multimodal.output import staged_dir, write_json, write_table
 from multimodal.synth import make_cohort
 
@@ -76,9 +76,9 @@ def _against(cohort: dict, config: Path, preds: dict, work: Path, out: Path) -> 
     weights are installed (the `pretrained` extra); the demo itself needs none."""
     import pandas as pd
 
-    from encoders.weights import WeightsError, packaged_file
-    from multimodal.engine.baselines import predict_baselines, write_baselines
-    from multimodal.engine.comparison import compare
+    from multimodal.pretrained import WeightsError, packaged_file
+    from multimodal.evaluation.baselines import predict_baselines, write_baselines
+    from multimodal.evaluation.comparison import compare
 
     try:
         packaged_file("efficientnet_lite0")

@@ -58,7 +58,7 @@ def test_counts_say_how_many_records_were_used(cohort, tmp_path):
 
 def test_holdout_keeps_each_patient_on_one_side(cohort):
     from multimodal.data.records import load_records
-    from multimodal.engine.train import holdout_splits
+    from multimodal.data.splits import holdout_splits
 
     cfg = load_config(CFG)
     df = pd.read_csv(cohort["train"], dtype=str)

@@ -1,4 +1,4 @@
-"""multimodal/engine/baselines.py (`mmdx baselines`, the harness's baseline rows): planted signals are
+"""multimodal/evaluation/baselines.py (`mmdx baselines`, the harness's baseline rows): planted signals are
 found, patients never straddle folds, the CLI writes files `mmdx compare` reads, and the IU numbers."""
 import hashlib
 import json
@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import REPO, one_line_error, run_cli, shared
 from multimodal.config import config_from_dict, load_config
-from multimodal.engine.baselines import baselines, folds, train_groups
+from multimodal.evaluation.baselines import baselines, folds, train_groups
 
 FILLER = [f"word{i}" for i in range(300)]
 

@@ -184,7 +184,7 @@ def test_onnx_export_predicts_like_pytorch(capsys, cohort, tmp_path):
 # -- decoding starts while the network builds ----------------------------------------------------------------------
 def _loader_and_dataset(model, records):
     from multimodal.data.batches import RecordDataset
-    from multimodal.engine.train import make_loader
+    from multimodal.data.batches import make_loader
 
     rec = model.records(records)
     ds = RecordDataset(rec, model.prep, model.config.modalities, model.config)
@@ -198,7 +198,7 @@ def test_start_early_yields_the_batches_of_a_plain_loader(tiny_model, big_record
     import torch
     from torch.utils.data import Subset
 
-    from multimodal.engine.inference import start_early
+    from multimodal.inference.forward import start_early
 
     ds, loader = _loader_and_dataset(tiny_model, big_records)
     assert len(ds) % 16 and len(ds) > 48  # a partial last batch, and a head shorter than the file

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from multimodal.engine.calibration import expected_calibration_error, fit_temperature
+from multimodal.evaluation.calibration import expected_calibration_error, fit_temperature
 
 
 @pytest.mark.parametrize("true_t", [0.5, 3.0])

@@ -1,4 +1,4 @@
-"""`mmdx compare` / multimodal.engine.comparison: paired bootstrap differences on planted gaps, the patient join, the CLI."""
+"""`mmdx compare` / multimodal.evaluation.comparison: paired bootstrap differences on planted gaps, the patient join, the CLI."""
 import json
 
 import numpy as np
@@ -7,7 +7,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from conftest import one_line_error, run_cli
-from multimodal.engine.comparison import auroc, compare, format_report, resampler
+from multimodal.evaluation.bootstrap import resampler
+from multimodal.evaluation.comparison import auroc, compare, format_report
 from multimodal.errors import UserError
 
 

@@ -110,8 +110,8 @@ def test_crossfit_members_early_stop_on_disjoint_folds_and_calibrate_out_of_fold
     """ensemble_holdout: crossfit. Each member holds out its own fold; calibration is fitted on each
     hold-out record's logits from the one member that never trained on it."""
     from multimodal import DiagnosisModel
-    from multimodal.engine.calibration import fit_temperature
-    from multimodal.engine.train import holdout_splits, labelled
+    from multimodal.evaluation.calibration import fit_temperature
+    from multimodal.data.splits import holdout_splits, labelled
     from multimodal.model.network import members
 
     over = {**ENS, "train.ensemble_holdout": "crossfit", "train.val_fraction": 0.34}

@@ -30,9 +30,9 @@ def _cfg(**extra):
 
 
 def test_holdout_and_folds_keep_patients_together(two_per_patient):
-    from multimodal.engine.cv import fold_of
+    from multimodal.data.splits import fold_of
     from multimodal.data.records import load_records
-    from multimodal.engine.train import holdout_splits
+    from multimodal.data.splits import holdout_splits
 
     cfg = _cfg()
     rec = load_records(two_per_patient, cfg, labels=True)
@@ -77,10 +77,11 @@ def test_cv_writes_one_out_of_fold_row_per_record(capsys, two_per_patient, tmp_p
 def test_empty_group_cells_are_each_their_own_patient_everywhere(two_per_patient):
     """The hold-out, CV folds and the baselines' folds use one definition of a patient: a record with an
     empty group cell is its own patient (they all became one patient "nan" in hold-outs and folds)."""
-    from multimodal.data.records import load_records, patients
-    from multimodal.engine.baselines import folds, train_groups
-    from multimodal.engine.cv import fold_of
-    from multimodal.engine.train import groups_of, holdout_splits
+    from multimodal.data.records import load_records
+    from multimodal.data.splits import patients
+    from multimodal.evaluation.baselines import folds, train_groups
+    from multimodal.data.splits import fold_of
+    from multimodal.data.splits import holdout_splits
 
     df = pd.read_csv(two_per_patient, dtype=str, keep_default_na=False)
     df.loc[df.index[:60], "patient"] = ""  # 60 records without a patient: 60 patients, not one
@@ -90,7 +91,7 @@ def test_empty_group_cells_are_each_their_own_patient_everywhere(two_per_patient
     rec = load_records(path, cfg, labels=True)
     who = patients(rec.df, cfg)
     assert len(set(who[:60])) == 60 and len(set(who)) == 60 + df["patient"].iloc[60:].nunique()
-    assert (groups_of(rec, cfg) == who).all() and (train_groups(rec.df, cfg) == who).all()
+    assert (patients(rec.df, cfg) == who).all() and (train_groups(rec.df, cfg) == who).all()
     train, held = holdout_splits(rec, cfg)[0]
     assert not set(patients(train.df, cfg)) & set(patients(held.df, cfg))
     assert 0 < held.df.index.isin(range(60)).sum() < 60  # the empty-cell records spread, not held out together

@@ -1,6 +1,6 @@
 import numpy as np
 
-from multimodal.engine.metrics import compute_metrics, format_table
+from multimodal.evaluation.metrics import compute_metrics, format_table
 
 
 def test_perfect_and_random_binary():

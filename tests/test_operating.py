@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, TINY, one_line_error, run_cli
-from multimodal.engine.operating import choose, confusion_metrics, parse_rule
+from multimodal.evaluation.operating import choose, confusion_metrics, parse_rule
 
 
 def test_rules_pick_the_cut_they_promise():

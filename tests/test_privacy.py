@@ -67,7 +67,7 @@ def test_scrub_keeps_names_out_of_the_vocabulary_however_many_patients_carry_the
 @pytest.mark.parametrize("empty", ["", None])
 def test_records_without_a_group_are_each_their_own_patient(cohort, empty):
     from multimodal.config import load_config
-    from multimodal.data.records import patients
+    from multimodal.data.splits import patients
 
     cfg = load_config(REPO / "configs" / "synthetic.yaml", {"data.group": "patient"})
     df = pd.DataFrame({"patient_id": ["a", "b", "c", "d"], "patient": ["p1", "p1", empty, empty]})

@@ -123,7 +123,7 @@ def test_resume_computes_again_a_part_that_does_not_match_its_journal(capsys, mo
 def test_merge_goes_by_column_name(capsys, model_dir, records, full, tmp_path):
     """A part whose columns are in another order but that is journaled (as a part written by another
     version of mmdx might be) is merged by name: prob_0 and prob_1 are not swapped."""
-    from multimodal.engine import journal
+    from multimodal.inference import journal
 
     out = tmp_path / "p.csv"
     parts = _interrupted(model_dir, records, out)
@@ -289,12 +289,13 @@ def test_an_early_decoding_worker_dies_with_its_parent(model_dir, cohort, tmp_pa
         import multiprocessing, os, sys, time
         sys.path.insert(0, {str(REPO)!r})
         import multimodal.api as api
+        import multimodal.inference.forward as forward
 
         def reads_nothing(net, batches, *a, **k):  # stands in for the forward pass: never takes a batch
             print(*(p.pid for p in multiprocessing.active_children()), flush=True)
             time.sleep(120)
 
-        api.run_inference = reads_nothing
+        forward.run_inference = reads_nothing
         m = api.DiagnosisModel.load({str(model_dir)!r}, device="cpu", defer_network=True)
         m.predict({str(recs)!r}, batch_size=4)
     """)

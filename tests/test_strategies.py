@@ -104,7 +104,7 @@ def _planted(n: int = 300, seed: int = 0):
 
 
 def test_weights_favour_the_planted_informative_network():
-    from multimodal.engine.stacking import fit_member_weights
+    from multimodal.evaluation.stacking import fit_member_weights
 
     z, y = _planted()
     w = fit_member_weights(z, np.ones((300, 3), bool), y, "binary")
@@ -113,7 +113,7 @@ def test_weights_favour_the_planted_informative_network():
 
 def test_auto_picks_the_planted_better_candidate():
     """auto over a joint network that carries the signal and two per-modality networks that do not."""
-    from multimodal.engine.stacking import choose_weights
+    from multimodal.evaluation.stacking import choose_weights
 
     z, y = _planted()
     plan = [(("image", "text"), 0), (("image",), 0), (("text",), 0)]

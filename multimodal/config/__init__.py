@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from multimodal.errors import UserError
 
-from .base import MODALITIES, _Strict
+from .base import MODALITIES, _Strict, parse_rule  # noqa: F401  (parse_rule: the operating-point rule)
 from .inputs import AugmentConfig, DecodeLimits, ImageConfig, TabularConfig, TextConfig
 
 __all__ = ["MODALITIES", "AugmentConfig", "Config", "DataConfig", "DecodeLimits", "FusionConfig", "ImageConfig",
@@ -50,8 +50,6 @@ class TaskConfig(_Strict):
 
     @model_validator(mode="after")
     def _values(self):
-        from multimodal.engine.operating import parse_rule
-
         labels = [self.label] if isinstance(self.label, str) else self.label
         if not labels or any(not str(c).strip() for c in labels):
             raise ValueError("task.label must name a column")

@@ -120,7 +120,7 @@ class ImageConfig(_Strict):
     def _weights(self):
         arch = None
         if isinstance(self.pretrained, str):  # only then: encoders imports torch
-            from encoders.weights import packaged_arch
+            from multimodal.pretrained import packaged_arch
 
             arch = packaged_arch(self.pretrained)
         if arch and self.encoder != arch:

@@ -2,13 +2,22 @@
 so one bad file never stops a batch job or shifts other rows."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import os
 import random
-from typing import Optional
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from multimodal.config import Config
 from multimodal.errors import RecordError
 from multimodal.data.preprocess import Preprocessing
 from multimodal.data.preprocess.image import record_paths
@@ -151,3 +160,51 @@ def _pad_rows(rows: list, length: int, shape: tuple = (), dtype=torch.float32) -
 def to_device(batch: dict, device: torch.device) -> dict:
     nb = device.type == "cuda"
     return {k: v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def make_loader(ds, cfg: Config, prep: Preprocessing, shuffle: bool, device: torch.device, batch_size: int,
+                seed: int = 0, workers: int = 0, sampler=None, prefetch: Optional[int] = None,
+                persistent: bool = True) -> DataLoader:
+    """`prefetch`: batches each worker may run ahead (DataLoader's prefetch_factor; its default 2 when
+    None). `persistent`: keep the workers between epochs."""
+    g = torch.Generator().manual_seed(seed)
+    features = getattr(getattr(ds, "dataset", ds), "features", None)  # a Subset's too
+    stage = features.stage if features is not None else 0
+    return die_with_parent(DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=g,
+        num_workers=workers, prefetch_factor=prefetch if workers else None,
+        collate_fn=Collate(prep, cfg.modalities, cfg, image_stage=stage), pin_memory=device.type == "cuda",
+        persistent_workers=persistent and workers > 0))
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(loader: DataLoader) -> DataLoader:
+    """`loader`, whose worker processes end when this process does, even by kill -9: an orphaned
+    worker would keep its decoded batches (hundreds of MB of shared memory) and every file this
+    process had open, the --out lock included, so that --resume is refused until someone kills it."""
+    loader.worker_init_fn = functools.partial(_tie_to_parent, os.getpid(), loader.worker_init_fn)
+    return loader
+
+
+def _tie_to_parent(parent: int, then: Optional[Callable], worker_id: int) -> None:
+    """DataLoader worker_init_fn. Linux: the kernel sends SIGKILL when the parent dies; elsewhere a
+    thread watches the parent. DataLoader's own watchdog is not enough: a worker whose queue feeder
+    is blocked on a pipe nobody reads never gets back to it."""
+    watch = True
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            watch = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+    if watch:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if then is not None:
+        then(worker_id)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)

@@ -78,7 +78,7 @@ def frozen_image_digest(encoder) -> str:
 
 
 def cache_root() -> Path:
-    from encoders.weights import cache_dir
+    from multimodal.pretrained import cache_dir
 
     return cache_dir() / "features"
 

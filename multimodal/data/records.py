@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-import numpy as np
 import pandas as pd
 
 from multimodal.config import Config
@@ -42,18 +41,6 @@ class Records:
 
     def subset(self, idx) -> "Records":
         return Records(self.df.iloc[idx].reset_index(drop=True), self.root, self.source)
-
-
-def patients(df: pd.DataFrame, config: Config) -> np.ndarray:
-    """The patient of each row: its `data.group` cell, else (no group column, or an empty cell) its id.
-    What privacy thresholds count: two records of one patient are one patient, so a name written in
-    both of them is still a single patient's."""
-    ids = "id:" + df[config.data.id].astype(str)
-    if not config.data.group:
-        return ids.to_numpy(dtype=str)
-    g = df[config.data.group]
-    empty = g.isna() | (g.astype(str).str.strip() == "")
-    return np.where(empty, ids, "group:" + g.astype(str)).astype(str)
 
 
 class Row:

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from encoders.weights import sha256_file
+from multimodal.output import sha256_file
 
 from multimodal.config import Config, config_from_dict
 from multimodal.errors import UserError

@@ -19,14 +19,11 @@ def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: 
     """`offline`: the weights come from a model directory next, so build the bare architecture from the
     stored config alone: no hub ids, folders, checkpoints or remote code are looked at."""
     if modality == "image":
-        from encoders.weights import Weights, WeightsError, resolve, timm_arch
+        from encoders.weights import Weights, resolve, timm_arch
 
         ic = cfg.image
-        try:
-            arch = timm_arch(ic.encoder)  # before any weights or cache file is touched
-            weights = Weights() if offline else resolve(ic.pretrained, arch)
-        except WeightsError as e:
-            raise UserError(str(e)) from None
+        arch = timm_arch(ic.encoder)  # before any weights or cache file is touched
+        weights = Weights() if offline else resolve(ic.pretrained, arch)
         enc = ENCODERS.create("timm", model_name=arch, in_chans=ic.in_chans, image_size=ic.size,
                               token_grid=ic.token_grid, weights=weights, freeze=ic.freeze)
         enc.weights_digest = weights.digest  # what feature caches are keyed by
@@ -47,13 +44,9 @@ def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: 
         if text_config is not None:
             return ENCODERS.create("hf", config=text_config, freeze=tc.freeze, pooling=tc.pooling)
         if tc.pretrained:
-            from encoders.weights import WeightsError, text_source
+            from encoders.weights import text_source
 
-            try:
-                source = text_source(tc.pretrained)
-            except WeightsError as e:
-                raise UserError(str(e)) from None
-            return ENCODERS.create("hf", pretrained=source, freeze=tc.freeze, pooling=tc.pooling)
+            return ENCODERS.create("hf", pretrained=text_source(tc.pretrained), freeze=tc.freeze, pooling=tc.pooling)
         return ENCODERS.create("hf", config={**tc.hf_config, "vocab_size": prep.text.vocab_size,
                                              "pad_token_id": prep.text.pad_id})
     t = prep.tabular

@@ -82,15 +82,12 @@ def _weights_digest(model) -> str:
 def _paired(model, path: Path) -> dict:
     """The record export made of this very file in the model directory: the size must be one recorded
     (so a huge file is never read), then the sha256 (read no further than that size)."""
-    from encoders.weights import WeightsError, regular_file, sha256_file
-
     from multimodal.model.artifact import exports
+    from multimodal.output import sha256_file
+    from multimodal.pretrained import regular_file
 
     _weights_digest(model)  # a saved model
-    try:
-        size = regular_file(path, "ONNX file")
-    except WeightsError as e:
-        raise UserError(str(e)) from None
+    size = regular_file(path, "ONNX file")
     recs = exports(model.model_dir)
     rec = recs.get(sha256_file(path, max_bytes=size)) if any(r["bytes"] == size for r in recs.values()) else None
     if rec is None:
@@ -132,7 +129,7 @@ def _session(path: Path, threads: Optional[int] = None):
 
 def _example_batch(model, records) -> dict:
     from multimodal.data.batches import RecordDataset
-    from multimodal.engine.train import make_loader
+    from multimodal.data.batches import make_loader
 
     rec = model.records(records)
     ds = RecordDataset(rec, model.prep, model.config.modalities, model.config, views="first")
@@ -146,7 +143,7 @@ def _example_batch(model, records) -> dict:
 def export_onnx(model, out, records, opset: int = 17) -> dict:
     """Trace the network on a batch of `records` into `out` (.onnx), check ONNX Runtime agrees with
     PyTorch on that batch within TOLERANCE, and return {"path", "max_abs_diff", "inputs"}."""
-    from encoders.weights import sha256_file
+    from multimodal.output import sha256_file
 
     from multimodal.model.artifact import record_export
 

@@ -1,7 +1,8 @@
 """The assembled model: one encoder per modality → fusion head → logits (calibrated: z / T + b)."""
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import contextlib
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -197,3 +198,17 @@ def over_view_groups(batch: dict, forward, extra_outputs: bool = False) -> torch
     z = forward(sub)
     total = z.new_zeros(B, *z.shape[1:]).index_add(0, rows, z)
     return total / torch.bincount(rows, minlength=B).to(z.dtype).view(B, *[1] * (z.dim() - 1))
+
+
+@contextlib.contextmanager
+def uncalibrated(net: nn.Module) -> Iterator[nn.Module]:
+    """Within the block `net` gives raw outputs (temperature 1, no bias): what calibration is fitted on,
+    or what it changed."""
+    saved = net.temperature.clone(), net.logit_bias.clone()
+    net.temperature.fill_(1.0)
+    net.logit_bias.zero_()
+    try:
+        yield net
+    finally:
+        net.temperature.copy_(saved[0])
+        net.logit_bias.copy_(saved[1])

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from multimodal.config import Config
-from multimodal.data.records import Records, patients
+from multimodal.data.records import Records
+from multimodal.data.splits import patients
+from multimodal.pretrained import text_source
 from multimodal.data.preprocess.image import ImagePreprocessor
 from multimodal.data.preprocess.labels import LabelEncoder
 from multimodal.data.preprocess.tabular import TabularPreprocessor
@@ -17,24 +19,13 @@ def _image_stats(cfg: Config) -> tuple[list[float], list[float]]:
     if ic.mean and ic.std:
         return ic.mean, ic.std
     if ic.pretrained:
-        from encoders.weights import is_local_spec, pretrained_stats
+        from multimodal.pretrained import is_local_spec, pretrained_stats
 
         tagged = isinstance(ic.pretrained, str) and "." in ic.pretrained and not is_local_spec(ic.pretrained)
         stats = pretrained_stats(ic.pretrained.removeprefix("hf-hub:") if tagged else ic.encoder, ic.in_chans)
         if stats:
             return stats
     return [0.5] * ic.in_chans, [0.5] * ic.in_chans
-
-
-def _text_source(spec: str) -> str:
-    from encoders.weights import WeightsError, text_source
-
-    from multimodal.errors import UserError
-
-    try:
-        return text_source(spec)
-    except WeightsError as e:
-        raise UserError(str(e)) from None
 
 
 @dataclass
@@ -53,7 +44,7 @@ class Preprocessing:
             prep.image = ImagePreprocessor(cfg.image, *_image_stats(cfg), confine=cfg.data.confine_images)
         if "text" in mods:
             tc = cfg.text
-            prep.text = (TextPreprocessor.from_pretrained(_text_source(tc.pretrained), tc)
+            prep.text = (TextPreprocessor.from_pretrained(text_source(tc.pretrained), tc)
                          if tc.encoder == "hf" and tc.pretrained
                          else TextPreprocessor.train(df[tc.column].tolist(), tc, who))
         if "tabular" in mods:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from multimodal.engine.calibration import _nll, fit_temperature
+from multimodal.evaluation.calibration import _nll, fit_temperature
 
 FOLDS = 5
 MIN_ABSENT = 5  # hold-out patients without a network's inputs needed to calibrate what it says of them
@@ -73,8 +73,8 @@ def fit_member_weights(z: np.ndarray, seen: np.ndarray, y: np.ndarray, task: str
 def auroc(z: np.ndarray, y: np.ndarray, task: str) -> float:
     """Macro one-vs-rest AUROC of logits z [N, K] (binary: K = 1) over the columns where both outcomes
     occur, as the metrics report it (comparison.auroc per column, labels missing in a column skipped)."""
-    from multimodal.engine.comparison import auroc as column_auroc
-    from multimodal.engine.inference import probabilities
+    from multimodal.evaluation.comparison import auroc as column_auroc
+    from multimodal.inference.forward import probabilities
 
     ok = np.isfinite(z).all(1)
     P = probabilities(torch.as_tensor(z[ok]), task).double().numpy().reshape(int(ok.sum()), -1)
@@ -111,25 +111,25 @@ def _out_of_fold(name: str, mask: np.ndarray, z: np.ndarray, seen: np.ndarray, y
 
 
 def choose_weights(strategy: str, plan: list, z: np.ndarray, seen: np.ndarray, y: np.ndarray, task: str,
-                   seed: int = 0, n_boot: int = 200) -> tuple[str, np.ndarray, dict[str, float]]:
+                   seed: int = 0, n_boot: int = 200, groups=None) -> tuple[str, np.ndarray, dict[str, float]]:
     """Each candidate's AUROC on hold-out patients its weights were not fitted on (out-of-fold over
     FOLDS folds of the hold-out), then the simplest candidate that no later one beats by more than one
     standard error of their paired difference (patients resampled; Breiman's one-standard-error
     rule): on a hundred patients, differences smaller than that are the draw of the hold-out.
+    `groups`: the patient of each row, so that a patient's rows are on one side of every inner fold.
     → (the choice, its weights fitted on the whole hold-out, every candidate's score)."""
-    from sklearn.model_selection import KFold, StratifiedKFold
-
-    from multimodal.engine.comparison import bootstrap_stats
+    from multimodal.data.splits import folds as split
+    from multimodal.evaluation.bootstrap import bootstrap_stats
 
     y = np.asarray(y)
     n, cands = len(y), candidates(strategy, plan)
     strat = task != "multilabel" and np.bincount(y.astype(int)).min() >= FOLDS
-    split = (StratifiedKFold if strat else KFold)(FOLDS, shuffle=True, random_state=seed)
-    folds = list(split.split(np.zeros(n), y if strat else None)) if n >= 2 * FOLDS else []
+    units = n if groups is None else len(set(groups))
+    folds = split(y if strat else np.zeros(n), groups, FOLDS, seed) if units >= 2 * FOLDS else []
     oof = {k: _out_of_fold(k, m, z, seen, y, task, folds) for k, m in cands.items() if folds or k[:6] != "fitted"}
     scores = {k: auroc(v, y, task) for k, v in oof.items()}
     boots = bootstrap_stats(y if task != "multilabel" else np.zeros(n), lambda idx: {
-        k: auroc(v[idx], y[idx], task) for k, v in oof.items()}, n_boot, seed) if task != "multilabel" else {}
+        k: auroc(v[idx], y[idx], task) for k, v in oof.items()}, n_boot, seed, groups) if task != "multilabel" else {}
     best = next(iter(oof))
     for k in list(oof)[1:]:
         d = np.asarray(boots.get(k, [np.nan])) - np.asarray(boots.get(best, [np.nan]))
@@ -153,7 +153,7 @@ def strategy_report(strategy: str, plan: list, z: np.ndarray, y: np.ndarray, w: 
 
 
 def fit_mixture(strategy: str, plan: list, z: np.ndarray, seen: np.ndarray, y: np.ndarray, task: str,
-                calibrate: bool = True, bias: bool = True, seed: int = 0) -> tuple[dict, dict]:
+                calibrate: bool = True, bias: bool = True, seed: int = 0, groups=None) -> tuple[dict, dict]:
     """Everything a strategy's mixture learns from the hold-out, from its networks' raw logits z
     [N, M, K] and whether each saw the patient [N, M]: → ({buffer name: value} for the Ensemble, the
     report metrics.json keeps)."""
@@ -162,7 +162,7 @@ def fit_mixture(strategy: str, plan: list, z: np.ndarray, seen: np.ndarray, y: n
     M, K = z.shape[1], z.shape[2]
     t, b = calibrate_members(z, seen, y, task, bias) if calibrate else (np.ones(M), np.zeros((M, K)))
     z = z / t[None, :, None] + b[None]
-    chosen, w, scores = choose_weights(strategy, plan, z, seen, y, task, seed)
+    chosen, w, scores = choose_weights(strategy, plan, z, seen, y, task, seed, groups=groups)
     buffers = {"member_answers_absent": answers, "member_temperature": t, "member_bias": b, "member_weights": w}
     return buffers, strategy_report(strategy, plan, z, y, w, chosen, scores, task)
 
@@ -173,10 +173,10 @@ def against_members(y: np.ndarray, P: np.ndarray, z: np.ndarray, plan: list, tas
     the plain mean of their probabilities, as AUROCs with 95% CIs and paired-bootstrap differences
     (fused minus each) on the same resamples of the same patients. y: labels, P: fused probabilities
     [N] or [N, K], z: the members' calibrated logits [N, M, K]."""
-    from multimodal.engine.comparison import auroc as fast_auroc
-    from multimodal.engine.comparison import bootstrap_stats, ci95, difference
-    from multimodal.engine.inference import probabilities
-    from multimodal.engine.metrics import onehot, prob_matrix
+    from multimodal.evaluation.comparison import auroc as fast_auroc
+    from multimodal.evaluation.bootstrap import bootstrap_stats, ci95, difference
+    from multimodal.inference.forward import probabilities
+    from multimodal.evaluation.metrics import onehot, prob_matrix
 
     if task == "multilabel":
         return {}

@@ -5,7 +5,8 @@ import warnings
 
 import numpy as np
 
-from multimodal.engine.calibration import expected_calibration_error
+from multimodal.evaluation.bootstrap import ci95, resamples
+from multimodal.evaluation.calibration import expected_calibration_error
 
 
 def prob_matrix(probs: np.ndarray, task: str) -> np.ndarray:
@@ -29,29 +30,6 @@ def predicted(P: np.ndarray, task: str, thresholds=None) -> np.ndarray:
         return np.stack([1 - pos, pos], 1)
     t = np.asarray(thresholds if thresholds else [0.5] * P.shape[1])
     return (P >= t).astype(int)
-
-
-def percentile_ci(values: list[float]) -> list[float]:
-    """95% percentile interval of bootstrap values; undefined (NaN) with fewer than 10 usable resamples."""
-    if len(values) < 10:
-        return [np.nan, np.nan]
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
-
-
-def bootstrap_indices(n: int, n_boot: int, seed: int = 0, groups=None):
-    """Row indices of each percentile-bootstrap resample; with `groups`, whole patients are drawn, so a
-    patient's several records go in or out together (records of one patient are not independent)."""
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        for _ in range(n_boot):
-            yield rng.integers(0, n, n)
-        return
-    codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
-    order = np.argsort(codes, kind="stable")
-    starts = np.searchsorted(codes[order], np.arange(codes.max() + 2))
-    members = [order[starts[g]:starts[g + 1]] for g in range(codes.max() + 1)]
-    for _ in range(n_boot):
-        yield np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
 
 
 def point_metrics(Y: np.ndarray, P: np.ndarray, task: str, thresholds=None) -> dict[str, float]:
@@ -87,20 +65,20 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, task: str, classes: list[s
     Y = onehot(np.asarray(y), task, P.shape[1])
     point = point_metrics(Y, P, task, thresholds)
     boots = {k: [] for k in point}
-    for idx in bootstrap_indices(len(Y), n_boot, seed, groups):
+    for idx in resamples(len(Y), n_boot, seed, groups):
         for k, v in point_metrics(Y[idx], P[idx], task, thresholds).items():
             if np.isfinite(v):
                 boots[k].append(v)
 
     def stat(k):
-        return {"value": float(point[k]), "ci95": percentile_ci(boots[k])}
+        return {"value": float(point[k]), "ci95": ci95(boots[k])}
 
     overall = {m: stat(m) for m in ("auroc", "auprc", "accuracy", "f1", "ece")}
     per_class = {c: {m: stat(f"{m}/{j}") for m in ("auroc", "auprc", "f1")} | {"support": int(Y[:, j].sum())}
                  for j, c in enumerate(classes)}
     out = {"n": int(len(Y)), "task": task, "overall": overall, "per_class": per_class, "n_bootstrap": n_boot}
     if task != "multiclass":
-        from multimodal.engine.operating import at_threshold
+        from multimodal.evaluation.operating import at_threshold
 
         ts = list(thresholds) if thresholds else [0.5] * (1 if task == "binary" else P.shape[1])
         cols = [1] if task == "binary" else range(P.shape[1])

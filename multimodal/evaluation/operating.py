@@ -10,29 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-RULES = ("youden", "sensitivity", "specificity")
-
-
-def parse_rule(rule) -> tuple[str, float]:
-    """→ ("fixed", t) | ("youden", 0) | ("sensitivity", x) | ("specificity", x); ValueError if malformed."""
-    if isinstance(rule, (int, float)) and not isinstance(rule, bool):
-        if not 0 < float(rule) < 1:
-            raise ValueError(f"threshold {rule} must lie strictly between 0 and 1")
-        return "fixed", float(rule)
-    text = str(rule).strip().lower()
-    if text == "youden":
-        return "youden", 0.0
-    name, _, value = text.partition(":")
-    if name in ("sensitivity", "specificity"):
-        try:
-            x = float(value)
-        except ValueError:
-            x = float("nan")
-        if not 0 < x < 1:
-            raise ValueError(f"threshold {rule!r}: the target {name} must lie strictly between 0 and 1")
-        return name, x
-    raise ValueError(f"threshold {rule!r}: use a number, 'youden', 'sensitivity:0.9' or 'specificity:0.95'")
-
+from multimodal.config import parse_rule
 
 def choose(y: np.ndarray, p: np.ndarray, rule) -> float:
     """The cut for one binary output: y in {0, 1}, p the calibrated probability of 1."""
@@ -56,6 +34,21 @@ def choose(y: np.ndarray, p: np.ndarray, rule) -> float:
     return float(cuts[i])
 
 
+def thresholds_for(y: np.ndarray, P: np.ndarray, task: str, rule) -> list[float]:
+    """The cut of each output (binary: one; multilabel: one per label) by `rule`, on the rows scored
+    and labelled for that output."""
+    from multimodal.inference.forward import scored
+
+    if task == "binary":
+        ok = scored(P)
+        return [choose(y[ok], P[ok], rule)]
+    ts = []
+    for j in range(P.shape[1]):
+        ok = ~np.isnan(P[:, j]) & ~np.isnan(y[:, j])
+        ts.append(choose(y[ok, j], P[ok, j], rule))
+    return ts
+
+
 def confusion_metrics(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float]:
     y, pred = np.asarray(y).astype(int), (np.asarray(p) >= t).astype(int)
     tp, fp = int(((pred == 1) & (y == 1)).sum()), int(((pred == 1) & (y == 0)).sum())
@@ -72,12 +65,12 @@ def at_threshold(y: np.ndarray, p: np.ndarray, t: float, n_boot: int = 1000, see
                  groups: np.ndarray | None = None) -> dict:
     """Sensitivity, specificity, PPV, NPV and F1 at the cut, with 95% percentile bootstrap CIs over
     patients (`groups`: resample patients, keeping their records together)."""
-    from multimodal.engine.metrics import bootstrap_indices, percentile_ci
+    from multimodal.evaluation.bootstrap import ci95, resamples
 
     point = confusion_metrics(y, p, t)
     boots = {k: [] for k in point}
-    for idx in bootstrap_indices(len(y), n_boot, seed, groups):
+    for idx in resamples(len(y), n_boot, seed, groups):
         for k, v in confusion_metrics(y[idx], p[idx], t).items():
             if np.isfinite(v):
                 boots[k].append(v)
-    return {"threshold": float(t)} | {k: {"value": float(v), "ci95": percentile_ci(boots[k])} for k, v in point.items()}
+    return {"threshold": float(t)} | {k: {"value": float(v), "ci95": ci95(boots[k])} for k, v in point.items()}

@@ -1,14 +1,9 @@
-"""Device/AMP choice and the batched forward pass shared by validation, predict and evaluate."""
+"""Device/AMP choice and the batched forward pass shared by validation, calibration, predict and evaluate."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import itertools
 import os
-import signal
-import sys
-import threading
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -16,7 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from multimodal.data.batches import to_device
+from multimodal.data.batches import RecordDataset, make_loader, to_device
+from multimodal.data.preprocess.image import MAX_VIEW_GROUPS
+from multimodal.errors import UserError
 from multimodal.progress import bar as progress_bar
 
 
@@ -61,39 +58,6 @@ def shared_memory_budget(cap: int = 512 << 20) -> int:
     except OSError:
         return 0
     return min(cap, st.f_bavail * st.f_frsize // 4)
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(loader: DataLoader) -> DataLoader:
-    """`loader`, whose worker processes end when this process does, even by kill -9: an orphaned
-    worker would keep its decoded batches (hundreds of MB of shared memory) and every file this
-    process had open, the --out lock included, so that --resume is refused until someone kills it."""
-    loader.worker_init_fn = functools.partial(_tie_to_parent, os.getpid(), loader.worker_init_fn)
-    return loader
-
-
-def _tie_to_parent(parent: int, then: Optional[Callable], worker_id: int) -> None:
-    """DataLoader worker_init_fn. Linux: the kernel sends SIGKILL when the parent dies; elsewhere a
-    thread watches the parent. DataLoader's own watchdog is not enough: a worker whose queue feeder
-    is blocked on a pipe nobody reads never gets back to it."""
-    watch = True
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            watch = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0
-    if os.getppid() != parent:  # it died before the line above took effect
-        os._exit(1)
-    if watch:
-        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    if then is not None:
-        then(worker_id)
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
 
 
 def start_early(ds, loader: Callable[..., DataLoader], batch_size: int, workers: int,
@@ -155,3 +119,41 @@ def run_inference(net, loader: Iterable[dict], device: torch.device, task: str, 
     if probs is None:  # every record failed
         probs = np.full((n,), np.nan) if task == "binary" and not logits else np.full((n, net.num_outputs), np.nan)
     return {"logits" if logits else "probs": probs, "errors": errors, "seconds": time.perf_counter() - t0, "model_seconds": t_model}
+
+
+def infer_records(network: Callable[[], object], rec, cfg, prep, device: torch.device, *, batch_size: int = 64,
+                  workers: int = 0, progress: bool = False, absent=None, logits: bool = False,
+                  early: bool = False) -> dict:
+    """run_inference over `rec` (Records) with the fitted preprocessing `prep`. `network()` is called
+    once the batches are under way, so with `early=True` a network still to be built (a lazily loaded
+    model directory) builds while the first images decode (see start_early)."""
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    ds = RecordDataset(rec, prep, cfg.modalities, cfg)
+
+    def loader(d, w: int, **kw):
+        return make_loader(d, cfg, prep, False, device, batch_size, workers=w, **kw)
+
+    if early:
+        sizes = None  # no images: nothing worth decoding ahead
+        if "image" in cfg.modalities:
+            groups = MAX_VIEW_GROUPS if ds.all_views else 1
+            sizes = [prep.image.decoded_bytes(cells, groups)
+                     for cells in rec.df[cfg.image.columns].itertuples(index=False)]
+        batches = start_early(ds, loader, batch_size, workers, sizes)
+    else:
+        batches = loader(ds, workers)
+    return run_inference(network(), batches, device, cfg.task.type, amp_dtype(device, cfg.train.amp),
+                         progress=progress, absent=absent, logits=logits, n=len(ds))
+
+
+def member_logits(net, rec, cfg, prep, device: torch.device, *, batch_size: int = 64, workers: int = 0,
+                  absent=None, calibrated: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A fusion strategy's networks side by side: logits [N, M, K] (each calibrated on its own, or raw)
+    and whether each saw the patient [N, M]."""
+    from multimodal.model.network import MemberOutputs
+
+    K, M = net.num_outputs, len(net.members)
+    out = infer_records(lambda: MemberOutputs(net, calibrated), rec, cfg, prep, device, batch_size=batch_size,
+                        workers=workers, absent=absent, logits=True)["logits"]
+    return out[:, :M * K].reshape(len(out), M, K), out[:, M * K:] > 0

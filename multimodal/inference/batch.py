@@ -6,7 +6,7 @@ and must be splittable across processes without changing a byte of the result:
 - records are read in chunks of `chunk_rows`; each chunk's predictions are written at once, as one
   Parquet part (exact floats) in a hidden folder beside the output, by atomic rename;
 - `resume=True` keeps the parts of an interrupted run of the same job, each checked against the
-  journal written with it (see multimodal.engine.journal); the merge goes by column name;
+  journal written with it (see multimodal.inference.journal); the merge goes by column name;
 - under torchrun (WORLD_SIZE > 1) chunk i belongs to rank i % WORLD_SIZE; rank 0 merges the parts in
   input order into the one output file, which appears whole by rename, then removes the parts.
 
@@ -17,37 +17,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 import pandas as pd
 
-from encoders.weights import sha256_file
+from multimodal.output import sha256_file
 
 from multimodal.data.records import iter_record_chunks
-from multimodal.engine import journal
+from multimodal.distributed import ProcessState
+from multimodal.inference import journal
 from multimodal.errors import UserError
 from multimodal.output import atomic_file, check_file_target, claim, defuse_frame
 
 log = logging.getLogger("mmdx")
 
 
-@dataclass(frozen=True)
-class Shard:
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_env(cls) -> "Shard":
-        """torchrun's WORLD_SIZE / RANK; a plain process is rank 0 of 1."""
-        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-        if not 0 <= rank < world:
-            raise UserError(f"RANK={rank} is outside WORLD_SIZE={world}")
-        return cls(rank, world)
+Shard = ProcessState  # which chunks are this process's: chunk i is rank i % world's
 
 
 def _write_part(df: pd.DataFrame, path: Path) -> str:
@@ -183,8 +171,8 @@ def _predict_chunks(model, records: Path, parts: Path, ident: dict, shard: Shard
             n_chunks = i + 1
             mine = i % shard.world == shard.rank
             if mine and not _kept(parts, i, ident, rec, model.config.data.id):
-                result = model._infer(rec, ident["batch_size"], workers, False)  # a deferred network builds here
-                sha = _write_part(model._frame(rec, result), journal.part_path(parts, i))
+                frame = model.predict(rec, batch_size=ident["batch_size"], workers=workers)  # a deferred network builds here
+                sha = _write_part(frame, journal.part_path(parts, i))
                 journal.record(parts, i, ident, len(rec), sha)
                 done += len(rec)
             bar.update(len(rec) if mine else 0)

@@ -9,17 +9,45 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from multimodal.errors import UserError
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """Where this process stands among torchrun's: the one place WORLD_SIZE, RANK and LOCAL_RANK are
+    read (in the spirit of accelerate's PartialState). Streamed prediction shards by it too."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "ProcessState":
+        env = os.environ
+        world, rank = int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0"))
+        if not 0 <= rank < world:
+            raise UserError(f"RANK={rank} is outside WORLD_SIZE={world}")
+        return cls(rank, world, int(env.get("LOCAL_RANK", "0")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def state() -> ProcessState:
+    return ProcessState.from_env()
+
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return state().world
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return state().rank
 
 
 def active() -> bool:
@@ -33,7 +61,7 @@ def is_main() -> bool:
 def device_for_rank(requested: torch.device) -> torch.device:
     """One GPU per process (LOCAL_RANK) where the run is on CUDA."""
     if active() and requested.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", state().local_rank)
     return requested
 
 

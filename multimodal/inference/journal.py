@@ -28,7 +28,7 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-from encoders.weights import sha256_file
+from multimodal.output import sha256_file
 
 from multimodal.errors import UserError
 from multimodal.output import MODEL_MANIFEST, atomic_file, strict_json
@@ -113,8 +113,8 @@ def prepare(parts: Path, ident: dict, resume: bool) -> int:
         if old is None:
             raise UserError(f"{parts} exists but is not an mmdx batch job's folder; move it away")
         if resume and old.get("format") != FORMAT:
-            raise UserError(f"--resume: the interrupted run was written by another version of mmdx; "
-                            f"rerun without --resume to start over")
+            raise UserError("--resume: the interrupted run was written by another version of mmdx; "
+                            "rerun without --resume to start over")
         if resume and old != ident:
             changed = sorted(k for k in set(ident) | set(old) if old.get(k) != ident.get(k))
             raise UserError(f"--resume: the interrupted run differs in {', '.join(changed)}; "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -20,51 +19,31 @@ import pandas as pd
 from multimodal.errors import UserError
 from multimodal.output import staged_dir, strict_json
 from multimodal.data.records import Records
+from multimodal.data.splits import fold_of, has_label, labelled, patients
 
 log = logging.getLogger("mmdx")
 
 
-def fold_of(records: Records, cfg, folds: int, seed: int) -> np.ndarray:
-    """Fold index per record; no patient in two folds."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    from multimodal.engine.train import groups_of
-
-    groups = groups_of(records, cfg)
-    if len(set(groups)) < folds:
-        raise UserError(f"{records.source}: {len(set(groups))} patients cannot fill {folds} folds")
-    strata = records.df[cfg.label_columns()[0]].astype(str).to_numpy() if cfg.task.type != "multilabel" \
-        else np.zeros(len(records))
-    if np.unique(strata, return_counts=True)[1].min() < folds:  # a class too rare to be in every fold
-        strata = np.zeros(len(records))  # patient-grouped, shuffled, unstratified
-    out = np.full(len(records), -1)
-    split = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, test) in enumerate(split.split(np.zeros(len(records)), strata, groups)):
-        out[test] = k
-    return out
-
-
-def cross_validate(config, records, folds: int = 5, out: Optional[str] = None, progress: bool = False,
+def cross_validate(estimator, records, folds: int = 5, out: Optional[str] = None, progress: bool = False,
                    n_boot: int = 1000) -> dict:
-    """Train `folds` models; return per-fold and pooled out-of-fold metrics (95% CIs over patients) and
-    the out-of-fold predictions (one row per record, in input order). `out`: a folder for
-    predictions.csv and metrics.json."""
-    from multimodal.api import DiagnosisModel
-    from multimodal.engine.metrics import compute_metrics
+    """Train `folds` models, each a fresh `estimator.clone()` (an unfitted DiagnosisModel, as
+    scikit-learn's model selection clones its estimator); return per-fold and pooled out-of-fold
+    metrics (95% CIs over patients) and the out-of-fold predictions (one row per record, in input
+    order). `out`: a folder for predictions.csv and metrics.json."""
+    from multimodal.evaluation.metrics import compute_metrics
     from multimodal.output import check_dir_target
     from multimodal.data.records import load_records
-    from multimodal.engine.train import groups_of, labelled
 
     if folds < 2:
         raise UserError("--folds must be at least 2")
     if out is not None:
         check_dir_target(out, "cv", inputs=[records])
-    cfg = DiagnosisModel.from_config(config).config
+    cfg = estimator.config
     rec = load_records(records, cfg, labels=True)
     fold = fold_of(rec, cfg, folds, cfg.train.seed)
     rows, per_fold, t0 = [None] * folds, [], time.perf_counter()
     for k in range(folds):
-        model = DiagnosisModel(cfg.model_copy(deep=True))
+        model = estimator.clone()
         model.fit(rec.subset(np.flatnonzero(fold != k)), None, progress=progress)
         test = rec.subset(np.flatnonzero(fold == k))
         pred = model.predict(test)
@@ -87,12 +66,12 @@ def cross_validate(config, records, folds: int = 5, out: Optional[str] = None, p
     _, y = labelled(rec, model.prep)
     P = _probs(oof, model.classes, cfg.task.type)[keep]
     ok = ~np.isnan(P).any(1) if P.ndim == 2 else ~np.isnan(P)
-    groups = groups_of(rec, cfg)[keep][ok]
+    groups = patients(rec.df, cfg)[keep][ok]
     pooled = compute_metrics(y[ok], P[ok], cfg.task.type, model.classes, n_boot=n_boot, seed=cfg.train.seed,
                              groups=groups)  # each fold's own threshold is in the pred column; this is at 0.5
     pooled.pop("operating_point", None)
     result = {"folds": folds, "seed": cfg.train.seed, "per_fold": per_fold, "pooled": pooled,
-              "n_records": len(rec), "n_patients": int(len(set(groups_of(rec, cfg)))),
+              "n_records": len(rec), "n_patients": int(len(set(patients(rec.df, cfg)))),
               "seconds": time.perf_counter() - t0}
     if out is not None:
         from multimodal.output import defuse_frame
@@ -105,8 +84,6 @@ def cross_validate(config, records, folds: int = 5, out: Optional[str] = None, p
 
 
 def _labelled_rows(rec: Records, prep) -> np.ndarray:
-    from multimodal.engine.train import has_label
-
     return has_label(prep.labels.encode(rec.df))
 
 
@@ -116,7 +93,7 @@ def _probs(pred: pd.DataFrame, classes: list[str], task: str) -> np.ndarray:
 
 
 def format_cv(result: dict) -> str:
-    from multimodal.engine.metrics import format_table
+    from multimodal.evaluation.metrics import format_table
 
     lines = [f"{result['folds']}-fold grouped CV over {result['n_records']} records of {result['n_patients']} "
              f"patients ({result['seconds']:.0f} s)"]

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from multimodal.engine.calibration import calibration_points
-from multimodal.engine.metrics import onehot, prob_matrix
+from multimodal.evaluation.calibration import calibration_points
+from multimodal.evaluation.metrics import onehot, prob_matrix
 
 
 def write_plots(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str], out_dir,

@@ -26,11 +26,11 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
-from multimodal.engine.comparison import auroc
+from multimodal.data.splits import folds as split
+from multimodal.evaluation.comparison import auroc
 from multimodal.data.preprocess.labels import LabelEncoder
 from multimodal.output import strict_json, write_table
 
@@ -45,7 +45,7 @@ def train_groups(df: pd.DataFrame, cfg) -> Optional[np.ndarray]:
     """The patient of each row, when a patient can have several rows (data.group, or repeated ids);
     None when every row is its own patient. Splitting a patient's rows across folds would let a model
     recognise the patient rather than the disease."""
-    from multimodal.data.records import patients
+    from multimodal.data.splits import patients
 
     g = patients(df, cfg)
     return g if cfg.data.group or len(set(g)) < len(g) else None
@@ -59,9 +59,7 @@ def folds(y: np.ndarray, groups: Optional[np.ndarray] = None, n_splits: int = N_
     k = int(min(n_splits, np.bincount(y.astype(int), minlength=2).min(), units))
     if k < 2:
         raise ValueError(f"too few positives, negatives or patients ({units}) for cross-validation")
-    if groups is None:
-        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
-    return list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups))
+    return split(y, groups, k, seed)
 
 
 def _take(obj, idx):

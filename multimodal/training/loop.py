@@ -2,31 +2,28 @@
 early stopping on validation AUROC with the best weights restored. Seeded and reproducible."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import os
 from collections import Counter
 import math
 import random
 import time
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from multimodal.engine import distributed
-from multimodal.config import Config, holdout_folds
-from multimodal.data.batches import Collate, RecordDataset, to_device
+from multimodal import distributed
+from multimodal.config import Config
+from multimodal.data.batches import RecordDataset, make_loader, to_device
 from multimodal.errors import UserError
-from multimodal.engine.inference import amp_dtype, autocast, die_with_parent, resolve_device, run_inference, scored
-from multimodal.engine.metrics import onehot, point_metrics, prob_matrix
+from multimodal.inference.forward import amp_dtype, autocast, resolve_device, run_inference, scored
+from multimodal.evaluation.metrics import onehot, point_metrics, prob_matrix
 from multimodal.data.preprocess import Preprocessing
 from multimodal.progress import bar as progress_bar
 from multimodal.progress import say
-from multimodal.data.records import Records, patients
+from multimodal.data.records import Records
+from multimodal.data.splits import labelled
 
 log = logging.getLogger("mmdx")
 
@@ -35,21 +32,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def has_label(y: np.ndarray) -> np.ndarray:
-    """Rows with a target: class index >= 0, or a multilabel row that is not all NaN."""
-    return ~np.isnan(y).all(1) if y.ndim == 2 else y >= 0
-
-
-def labelled(records: Records, prep: Preprocessing) -> tuple[Records, np.ndarray]:
-    """Encode labels and drop unlabelled rows (training/evaluation need a target)."""
-    y = prep.labels.encode(records.df)
-    prep.labels.check(records.df, y, records.source)
-    keep = has_label(y)
-    if not keep.all():
-        log.warning("%s: %d records without a label are skipped", records.source, int((~keep).sum()))
-    return records.subset(np.flatnonzero(keep)), y[keep]
 
 
 def class_balance(y: np.ndarray, task: str, k: int) -> np.ndarray:
@@ -112,63 +94,12 @@ def param_groups(net, cfg: Config) -> list[dict]:
     return groups
 
 
-def groups_of(records: Records, cfg: Config) -> np.ndarray:
-    """Patient of each record (multimodal.data.records.patients: `data.group`, else the record id, so
-    repeated ids stay together and an empty group cell is its record's own patient)."""
-    return patients(records.df, cfg)
-
-
-def holdout_splits(records: Records, cfg: Config, n: int = 1) -> list[tuple[Records, Records]]:
-    """Validation hold-out(s) when the user gives no validation records: the first `n` (train, hold-out)
-    pairs of one stratified, seeded, patient-grouped K-fold split, K = round(1 / val_fraction), so
-    their hold-outs are disjoint (train.ensemble_holdout: crossfit). Split before preprocessing is
-    fitted, so a single hold-out's patients never reach the vocabulary or the scaler statistics."""
-    from multimodal.engine.cv import fold_of
-
-    n_groups = len(set(groups_of(records, cfg)))
-    if n_groups < 2:
-        raise UserError(f"{records.source}: a validation hold-out needs at least 2 patients")
-    k = min(holdout_folds(cfg.train.val_fraction), n_groups)
-    fold = fold_of(records, cfg, k, seed=cfg.train.seed)
-    return [(records.subset(np.flatnonzero(fold != j)), records.subset(np.flatnonzero(fold == j)))
-            for j in range(min(n, k))]
-
-
-def check_disjoint(train: Records, val: Records, cfg: Config) -> None:
-    """Validation patients that are also training patients make every validation number a lie."""
-    same = train.source == val.source != "records"
-    with contextlib.suppress(OSError):
-        same = same or os.path.samefile(train.source, val.source)
-    if same:
-        raise UserError(f"--val {val.source} is the training records file; give other patients or omit --val")
-    shared = set(groups_of(train, cfg)) & set(groups_of(val, cfg))
-    if shared:
-        what = cfg.data.group or cfg.data.id
-        raise UserError(f"{val.source}: {len(shared)} validation patients ({what}) are also in the training "
-                        f"records, e.g. {sorted(shared)[0]!r}")
-
-
 def check_loadable(failed: dict[int, str], n: int, what: str, cfg: Config) -> None:
     """More than `train.max_skipped` of the records failing means a setting is wrong, not the data."""
     if n and len(failed) / n > cfg.train.max_skipped:
         common, count = Counter(failed.values()).most_common(1)[0]
         raise UserError(f"{len(failed)} of {n} {what} records cannot be loaded (more than train.max_skipped="
                         f"{cfg.train.max_skipped:g}); most common error ({count}x): {common}")
-
-
-def make_loader(ds, cfg: Config, prep: Preprocessing, shuffle: bool, device: torch.device, batch_size: int,
-                seed: int = 0, workers: int = 0, sampler=None, prefetch: Optional[int] = None,
-                persistent: bool = True) -> DataLoader:
-    """`prefetch`: batches each worker may run ahead (DataLoader's prefetch_factor; its default 2 when
-    None). `persistent`: keep the workers between epochs."""
-    g = torch.Generator().manual_seed(seed)
-    features = getattr(getattr(ds, "dataset", ds), "features", None)  # a Subset's too
-    stage = features.stage if features is not None else 0
-    return die_with_parent(DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=g,
-        num_workers=workers, prefetch_factor=prefetch if workers else None,
-        collate_fn=Collate(prep, cfg.modalities, cfg, image_stage=stage), pin_memory=device.type == "cuda",
-        persistent_workers=persistent and workers > 0))
 
 
 def validation_score(y: np.ndarray, probs: np.ndarray, task: str) -> float:

@@ -11,61 +11,20 @@ Only numpy and pandas: `from multimodal import compare` must not need a model or
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 
 from multimodal.errors import UserError
 from multimodal.data.records import read_table
+from multimodal.evaluation.bootstrap import bootstrap_stats, ci95, difference
 
 MIN_PAIRED = 10
 PathOrFrame = Union[str, Path, pd.DataFrame]
 
 
 # -- paired bootstrap -------------------------------------------------------------------------------------------
-def resampler(n: int, groups: Optional[Sequence] = None) -> Callable[[np.random.Generator], np.ndarray]:
-    """Row indices of one resample. With `groups`, whole groups are drawn with replacement: records of
-    one patient are not independent evidence, and resampling them apart makes CIs too narrow."""
-    if groups is None:
-        return lambda rng: rng.integers(0, n, n)
-    codes = pd.factorize(pd.Series(list(groups)))[0]
-    k, rows = int(codes.max()) + 1, np.arange(n)
-    return lambda rng: np.repeat(rows, np.bincount(rng.integers(0, k, k), minlength=k)[codes])
-
-
-def bootstrap_stats(y, statistic: Callable[[np.ndarray], dict], n_boot: int = 2000, seed: int = 0,
-                    groups: Optional[Sequence] = None) -> dict:
-    """{key: [n_boot] values} of `statistic(idx) -> {key: value}`, every key on the same resamples so
-    that any two can be differenced. A resample that lacks a class of `y` is NaN for every key, as
-    AUROC is undefined there (keys never computed are absent)."""
-    y = np.asarray(y)
-    draw, k = resampler(len(y), groups), len(np.unique(y))
-    rng = np.random.default_rng(seed)
-    out: dict = {}
-    for b in range(n_boot):
-        idx = draw(rng)
-        if len(np.unique(y[idx])) < k:
-            continue
-        for key, v in statistic(idx).items():
-            out.setdefault(key, np.full(n_boot, np.nan))[b] = v
-    return out
-
-
-def ci95(samples) -> list[float]:
-    """Percentile interval; NaN when fewer than 10 resamples were defined (no honest interval then)."""
-    s = np.asarray(samples, dtype=float)
-    s = s[np.isfinite(s)]
-    return [float(np.percentile(s, 2.5)), float(np.percentile(s, 97.5))] if len(s) >= 10 else [np.nan, np.nan]
-
-
-def difference(value: float, samples_a, samples_b) -> dict:
-    """a − b. `p_le_0`: the share of resamples where a does not beat b, a one-sided bootstrap p-value."""
-    d = np.asarray(samples_a, dtype=float) - np.asarray(samples_b, dtype=float)
-    d = d[np.isfinite(d)]
-    return {"value": float(value), "ci95": ci95(d), "p_le_0": float((d <= 0).mean()) if len(d) else np.nan}
-
-
 def auroc(Y: np.ndarray, S: np.ndarray) -> float:
     """Mean one-vs-rest AUROC over the columns of Y [n, J] (0/1) and scores S [n, J]; ties count half.
     The Mann-Whitney form gives sklearn's roc_auc_score exactly, at a fraction of its cost, which

@@ -1,0 +1,1 @@
+"""Evaluation: metrics with grouped-bootstrap CIs, operating points, calibration, comparisons, baselines and CV."""

@@ -1,0 +1,61 @@
+"""The one bootstrap: resamples of rows or of whole patients, and their percentile intervals.
+
+Every confidence interval mmdx reports (evaluate, operating points, compare, cv, the fusion
+strategies' comparisons) resamples through `resampler`, so records of one patient go in or out
+together everywhere: they are not independent evidence, and resampling them apart makes CIs too
+narrow."""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+
+def resampler(n: int, groups: Optional[Sequence] = None) -> Callable[[np.random.Generator], np.ndarray]:
+    """Row indices of one resample. With `groups`, whole groups are drawn with replacement: records of
+    one patient are not independent evidence, and resampling them apart makes CIs too narrow."""
+    if groups is None:
+        return lambda rng: rng.integers(0, n, n)
+    codes = pd.factorize(pd.Series(list(groups)))[0]
+    k, rows = int(codes.max()) + 1, np.arange(n)
+    return lambda rng: np.repeat(rows, np.bincount(rng.integers(0, k, k), minlength=k)[codes])
+
+
+def bootstrap_stats(y, statistic: Callable[[np.ndarray], dict], n_boot: int = 2000, seed: int = 0,
+                    groups: Optional[Sequence] = None) -> dict:
+    """{key: [n_boot] values} of `statistic(idx) -> {key: value}`, every key on the same resamples so
+    that any two can be differenced. A resample that lacks a class of `y` is NaN for every key, as
+    AUROC is undefined there (keys never computed are absent)."""
+    y = np.asarray(y)
+    draw, k = resampler(len(y), groups), len(np.unique(y))
+    rng = np.random.default_rng(seed)
+    out: dict = {}
+    for b in range(n_boot):
+        idx = draw(rng)
+        if len(np.unique(y[idx])) < k:
+            continue
+        for key, v in statistic(idx).items():
+            out.setdefault(key, np.full(n_boot, np.nan))[b] = v
+    return out
+
+
+def ci95(samples) -> list[float]:
+    """Percentile interval; NaN when fewer than 10 resamples were defined (no honest interval then)."""
+    s = np.asarray(samples, dtype=float)
+    s = s[np.isfinite(s)]
+    return [float(np.percentile(s, 2.5)), float(np.percentile(s, 97.5))] if len(s) >= 10 else [np.nan, np.nan]
+
+
+def difference(value: float, samples_a, samples_b) -> dict:
+    """a − b. `p_le_0`: the share of resamples where a does not beat b, a one-sided bootstrap p-value."""
+    d = np.asarray(samples_a, dtype=float) - np.asarray(samples_b, dtype=float)
+    d = d[np.isfinite(d)]
+    return {"value": float(value), "ci95": ci95(d), "p_le_0": float((d <= 0).mean()) if len(d) else np.nan}
+
+
+def resamples(n: int, n_boot: int, seed: int = 0, groups: Optional[Sequence] = None) -> Iterator[np.ndarray]:
+    """The row indices of `n_boot` seeded resamples (see resampler)."""
+    draw, rng = resampler(n, groups), np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield draw(rng)

@@ -1,0 +1,30 @@
+"""Metrics of a model's outputs on labelled records: what `fit` reports on validation patients and
+`evaluate` on test patients."""
+from __future__ import annotations
+
+import numpy as np
+
+from multimodal.data.splits import patients
+from multimodal.errors import UserError
+from multimodal.evaluation.metrics import compute_metrics
+from multimodal.evaluation.plots import write_plots
+from multimodal.inference.forward import scored
+
+
+def scored_metrics(cfg, prep, allrec, rec, y: np.ndarray, P: np.ndarray, n_boot: int, plots_dir=None) -> dict:
+    """compute_metrics on the rows that could be scored, with CIs over patients; `allrec`: every record
+    given (the unlabelled ones are counted), `rec`/`y`: the labelled ones; `plots_dir` also gets
+    roc.png and reliability.png."""
+    ok = scored(P)
+    if ok.sum() < 2:
+        raise UserError(f"{rec.source}: fewer than 2 records could be scored")
+    task, classes = cfg.task.type, prep.labels.names
+    groups = patients(rec.df, cfg)[ok] if cfg.data.group else None
+    m = compute_metrics(y[ok], P[ok], task, classes, n_boot=n_boot, seed=cfg.train.seed,
+                        thresholds=prep.labels.thresholds, groups=groups)
+    m["n_errors"] = int((~ok).sum())
+    m["n_unlabelled"] = len(allrec) - len(rec)
+    if plots_dir is not None:
+        m["plots"] = [str(p) for p in write_plots(y[ok], P[ok], task, classes, plots_dir,
+                                                  operating_point=m.get("operating_point"))]
+    return m

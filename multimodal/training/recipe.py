@@ -1,0 +1,166 @@
+"""The fit recipe: records in, a calibrated network with its operating point and validation metrics out.
+
+Split (a patient-grouped hold-out, crossfit folds, or the user's validation records) → fit the
+preprocessing on training patients only → build the network → train it, or each ensemble member or
+fusion-strategy network in turn → weigh a strategy's networks on the hold-out → temperature scaling →
+the operating point → validation metrics. DiagnosisModel.fit calls `fit` once and stores what it
+returns; nothing here calls back into the API."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from multimodal import distributed
+from multimodal.config import Config
+from multimodal.data.preprocess import Preprocessing
+from multimodal.data.records import Records
+from multimodal.data.splits import check_disjoint, holdout_splits, labelled, patients
+from multimodal.evaluation.evaluate import scored_metrics
+from multimodal.evaluation.operating import thresholds_for
+from multimodal.inference.forward import infer_records, member_logits, probabilities, resolve_device, scored
+from multimodal.model.build import build_network, member_config, member_plan
+from multimodal.model.network import members, uncalibrated
+from multimodal.progress import say
+from multimodal.training.loop import fit as train_network
+from multimodal.training.loop import seed_everything
+
+Split = tuple[Records, Records]
+
+
+class Fitted(NamedTuple):
+    prep: Preprocessing
+    net: torch.nn.Module
+    metrics: dict
+
+
+def fit(cfg: Config, train: Records, val: Optional[Records] = None, prep: Optional[Preprocessing] = None,
+        progress: bool = True) -> Fitted:
+    """`prep`: an already fitted preprocessing to keep (inputs encoded exactly as before); None fits it
+    on the training patients."""
+    tc = cfg.train
+    if val is None:
+        splits = holdout_splits(train, cfg, tc.ensemble if tc.ensemble_holdout == "crossfit" else 1)
+        if len(splits) == 1:  # preprocessing never sees the one hold-out; crossfit's folds cover every record
+            train = splits[0][0]
+    else:
+        splits = [(train, val)]
+        check_disjoint(train, val, cfg)
+    distributed.init(distributed.device_for_rank(resolve_device(tc.device)))
+    prep = prep if prep is not None else fitted_preprocessing(cfg, train)
+    seed_everything(tc.seed)  # weight init is part of what the seed fixes
+    net = build_network(cfg, prep)
+    summary = train_members(net, prep, cfg, splits, progress)
+    if not distributed.is_main():  # rank 0 calibrates, scores and saves
+        return Fitted(prep, net, {"training": summary})
+    if getattr(net, "weighted", False):
+        summary["fusion"] = weigh_members(net, prep, cfg, splits[0][1])
+    val_rec, rec, y, z = holdout_logits(net, prep, cfg, splits)
+    if tc.calibrate:
+        summary.update(calibrate(net, z, y, cfg))
+    # calibrated as the network does it (float32): one set of probabilities for threshold and metrics
+    z = torch.as_tensor(z, dtype=torch.float32) / net.temperature.cpu() + net.logit_bias.cpu()
+    P = probabilities(z, cfg.task.type).double().numpy()
+    summary.update(set_thresholds(prep, cfg, y, P))
+    validation = scored_metrics(cfg, prep, val_rec, rec, y, P, n_boot=200)
+    return Fitted(prep, net, {"training": summary, "validation": validation})
+
+
+def fitted_preprocessing(cfg: Config, train: Records) -> Preprocessing:
+    """Under torchrun every rank must hold rank 0's vocabulary and statistics, so rank 0 fits and
+    sends them."""
+    if not distributed.active():
+        return Preprocessing.fit(cfg, train)
+    prep = Preprocessing.fit(cfg, train) if distributed.is_main() else None
+    state = distributed.from_main(
+        {"state": prep.state(), "tokenizer": prep.text.to_json() if prep.text else None} if prep else None)
+    return prep or Preprocessing.from_state(cfg, state["state"], state["tokenizer"])
+
+
+def train_members(net, prep: Preprocessing, cfg: Config, splits: list[Split], progress: bool) -> dict:
+    """Train the network, or each ensemble member in turn with its own seed and modalities, on the one
+    split or (crossfit) on its own."""
+    nets = members(net)
+    if len(nets) == 1:
+        return train_network(net, prep, cfg, *splits[0], progress=progress)
+    runs, plan = [], member_plan(cfg)
+    for i, (member, (modalities, offset)) in enumerate(zip(nets, plan)):
+        mcfg = member_config(cfg, modalities, offset)
+        if progress:
+            say(f"ensemble member {i + 1}/{len(nets)} ({'+'.join(modalities)}, seed {mcfg.train.seed})")
+        runs.append(train_network(member, prep, mcfg, *splits[i % len(splits)], progress=progress))
+    summary = dict(runs[0])
+    summary["train_seconds"] = sum(r["train_seconds"] for r in runs)
+    summary["members"] = [{"modalities": list(mods), "seed": cfg.train.seed + offset,
+                           "best_epoch": r["best_epoch"], "best_val_auroc": r["best_val_auroc"],
+                           "epochs": len(r["history"]), "train_seconds": r["train_seconds"]}
+                          for (mods, offset), r in zip(plan, runs)]
+    return summary
+
+
+def _device(net) -> torch.device:
+    return next(net.parameters()).device
+
+
+def holdout_logits(net, prep: Preprocessing, cfg: Config, splits: list[Split]):
+    """The hold-out records, the labelled ones, their labels and the uncalibrated logits that calibration
+    and the operating point are fitted on: the network's on the one hold-out, or (crossfit) each fold's
+    from the member that early-stopped on it, never one that trained on it."""
+    nets = members(net) if len(splits) > 1 else [net]
+    parts = []
+    with uncalibrated(net):
+        for (_, val), member in zip(splits, nets):
+            rec, y = labelled(val, prep)
+            z = infer_records(lambda: member, rec, cfg, prep, _device(net), logits=True)["logits"]
+            parts.append((val, rec, y, z))
+    if len(parts) == 1:
+        return parts[0]
+
+    def joined(rs: list[Records]) -> Records:
+        return Records(pd.concat([r.df for r in rs], ignore_index=True), rs[0].root, rs[0].source)
+
+    val, rec = joined([p[0] for p in parts]), joined([p[1] for p in parts])
+    y, z = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+    return val, rec, y, z
+
+
+def weigh_members(net, prep: Preprocessing, cfg: Config, val: Records) -> dict:
+    """fusion.strategy unimodal / auto: each network calibrated on the hold-out, then the weights of their
+    mixture chosen there (multimodal.evaluation.stacking); the network's buffers take them."""
+    from multimodal.evaluation.stacking import fit_mixture
+
+    rec, y = labelled(val, prep)
+    with uncalibrated(net):
+        z, seen = member_logits(net, rec, cfg, prep, _device(net), calibrated=False)
+    buffers, report = fit_mixture(cfg.fusion.strategy, member_plan(cfg), z, seen, y, cfg.task.type,
+                                  cfg.train.calibrate, cfg.train.calibrate_bias, cfg.train.seed,
+                                  groups=patients(rec.df, cfg))
+    for name, value in buffers.items():
+        buf = getattr(net, name)
+        buf.copy_(torch.as_tensor(value, dtype=buf.dtype))
+    return report
+
+
+def calibrate(net, z: np.ndarray, y: np.ndarray, cfg: Config) -> dict:
+    """Temperature (and bias) scaling on the hold-out logits (the patients early stopping used)."""
+    from multimodal.evaluation.calibration import fit_temperature
+
+    bias = cfg.train.calibrate_bias
+    ok = scored(z)
+    if ok.sum() < 2:
+        return {"temperature": 1.0}
+    fitted = fit_temperature(z[ok], y[ok], cfg.task.type, bias=bias)
+    t, b = fitted if bias else (fitted, np.zeros(net.num_outputs))
+    net.temperature.fill_(t)
+    net.logit_bias.copy_(torch.as_tensor(b, dtype=net.logit_bias.dtype))
+    return {"temperature": t, "logit_bias": [float(v) for v in b]}
+
+
+def set_thresholds(prep: Preprocessing, cfg: Config, y: np.ndarray, P: np.ndarray) -> dict:
+    """The operating point (task.threshold) on calibrated validation probabilities, stored with the labels."""
+    if cfg.task.type == "multiclass":
+        return {}
+    prep.labels.thresholds = thresholds_for(y, P, cfg.task.type, cfg.task.threshold)
+    return {"threshold_rule": cfg.task.threshold, "thresholds": prep.labels.thresholds}
