@@ -136,3 +136,38 @@ def test_mix_leaves_out_networks_that_saw_nothing():
     three = torch.softmax(mix(torch.randn(2, 4, 3), torch.ones(2, 4, dtype=torch.bool), torch.tensor([0.5, 0.5]),
                               "multiclass"), -1)
     assert torch.allclose(three.sum(-1), torch.ones(4))
+
+
+def test_uni_modal_teachers_pull_each_modality_towards_its_own_network(cohort):
+    """fusion.teacher_weight: the joint network's per-modality heads end up nearer the per-modality networks'
+    logits (trained first, as teachers) than the same heads trained on the label alone. The text head,
+    whose encoder learns fastest here, at least halves its distance."""
+    import torch.nn.functional as F
+
+    from multimodal import DiagnosisModel
+    from multimodal.data.batches import RecordDataset, make_loader
+
+    gaps = {}
+    for weight in (0.0, 20.0):
+        model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **(TINY | {
+            "fusion.strategy": "auto", "fusion.teacher_weight": weight, "train.epochs": 8, "train.lr": 0.01,
+            "train.encoder_lr": None}))
+        model.fit(cohort["train"], cohort["val"], progress=False)
+        joint, *alone = model.net.members  # member_plan: the joint network, then image, text, tabular alone
+        rec = model.records(cohort["val"])
+        ds = RecordDataset(rec, model.prep, model.config.modalities, model.config)
+        batch = next(iter(make_loader(ds, model.config, model.prep, False, torch.device("cpu"), len(ds))))
+        with torch.no_grad():
+            _, aux = joint.eval()(batch, return_aux=True)
+            gaps[weight] = {m: F.mse_loss(aux[m][0][aux[m][1]], t.eval()(batch)[aux[m][1]]).item()
+                            for m, t in zip(("image", "text", "tabular"), alone)}
+    assert gaps[20.0]["text"] < 0.5 * gaps[0.0]["text"], gaps
+    assert sum(gaps[20.0].values()) < sum(gaps[0.0].values()), gaps
+
+
+def test_teachers_need_the_auto_strategy():
+    from multimodal import DiagnosisModel, UserError
+
+    with pytest.raises((UserError, ValueError), match="teacher_weight needs fusion.strategy: auto"):
+        DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml",
+                                   **(TINY | {"fusion.strategy": "unimodal", "fusion.teacher_weight": 1.0}))

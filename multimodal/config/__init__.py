@@ -114,6 +114,11 @@ class FusionConfig(_Strict):
     """Weight of auxiliary per-modality losses: each encoder also predicts the label from its own pooled
     tokens, so a slow learner (a CNN from scratch) still learns when other modalities already explain
     the training cases and early stopping would otherwise freeze fusion before it matters."""
+    teacher_weight: float = Field(0.0, ge=0)
+    """Uni-modal teachers (Du et al. 2021), for strategy auto: its per-modality networks train first, and
+    the joint network then trains with each modality's auxiliary head pulled towards that modality's
+    network (mean squared difference of logits, times this weight), so every encoder learns what it
+    would learn alone. 0: the joint network trains by itself."""
 
     @model_validator(mode="after")
     def _heads(self):
@@ -238,6 +243,9 @@ class Config(_Strict):
         if self.fusion.strategy != "joint" and self.train.ensemble_holdout == "crossfit":
             raise ValueError(f"fusion.strategy {self.fusion.strategy} weighs its networks on one shared hold-out; "
                              f"set train.ensemble_holdout: shared")
+        if self.fusion.teacher_weight > 0 and (self.fusion.strategy != "auto" or len(self.modalities) < 2):
+            raise ValueError("fusion.teacher_weight needs fusion.strategy: auto and two or more modalities (the "
+                             "per-modality networks it trains are the teachers)")
         keys = {self.data.id, self.data.group} - {None}
         clash = sorted(keys & set(self.columns()) | keys & set(self.label_columns()))
         if clash:

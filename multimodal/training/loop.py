@@ -8,6 +8,7 @@ from collections import Counter
 import math
 import random
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -110,8 +111,11 @@ def validation_score(y: np.ndarray, probs: np.ndarray, task: str) -> float:
     return point_metrics(onehot(y[ok], task, P.shape[1]), P, task)["auroc"]
 
 
-def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
-        progress: bool = True) -> dict:
+def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records, progress: bool = True,
+        teachers: Optional[dict] = None) -> dict:
+    """Train `net` on `train`, early-stopped on `val`'s AUROC, and restore its best epoch's weights.
+    `teachers`: {modality: a trained network of that modality alone}; each modality's auxiliary head of
+    `net` is then pulled towards its teacher's logits (fusion.teacher_weight, uni-modal teachers)."""
     tc, task = cfg.train, cfg.task.type
     seed_everything(tc.seed)
     device = distributed.device_for_rank(resolve_device(tc.device))
@@ -122,32 +126,7 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
     train, y_tr = labelled(train, prep)
     val, y_va = labelled(val, prep)
     net.to(device)
-    cache = "image" in cfg.modalities and cfg.image.cache
-    feats = [None, None]
-    if "image" in cfg.modalities and cfg.image.cache_features:
-        from multimodal.data.features import FeatureCache
-
-        enc = net.encoders["image"]
-        feats = [FeatureCache(cfg, prep, enc, enc.weights_digest) for _ in range(2)]
-        t0 = time.perf_counter()
-        for turn in ("main", "others") if distributed.active() else ("main",):
-            if (turn == "main") == main:  # rank 0 fills the shared cache; the others then read it
-                for f, r in zip(feats, (train, val)):
-                    f.fill(r, progress=progress)
-            distributed.barrier()
-        log.info("frozen image features: %d cached, %d computed in %.0fs", sum(f.hits for f in feats),
-                 sum(f.misses for f in feats), time.perf_counter() - t0)
-    tfeats = [None, None]
-    if "text" in cfg.modalities and cfg.text.cache_features:
-        from multimodal.data.features import known_text_features, text_features
-
-        enc = net.encoders["text"]
-        known = known_text_features(enc, prep)
-        tfeats = [text_features(r, cfg, prep, enc, known=known) for r in (train, val)]
-    train_ds = RecordDataset(train, prep, cfg.modalities, cfg, y_tr, train=True, cache=cache, features=feats[0],
-                             text_features=tfeats[0])
-    val_ds = RecordDataset(val, prep, cfg.modalities, cfg, y_va, cache=cache, features=feats[1],
-                           text_features=tfeats[1])
+    train_ds, val_ds = datasets(net, prep, cfg, (train, y_tr), (val, y_va), main, progress)
     sampler = None
     if distributed.active():  # each rank a disjoint, equally long share; the global batch stays batch_size
         from torch.utils.data.distributed import DistributedSampler
@@ -156,17 +135,8 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
     per_rank = -(-tc.batch_size // distributed.world_size())
     train_dl = make_loader(train_ds, cfg, prep, True, device, per_rank, tc.seed, tc.num_workers, sampler=sampler)
     val_dl = make_loader(val_ds, cfg, prep, False, device, tc.batch_size * 2, workers=tc.num_workers)
-
     loss_fn = Loss(task, class_balance(y_tr, task, prep.labels.num_outputs), tc.class_weights, tc.loss == "focal")
-    # fused: one kernel for every tensor's update, 4-5x less optimizer time per step on CPU, where the
-    # default is a Python loop over tensors (a visible share of a cached, small-tail training step)
-    opt = torch.optim.AdamW(param_groups(net, cfg), weight_decay=tc.weight_decay,
-                            fused=device.type in ("cpu", "cuda"))
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    step_net = distributed.wrap(net, device)
-    total = tc.epochs * len(train_dl)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, tc.warmup))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    stepper = Stepper(net, cfg, device, amp, loss_fn, tc.epochs * len(train_dl), teachers)
 
     best = {"score": -math.inf, "epoch": -1, "state": None}
     history, bad_rows, stale, val_failed = [], {}, 0, 0
@@ -174,38 +144,9 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
     for epoch in range(tc.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        net.train()
-        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+        t0 = time.perf_counter()
         bar = progress_bar(train_dl, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", enabled=progress)
-        for batch in bar:
-            ok = batch["ok"]
-            bad_rows.update({int(i): e for i, e in zip(batch["index"].tolist(), batch["error"]) if e})
-            if ok.sum() < 1:
-                if not distributed.active():
-                    continue
-                ok = torch.ones_like(ok)  # every rank must step together: this batch counts for nothing
-                idle = True
-            else:
-                idle = False
-            b = to_device({k: (v[ok] if isinstance(v, torch.Tensor) and len(v) == len(ok) else v)
-                           for k, v in batch.items()}, device)
-            with autocast(device, amp):
-                logits, aux = step_net(b, return_aux=True)
-            loss = loss_fn(logits, b["y"]) * (0.0 if idle else 1.0)
-            if cfg.fusion.aux_weight > 0:
-                parts = [loss_fn(z[p], b["y"][p]) for z, p in aux.values() if p.any()]
-                loss = loss + cfg.fusion.aux_weight * sum(parts) / max(len(parts), 1)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            n = int(ok.sum())
-            seen += n
-            loss_sum += loss.item() * n
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", pat_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        seen, loss_sum = stepper.epoch(bar, bad_rows)
         if main:
             out = run_inference(net, val_dl, device, task, amp)
             if epoch == 0:
@@ -235,4 +176,105 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records,
     net.load_state_dict(best["state"])
     return {"history": history, "best_epoch": best["epoch"], "best_val_auroc": best["score"],
             "train_seconds": time.perf_counter() - t_start, "n_train": len(train) - n_bad,
-            "n_val": len(val) - val_failed, "skipped_records": n_bad, "skipped_val_records": val_failed, "device": str(device), "processes": distributed.world_size(), "amp": str(amp).replace("torch.", "")}
+            "n_val": len(val) - val_failed, "skipped_records": n_bad, "skipped_val_records": val_failed,
+            "device": str(device), "processes": distributed.world_size(), "amp": str(amp).replace("torch.", "")}
+
+
+def datasets(net, prep: Preprocessing, cfg: Config, train: tuple, val: tuple, main: bool, progress: bool):
+    """The training and validation RecordDatasets (`train`/`val`: records and labels), with frozen
+    encoders' outputs cached where the config asks: rank 0 fills a shared image cache, the others read it."""
+    cache = "image" in cfg.modalities and cfg.image.cache
+    feats = [None, None]
+    if "image" in cfg.modalities and cfg.image.cache_features:
+        from multimodal.data.features import FeatureCache
+
+        enc = net.encoders["image"]
+        feats = [FeatureCache(cfg, prep, enc, enc.weights_digest) for _ in range(2)]
+        t0 = time.perf_counter()
+        for turn in ("main", "others") if distributed.active() else ("main",):
+            if (turn == "main") == main:
+                for f, (r, _) in zip(feats, (train, val)):
+                    f.fill(r, progress=progress)
+            distributed.barrier()
+        log.info("frozen image features: %d cached, %d computed in %.0fs", sum(f.hits for f in feats),
+                 sum(f.misses for f in feats), time.perf_counter() - t0)
+    tfeats = [None, None]
+    if "text" in cfg.modalities and cfg.text.cache_features:
+        from multimodal.data.features import known_text_features, text_features
+
+        enc = net.encoders["text"]
+        known = known_text_features(enc, prep)
+        tfeats = [text_features(r, cfg, prep, enc, known=known) for r, _ in (train, val)]
+    return (RecordDataset(train[0], prep, cfg.modalities, cfg, train[1], train=True, cache=cache, features=feats[0],
+                          text_features=tfeats[0]),
+            RecordDataset(val[0], prep, cfg.modalities, cfg, val[1], cache=cache, features=feats[1],
+                          text_features=tfeats[1]))
+
+
+class Stepper:
+    """One optimisation step at a time: AdamW over the parameter groups, warmup + cosine, gradient
+    clipping, AMP loss scaling, the auxiliary and uni-modal teacher terms."""
+
+    def __init__(self, net, cfg: Config, device: torch.device, amp, loss_fn: Loss, total_steps: int,
+                 teachers: Optional[dict] = None):
+        tc = cfg.train
+        self.net, self.cfg, self.device, self.amp, self.loss_fn = net, cfg, device, amp, loss_fn
+        self.teachers = {m: t.eval() for m, t in (teachers or {}).items()}
+        # fused: one kernel for every tensor's update, 4-5x less optimizer time per step on CPU, where the
+        # default is a Python loop over tensors (a visible share of a cached, small-tail training step)
+        self.opt = torch.optim.AdamW(param_groups(net, cfg), weight_decay=tc.weight_decay,
+                                     fused=device.type in ("cpu", "cuda"))
+        self.trainable = [p for p in net.parameters() if p.requires_grad]
+        self.step_net = distributed.wrap(net, device)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(total_steps, tc.warmup))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+    def epoch(self, batches, bad_rows: dict) -> tuple[int, float]:
+        """One pass over `batches`; failed rows go to `bad_rows`. → (patients seen, summed loss)."""
+        self.net.train()
+        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+        for batch in batches:
+            ok = batch["ok"]
+            bad_rows.update({int(i): e for i, e in zip(batch["index"].tolist(), batch["error"]) if e})
+            idle = ok.sum() < 1
+            if idle and not distributed.active():
+                continue
+            if idle:
+                ok = torch.ones_like(ok)  # every rank must step together: this batch counts for nothing
+            b = to_device({k: (v[ok] if isinstance(v, torch.Tensor) and len(v) == len(ok) else v)
+                           for k, v in batch.items()}, self.device)
+            loss = self.step(b, 0.0 if idle else 1.0)
+            n = int(ok.sum())
+            seen += n
+            loss_sum += loss * n
+            batches.set_postfix(loss=f"{loss_sum / seen:.4f}", pat_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        return seen, loss_sum
+
+    def step(self, b: dict, weight: float = 1.0) -> float:
+        """`weight` 0: a batch every rank must step on together, that counts for nothing."""
+        cfg = self.cfg
+        with autocast(self.device, self.amp):
+            logits, aux = self.step_net(b, return_aux=True)
+            targets = self.teacher_logits(b)
+        loss = self.loss_fn(logits, b["y"])
+        if cfg.fusion.aux_weight > 0:
+            parts = [self.loss_fn(z[p], b["y"][p]) for z, p in aux.values() if p.any()]
+            loss = loss + cfg.fusion.aux_weight * sum(parts) / max(len(parts), 1)
+        if targets:
+            parts = [F.mse_loss(aux[m][0][p].float(), t[p].float()) for m, t in targets.items()
+                     for p in [aux[m][1]] if p.any()]
+            loss = loss + cfg.fusion.teacher_weight * sum(parts) / max(len(parts), 1)
+        loss = loss * weight
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.trainable, cfg.train.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def teacher_logits(self, b: dict) -> dict:
+        """Each teacher's raw logits on this batch (it reads only its own modality's inputs)."""
+        return {m: t(b) for m, t in self.teachers.items()}

@@ -48,10 +48,11 @@ def fit(cfg: Config, train: Records, val: Optional[Records] = None, prep: Option
     else:
         splits = [(train, val)]
         check_disjoint(train, val, cfg)
-    distributed.init(distributed.device_for_rank(resolve_device(tc.device)))
+    device = distributed.device_for_rank(resolve_device(tc.device))
+    distributed.init(device)
     prep = prep if prep is not None else fitted_preprocessing(cfg, train)
     seed_everything(tc.seed)  # weight init is part of what the seed fixes
-    net = build_network(cfg, prep)
+    net = build_network(cfg, prep).to(device)  # an ensemble's own buffers (weights, calibration) too
     summary = train_members(net, prep, cfg, splits, progress)
     if not distributed.is_main():  # rank 0 calibrates, scores and saves
         return Fitted(prep, net, {"training": summary})
@@ -85,12 +86,18 @@ def train_members(net, prep: Preprocessing, cfg: Config, splits: list[Split], pr
     nets = members(net)
     if len(nets) == 1:
         return train_network(net, prep, cfg, *splits[0], progress=progress)
-    runs, plan = [], member_plan(cfg)
-    for i, (member, (modalities, offset)) in enumerate(zip(nets, plan)):
+    plan = member_plan(cfg)
+    teach = cfg.fusion.teacher_weight > 0
+    order = sorted(range(len(nets)), key=lambda i: teach and len(plan[i][0]) > 1)  # teachers first
+    runs = [None] * len(nets)
+    for i in order:
+        (modalities, offset), member = plan[i], nets[i]
         mcfg = member_config(cfg, modalities, offset)
         if progress:
             say(f"ensemble member {i + 1}/{len(nets)} ({'+'.join(modalities)}, seed {mcfg.train.seed})")
-        runs.append(train_network(member, prep, mcfg, *splits[i % len(splits)], progress=progress))
+        teachers = {mods[0]: nets[j] for j, (mods, off) in enumerate(plan)
+                    if len(mods) == 1 and off == offset} if teach and len(modalities) > 1 else None
+        runs[i] = train_network(member, prep, mcfg, *splits[i % len(splits)], progress=progress, teachers=teachers)
     summary = dict(runs[0])
     summary["train_seconds"] = sum(r["train_seconds"] for r in runs)
     summary["members"] = [{"modalities": list(mods), "seed": cfg.train.seed + offset,
