@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from multimodal.data.batches import IMAGE_KEYS
+
 from .base import ENCODERS, Tokens
 from .weights import Weights, create_backbone, pretrained_stats  # noqa: F401  (pretrained_stats re-exported)
 
@@ -50,7 +52,8 @@ class TimmImageEncoder(nn.Module):
     `freeze`: "none", "all", or an int N = train only the last N stages (and what follows them).
     """
 
-    input_keys = ("image", "image_mask", "image_stage", "image_slot")
+    modality = "image"
+    input_keys = IMAGE_KEYS.inputs
 
     def __init__(self, model_name: str, in_chans: int = 1, image_size: int = 128, token_grid: int = 4,
                  weights: Optional[Weights] = None, freeze: Union[str, int] = "none"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from multimodal.data.batches import TABULAR_KEYS
+
 from .base import ENCODERS, Tokens
 
 
@@ -13,7 +15,8 @@ class TabularEncoder(nn.Module):
     categorical token = embedding row (row 0 = missing/unknown); both plus a feature-identity vector.
     The modality counts as absent for a patient only when every feature is missing."""
 
-    input_keys = ("num", "num_missing", "cat")
+    modality = "tabular"
+    input_keys = TABULAR_KEYS.inputs
 
     def __init__(self, n_numeric: int, cardinalities: list[int], dim: int = 32):
         super().__init__()

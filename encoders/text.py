@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from multimodal.data.batches import TEXT_KEYS
+
 from .base import ENCODERS, Tokens
 from .weights import TEXT_ARCHITECTURES
 
@@ -22,7 +24,8 @@ def _nonempty(mask: torch.Tensor) -> torch.Tensor:
 
 @ENCODERS.register("lstm")
 class LSTMTextEncoder(nn.Module):
-    input_keys = ("text_ids", "text_mask")
+    modality = "text"
+    input_keys = TEXT_KEYS.tensors
 
     def __init__(self, vocab_size: int, embed_dim: int = 64, hidden_dim: int = 64, layers: int = 1,
                  pad_id: int = 0, dropout: float = 0.1):
@@ -47,7 +50,8 @@ class BagOfNgramsEncoder(nn.Module):
     hundred to a few thousand short reports this is what TF-IDF + logistic regression exploits, and it
     is what sequence models overfit; here it trains jointly with the other modalities' tokens."""
 
-    input_keys = ("text_ids", "text_mask")
+    modality = "text"
+    input_keys = TEXT_KEYS.tensors
 
     def __init__(self, vocab_size: int, embed_dim: int = 64, buckets: int = 2 ** 16, pad_id: int = 0,
                  dropout: float = 0.1):
@@ -119,7 +123,8 @@ class HFTextEncoder(nn.Module):
     Otherwise random init from `config` (a transformers config dict with model_type). Either way only
     TEXT_ARCHITECTURES, and never remote code (a folder's `auto_map` is dropped, not prompted for)."""
 
-    input_keys = ("text_ids", "text_mask", "text_x")
+    modality = "text"
+    input_keys = TEXT_KEYS.tensors + TEXT_KEYS.cached
 
     def __init__(self, config: dict | None = None, pretrained: str | None = None, freeze="none",
                  pooling: str = "tokens"):
