@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from multimodal.config import TabularConfig
 from multimodal.data.batches import TABULAR_KEYS
 
 from .base import ENCODERS, Tokens
@@ -28,6 +29,11 @@ class TabularEncoder(nn.Module):
         self.output_dim = dim
         # Hook point (no parameters): its output is the [B, F, dim] feature-token tensor, for Layer IG.
         self.tokens = nn.Identity()
+
+    @classmethod
+    def from_config(cls, tc: TabularConfig, prep, stored=None, offline: bool = False):
+        """From the `tabular` section and the fitted TabularPreprocessor (which features, how many categories)."""
+        return cls(n_numeric=len(prep.numeric), cardinalities=prep.cardinalities, dim=tc.embed_dim)
 
     def forward(self, num: torch.Tensor, num_missing: torch.Tensor, cat: torch.Tensor) -> Tokens:
         parts = [num[..., None] * self.num_weight + self.num_bias + num_missing[..., None] * self.num_missing]
