@@ -169,7 +169,8 @@ class HFTextEncoder(nn.Module):
             return cls(config=stored, freeze=tc.freeze, pooling=tc.pooling)
         if tc.pretrained:
             return cls(pretrained=text_source(tc.pretrained), freeze=tc.freeze, pooling=tc.pooling)
-        return cls(config={**tc.hf_config, "vocab_size": prep.vocab_size, "pad_token_id": prep.pad_id})
+        return cls(config={**tc.hf_config, "vocab_size": prep.vocab_size, "pad_token_id": prep.pad_id},
+                   freeze=tc.freeze, pooling=tc.pooling)
 
     def _freeze(self, freeze) -> list[nn.Module]:
         if freeze == "none":

@@ -26,9 +26,11 @@ TINY = {"image.encoder": "test_resnet", "image.size": 32, "image.token_grid": 1,
         "text.bigram_buckets": 64, "tabular.embed_dim": 8}
 TINY_HF = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
            "intermediate_size": 32, "max_position_embeddings": 64}
-# The settings that select each registered encoder; a newly registered one needs its line here.
-SELECTS = {"timm": {}, "tabular": {}, "lstm": {"text.encoder": "lstm"}, "bow": {"text.encoder": "bow"},
-           "hf": {"text.encoder": "hf", "text.hf_config": TINY_HF}}
+# The settings that select each registered encoder (one or more variants); a newly registered one
+# needs its line here.
+SELECTS = {"timm": [{}], "tabular": [{}], "lstm": [{"text.encoder": "lstm"}], "bow": [{"text.encoder": "bow"}],
+           "hf": [{"text.encoder": "hf", "text.hf_config": TINY_HF},
+                  {"text.encoder": "hf", "text.hf_config": TINY_HF, "text.pooling": "mean"}]}
 COMMON = ("index", "ok", "error", "y")  # what Collate writes for every batch, whatever the modalities
 
 
@@ -124,11 +126,11 @@ def check_fusion(cls, dims: dict[str, int], num_outputs: int = 2, B: int = 3) ->
                 assert torch.isfinite(z).all(), f"{cls.__name__} over {list(subset)}: non-finite logits"
 
 
-@pytest.mark.parametrize("name", ENCODERS.names())
-def test_every_registered_encoder_keeps_the_contract(cohort, name):
-    assert name in SELECTS, f"encoder {name!r} is registered but has no settings here: add them to SELECTS"
+@pytest.mark.parametrize("name, settings", [(n, s) for n in ENCODERS.names() for s in SELECTS.get(n, [None])])
+def test_every_registered_encoder_keeps_the_contract(cohort, name, settings):
+    assert settings is not None, f"encoder {name!r} is registered but has no settings here: add them to SELECTS"
     cls = ENCODERS.get(name)
-    cfg, rec, prep = _fitted(cohort, **SELECTS[name])
+    cfg, rec, prep = _fitted(cohort, **settings)
     m = cls.modality
     assert encoder_name(cfg, m) == name  # the settings select it, so build uses this very class
     torch.manual_seed(0)
