@@ -1,4 +1,8 @@
-"""What every encoder yields, and the registry encoders and fusion heads are built from by name."""
+"""What every encoder yields, and the registry encoders and fusion heads are built from by name.
+
+A registered encoder names its `modality`, reads only batch fields that modality declares
+(multimodal.data.batches.MODALITY_KEYS) as its `input_keys`, and builds itself from its config
+section with `from_config`; tests/test_contract.py holds every registered one to that."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,10 +44,14 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._items)
 
-    def create(self, name: str, **kwargs):
+    def get(self, name: str):
+        """The class registered as `name`; its `from_config` builds it from a config section."""
         if name not in self._items:
             raise ValueError(f"unknown {self.kind} '{name}' (known: {', '.join(self.names())})")
-        return self._items[name](**kwargs)
+        return self._items[name]
+
+    def create(self, name: str, **kwargs):
+        return self.get(name)(**kwargs)
 
 
 ENCODERS = Registry("encoder")

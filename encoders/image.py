@@ -14,8 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from multimodal.config import ImageConfig
+from multimodal.data.batches import IMAGE_KEYS
+
 from .base import ENCODERS, Tokens
-from .weights import Weights, create_backbone, pretrained_stats  # noqa: F401  (pretrained_stats re-exported)
+from .weights import Weights, create_backbone, resolve, timm_arch
+from .weights import pretrained_stats  # noqa: F401  (re-exported)
 
 _STAGE_CONTAINERS = ("blocks", "stages", "layers", "features")
 _HEADS = ("global_pool", "head", "fc", "classifier", "head_drop", "pre_logits")
@@ -50,7 +54,8 @@ class TimmImageEncoder(nn.Module):
     `freeze`: "none", "all", or an int N = train only the last N stages (and what follows them).
     """
 
-    input_keys = ("image", "image_mask", "image_stage", "image_slot")
+    modality = "image"
+    input_keys = IMAGE_KEYS.inputs
 
     def __init__(self, model_name: str, in_chans: int = 1, image_size: int = 128, token_grid: int = 4,
                  weights: Optional[Weights] = None, freeze: Union[str, int] = "none"):
@@ -79,6 +84,18 @@ class TimmImageEncoder(nn.Module):
             m.requires_grad_(False)
         if freeze == "all":
             self.backbone.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, ic: ImageConfig, prep=None, stored: Optional[dict] = None, offline: bool = False):
+        """From the `image` section (image.encoder: the timm architecture). `offline`: weights come from
+        a model directory next, so none are resolved (no hub, file or cache is looked at). The weights'
+        digest is kept as `weights_digest`: feature caches are keyed by it."""
+        arch = timm_arch(ic.encoder)  # before any weights or cache file is touched
+        weights = Weights() if offline else resolve(ic.pretrained, arch)
+        enc = cls(model_name=arch, in_chans=ic.in_chans, image_size=ic.size, token_grid=ic.token_grid,
+                  weights=weights, freeze=ic.freeze)
+        enc.weights_digest = weights.digest
+        return enc
 
     def _cut_index(self, freeze, stages: list[int]) -> int:
         """Index into the flat sequence of the first trainable module (0: all trainable)."""

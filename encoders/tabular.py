@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from multimodal.config import TabularConfig
+from multimodal.data.batches import TABULAR_KEYS
+
 from .base import ENCODERS, Tokens
 
 
@@ -13,7 +16,8 @@ class TabularEncoder(nn.Module):
     categorical token = embedding row (row 0 = missing/unknown); both plus a feature-identity vector.
     The modality counts as absent for a patient only when every feature is missing."""
 
-    input_keys = ("num", "num_missing", "cat")
+    modality = "tabular"
+    input_keys = TABULAR_KEYS.inputs
 
     def __init__(self, n_numeric: int, cardinalities: list[int], dim: int = 32):
         super().__init__()
@@ -25,6 +29,11 @@ class TabularEncoder(nn.Module):
         self.output_dim = dim
         # Hook point (no parameters): its output is the [B, F, dim] feature-token tensor, for Layer IG.
         self.tokens = nn.Identity()
+
+    @classmethod
+    def from_config(cls, tc: TabularConfig, prep, stored=None, offline: bool = False):
+        """From the `tabular` section and the fitted TabularPreprocessor (which features, how many categories)."""
+        return cls(n_numeric=len(prep.numeric), cardinalities=prep.cardinalities, dim=tc.embed_dim)
 
     def forward(self, num: torch.Tensor, num_missing: torch.Tensor, cat: torch.Tensor) -> Tokens:
         parts = [num[..., None] * self.num_weight + self.num_bias + num_missing[..., None] * self.num_missing]

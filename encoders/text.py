@@ -9,8 +9,12 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from multimodal.config import TextConfig
+from multimodal.data.batches import TEXT_KEYS
+from multimodal.errors import UserError
+
 from .base import ENCODERS, Tokens
-from .weights import TEXT_ARCHITECTURES
+from .weights import TEXT_ARCHITECTURES, text_source
 
 
 def _nonempty(mask: torch.Tensor) -> torch.Tensor:
@@ -22,7 +26,8 @@ def _nonempty(mask: torch.Tensor) -> torch.Tensor:
 
 @ENCODERS.register("lstm")
 class LSTMTextEncoder(nn.Module):
-    input_keys = ("text_ids", "text_mask")
+    modality = "text"
+    input_keys = TEXT_KEYS.tensors
 
     def __init__(self, vocab_size: int, embed_dim: int = 64, hidden_dim: int = 64, layers: int = 1,
                  pad_id: int = 0, dropout: float = 0.1):
@@ -32,6 +37,12 @@ class LSTMTextEncoder(nn.Module):
                             dropout=dropout if layers > 1 else 0.0)
         self.dropout = nn.Dropout(dropout)
         self.output_dim = 2 * hidden_dim
+
+    @classmethod
+    def from_config(cls, tc: TextConfig, prep, stored=None, offline: bool = False):
+        """From the `text` section and the trained tokenizer (vocabulary size, padding id)."""
+        return cls(vocab_size=prep.vocab_size, embed_dim=tc.embed_dim, hidden_dim=tc.hidden_dim, layers=tc.layers,
+                   pad_id=prep.pad_id)
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> Tokens:
         lengths = _nonempty(text_mask).sum(1).cpu()
@@ -47,7 +58,8 @@ class BagOfNgramsEncoder(nn.Module):
     hundred to a few thousand short reports this is what TF-IDF + logistic regression exploits, and it
     is what sequence models overfit; here it trains jointly with the other modalities' tokens."""
 
-    input_keys = ("text_ids", "text_mask")
+    modality = "text"
+    input_keys = TEXT_KEYS.tensors
 
     def __init__(self, vocab_size: int, embed_dim: int = 64, buckets: int = 2 ** 16, pad_id: int = 0,
                  dropout: float = 0.1):
@@ -57,6 +69,11 @@ class BagOfNgramsEncoder(nn.Module):
         self.buckets = buckets
         self.dropout = nn.Dropout(dropout)
         self.output_dim = embed_dim
+
+    @classmethod
+    def from_config(cls, tc: TextConfig, prep, stored=None, offline: bool = False):
+        """From the `text` section and the trained tokenizer (vocabulary size, padding id)."""
+        return cls(vocab_size=prep.vocab_size, embed_dim=tc.embed_dim, buckets=tc.bigram_buckets, pad_id=prep.pad_id)
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> Tokens:
         w = text_mask.to(torch.float32).unsqueeze(-1)
@@ -119,7 +136,8 @@ class HFTextEncoder(nn.Module):
     Otherwise random init from `config` (a transformers config dict with model_type). Either way only
     TEXT_ARCHITECTURES, and never remote code (a folder's `auto_map` is dropped, not prompted for)."""
 
-    input_keys = ("text_ids", "text_mask", "text_x")
+    modality = "text"
+    input_keys = TEXT_KEYS.tensors + TEXT_KEYS.cached
 
     def __init__(self, config: dict | None = None, pretrained: str | None = None, freeze="none",
                  pooling: str = "tokens"):
@@ -138,6 +156,21 @@ class HFTextEncoder(nn.Module):
         self.pooling = pooling
         self._top: list[nn.Module] = []  # the transformer layers that train under freeze: N
         self._frozen = self._freeze(freeze)
+
+    @classmethod
+    def from_config(cls, tc: TextConfig, prep, stored: dict | None = None, offline: bool = False):
+        """From the `text` section. `stored`: the architecture a saved model recorded (preprocessing.json's
+        text_encoder_config, see `config_dict`), built with random weights that the model's own replace.
+        `offline`: only that record is used: no hub id, folder or remote code is looked at. Otherwise
+        text.pretrained's weights, or random init from text.hf_config sized to the trained tokenizer."""
+        if offline and not (isinstance(stored, dict) and "model_type" in stored):
+            raise UserError("preprocessing.json has no text_encoder_config: the transformer cannot be rebuilt offline")
+        if stored is not None:
+            return cls(config=stored, freeze=tc.freeze, pooling=tc.pooling)
+        if tc.pretrained:
+            return cls(pretrained=text_source(tc.pretrained), freeze=tc.freeze, pooling=tc.pooling)
+        return cls(config={**tc.hf_config, "vocab_size": prep.vocab_size, "pad_token_id": prep.pad_id},
+                   freeze=tc.freeze, pooling=tc.pooling)
 
     def _freeze(self, freeze) -> list[nn.Module]:
         if freeze == "none":

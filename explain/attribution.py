@@ -43,12 +43,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from multimodal.data.batches import to_device
+from multimodal.data.batches import MODALITY_KEYS, TABULAR_KEYS, to_device
 from multimodal.inference.forward import probabilities
 from multimodal.model.network import members
 
-MODALITY_INPUTS = {"image": ("image",), "text": ("text_ids",), "tabular": ("num", "num_missing", "cat")}
-MODALITY_EXTRA = {"image": ("image_mask",), "text": ("text_mask",), "tabular": ()}
+MODALITY_INPUTS = {m: keys.attributed for m, keys in MODALITY_KEYS.items()}
+MODALITY_EXTRA = {m: keys.unattributed for m, keys in MODALITY_KEYS.items()}
 METHODS = ("ig", "gradcam")
 
 
@@ -186,7 +186,7 @@ def baseline_batch(model, batch: dict, present: Optional[dict] = None) -> dict:
         keep = keep.to(batch["num"].device)
         # a patient without tabular data keeps its own (all-missing) inputs, so the baseline does
         # not switch the modality on (its tokens stay masked and get zero attribution either way)
-        for k in ("num", "num_missing", "cat"):
+        for k in TABULAR_KEYS.attributed:
             out[k] = torch.where(keep[:, None], torch.zeros_like(batch[k]), batch[k])
     return out
 

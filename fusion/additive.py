@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 
 from encoders.base import Tokens
+from multimodal.config import FusionConfig
+
 from .base import FUSION_HEADS, drop_modalities
 
 
@@ -22,6 +24,11 @@ class AdditiveFusion(nn.Module):
                                     for m, d in input_dims.items()})
         self.bias = nn.Parameter(torch.zeros(num_outputs))
         self.modality_dropout = modality_dropout
+
+    @classmethod
+    def from_config(cls, fc: FusionConfig, input_dims: dict[str, int], num_outputs: int):
+        """From the `fusion` section, over encoders of `input_dims` ({modality: output_dim})."""
+        return cls(input_dims, num_outputs, dim=fc.dim, dropout=fc.dropout, modality_dropout=fc.modality_dropout)
 
     def forward(self, tokens: dict[str, Tokens], return_attention: bool = False) -> torch.Tensor:
         if self.training:

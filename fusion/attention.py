@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 
 from encoders.base import Tokens
+from multimodal.config import FusionConfig
+
 from .base import FUSION_HEADS, drop_modalities
 
 
@@ -40,6 +42,12 @@ class AttentionFusion(nn.Module):
         self.head = nn.Linear(dim, num_outputs)
         self.modality_dropout = modality_dropout
         self.last_attention: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, fc: FusionConfig, input_dims: dict[str, int], num_outputs: int):
+        """From the `fusion` section, over encoders of `input_dims` ({modality: output_dim})."""
+        return cls(input_dims, num_outputs, dim=fc.dim, layers=fc.layers, heads=fc.heads, dropout=fc.dropout,
+                   modality_dropout=fc.modality_dropout)
 
     def forward(self, tokens: dict[str, Tokens], return_attention: bool = False) -> torch.Tensor:
         if self.training:

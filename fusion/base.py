@@ -1,4 +1,7 @@
-"""Shared by fusion heads: the registry and modality dropout."""
+"""Shared by fusion heads: the registry and modality dropout.
+
+A registered head builds itself from the `fusion` section with `from_config(fc, input_dims,
+num_outputs)` and maps {modality: Tokens} to logits for whichever modalities it was built over."""
 from __future__ import annotations
 
 import torch

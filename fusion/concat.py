@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 
 from encoders.base import Tokens
+from multimodal.config import FusionConfig
+
 from .base import FUSION_HEADS, drop_modalities
 
 
@@ -19,6 +21,11 @@ class ConcatFusion(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(n * dim + n), nn.Dropout(dropout), nn.Linear(n * dim + n, dim),
                                   nn.GELU(), nn.Linear(dim, num_outputs))
         self.modality_dropout = modality_dropout
+
+    @classmethod
+    def from_config(cls, fc: FusionConfig, input_dims: dict[str, int], num_outputs: int):
+        """From the `fusion` section, over encoders of `input_dims` ({modality: output_dim})."""
+        return cls(input_dims, num_outputs, dim=fc.dim, dropout=fc.dropout, modality_dropout=fc.modality_dropout)
 
     def forward(self, tokens: dict[str, Tokens], return_attention: bool = False) -> torch.Tensor:
         if self.training:

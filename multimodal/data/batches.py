@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -23,6 +24,54 @@ from multimodal.data.preprocess import Preprocessing
 from multimodal.data.preprocess.image import record_paths
 from multimodal.data.records import Records
 from multimodal.data.shown import printable
+
+
+@dataclass(frozen=True)
+class BatchKeys:
+    """The batch fields one modality produces, named here and nowhere else: Collate writes them, the
+    modality's encoders read them (their input_keys), the ONNX graph takes them (model.export.INPUTS)
+    and attributions are of them (explain.attribution). A field an encoder read without its being
+    declared would be missing from the graph, the attribution path or a cached batch."""
+
+    modality: str
+    tensors: tuple[str, ...]
+    """What every batch with this modality carries, [B, ...], a row that failed to load included."""
+    attributed: tuple[str, ...]
+    """The subset of `tensors` attributions are of; the rest (masks) go along unchanged."""
+    cached: tuple[str, ...] = ()
+    """Encoder inputs only a feature cache adds: where cached image activations were cut
+    (image_stage), a frozen text encoder's output (text_x). An encoder computes them when absent."""
+    graph: tuple[str, ...] = ()
+    """The ONNX graph's inputs in the order it takes them, when its layout differs from `tensors`
+    (image_slot: the graph gets only the present images and where each goes)."""
+    aside: tuple[str, ...] = ()
+    """Fields of the batch no encoder reads: the network's view groups (image_group), the token
+    offsets explanations map attributions back to words with (text_encodings)."""
+
+    def __post_init__(self):
+        if not set(self.attributed) <= set(self.tensors):
+            raise ValueError(f"{self.modality}: attributed fields must be batch tensors")
+        if not self.graph:
+            object.__setattr__(self, "graph", self.tensors)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every field an encoder of this modality may read."""
+        return tuple(dict.fromkeys(self.graph + self.tensors + self.cached))
+
+    @property
+    def unattributed(self) -> tuple[str, ...]:
+        """The tensors an attribution passes through as they are."""
+        return tuple(k for k in self.tensors if k not in self.attributed)
+
+
+IMAGE_KEYS = BatchKeys("image", tensors=("image", "image_mask"), attributed=("image",), cached=("image_stage",),
+                       graph=("image", "image_slot", "image_mask"), aside=("image_group",))
+TEXT_KEYS = BatchKeys("text", tensors=("text_ids", "text_mask"), attributed=("text_ids",), cached=("text_x",),
+                      aside=("text_encodings",))
+TABULAR_KEYS = BatchKeys("tabular", tensors=("num", "num_missing", "cat"), attributed=("num", "num_missing", "cat"))
+MODALITY_KEYS = {k.modality: k for k in (IMAGE_KEYS, TEXT_KEYS, TABULAR_KEYS)}
+"""In the order the ONNX graph takes the modalities."""
 
 
 def one_line(e: BaseException) -> str:
@@ -121,8 +170,9 @@ class Collate:
             shape = next((x.shape[1:] for x in imgs if x is not None and len(x)), None)
             if shape is None:  # no image in the batch: what the first stage expects
                 shape = (ic.in_chans, ic.size, ic.size) if not self.image_stage else (1, 1, 1)
-            batch["image"], batch["image_stage"] = _pad_rows(imgs, V, shape), self.image_stage
-            batch["image_mask"] = torch.arange(V) < n[:, None]
+            batch["image"], batch["image_mask"] = _pad_rows(imgs, V, shape), torch.arange(V) < n[:, None]
+            if self.image_stage:  # cached activations, not pixels
+                batch["image_stage"] = self.image_stage
             groups = [it.get("image_group") for it in items]
             if any(g is not None and len(g) and int(g[-1]) > 0 for g in groups):  # predict_views: all
                 batch["image_group"] = _pad_rows(groups, V, dtype=torch.long)

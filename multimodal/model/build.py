@@ -14,44 +14,21 @@ from multimodal.model.network import DiagnosisNet, Ensemble
 from multimodal.data.preprocess import Preprocessing
 
 
+def encoder_name(cfg: Config, modality: str) -> str:
+    """The registered encoder a config asks for: text.encoder names one; image.encoder is a timm
+    architecture, which the 'timm' encoder runs; tabular data has one encoder."""
+    return {"image": "timm", "text": cfg.text.encoder, "tabular": "tabular"}[modality]
+
+
 def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: Optional[dict] = None,
                   offline: bool = False):
-    """`offline`: the weights come from a model directory next, so build the bare architecture from the
-    stored config alone: no hub ids, folders, checkpoints or remote code are looked at."""
-    if modality == "image":
-        from encoders.weights import Weights, resolve, timm_arch
-
-        ic = cfg.image
-        arch = timm_arch(ic.encoder)  # before any weights or cache file is touched
-        weights = Weights() if offline else resolve(ic.pretrained, arch)
-        enc = ENCODERS.create("timm", model_name=arch, in_chans=ic.in_chans, image_size=ic.size,
-                              token_grid=ic.token_grid, weights=weights, freeze=ic.freeze)
-        enc.weights_digest = weights.digest  # what feature caches are keyed by
-        return enc
-    if modality == "text":
-        tc = cfg.text
-        if tc.encoder == "bow":
-            return ENCODERS.create("bow", vocab_size=prep.text.vocab_size, embed_dim=tc.embed_dim,
-                                   buckets=tc.bigram_buckets, pad_id=prep.text.pad_id)
-        if tc.encoder == "lstm":
-            return ENCODERS.create("lstm", vocab_size=prep.text.vocab_size, embed_dim=tc.embed_dim,
-                                   hidden_dim=tc.hidden_dim, layers=tc.layers, pad_id=prep.text.pad_id)
-        if offline:
-            if not isinstance(text_config, dict) or "model_type" not in text_config:
-                raise UserError("preprocessing.json has no text_encoder_config: the transformer cannot be "
-                                "rebuilt offline")
-            return ENCODERS.create("hf", config=text_config, freeze=tc.freeze, pooling=tc.pooling)
-        if text_config is not None:
-            return ENCODERS.create("hf", config=text_config, freeze=tc.freeze, pooling=tc.pooling)
-        if tc.pretrained:
-            from encoders.weights import text_source
-
-            return ENCODERS.create("hf", pretrained=text_source(tc.pretrained), freeze=tc.freeze, pooling=tc.pooling)
-        return ENCODERS.create("hf", config={**tc.hf_config, "vocab_size": prep.text.vocab_size,
-                                             "pad_token_id": prep.text.pad_id})
-    t = prep.tabular
-    return ENCODERS.create("tabular", n_numeric=len(t.numeric), cardinalities=t.cardinalities,
-                           dim=cfg.tabular.embed_dim)
+    """The encoder `cfg` names for `modality`, built from its config section and fitted preprocessing.
+    `text_config`: the text encoder's architecture as a saved model recorded it. `offline`: the weights
+    come from a model directory next, so build the bare architecture from the stored config alone: no
+    hub ids, folders, checkpoints or remote code are looked at."""
+    stored = text_config if modality == "text" else None
+    return ENCODERS.get(encoder_name(cfg, modality)).from_config(
+        getattr(cfg, modality), getattr(prep, modality), stored=stored, offline=offline)
 
 
 def member_plan(cfg: Config) -> list[tuple[tuple[str, ...], int]]:
@@ -106,10 +83,8 @@ def _build_one(cfg: Config, prep: Preprocessing, text_config: Optional[dict], of
             encs[m] = build_encoder(cfg, m, prep, text_config, offline)
             if shared is not None and _frozen(encs[m]):
                 shared[m] = encs[m]
-        fc = cfg.fusion
-        head = FUSION_HEADS.create(fc.type, input_dims={m: e.output_dim for m, e in encs.items()},
-                                   num_outputs=prep.labels.num_outputs, dim=fc.dim, layers=fc.layers,
-                                   heads=fc.heads, dropout=fc.dropout, modality_dropout=fc.modality_dropout)
+        head = FUSION_HEADS.get(cfg.fusion.type).from_config(
+            cfg.fusion, {m: e.output_dim for m, e in encs.items()}, prep.labels.num_outputs)
     except (ValueError, RuntimeError, OSError, KeyError, TypeError, AssertionError) as e:  # torch asserts its arguments
         raise UserError(f"cannot build model: {' '.join(str(e).split())[:250]}") from None
     return DiagnosisNet(encs, head, prep.labels.num_outputs, aux_heads=cfg.fusion.aux_weight > 0 or cfg.fusion.teacher_weight > 0)

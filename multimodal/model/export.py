@@ -24,11 +24,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from multimodal.data.batches import MODALITY_KEYS
 from multimodal.errors import UserError
 from multimodal.output import atomic_file
 
 # The collated tensors a network may take, in the order the graph takes them.
-INPUTS = ("image", "image_slot", "image_mask", "text_ids", "text_mask", "num", "num_missing", "cat")
+INPUTS = tuple(k for keys in MODALITY_KEYS.values() for k in keys.graph)
 # only the batch size and the number of present images vary (graph_inputs pads views and tokens)
 _AXES = {k: {0: "images" if k in ("image", "image_slot") else "batch"} for k in INPUTS}
 TOLERANCE = 1e-4  # largest |probability difference| export accepts against the PyTorch network
