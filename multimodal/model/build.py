@@ -87,4 +87,5 @@ def _build_one(cfg: Config, prep: Preprocessing, text_config: Optional[dict], of
             cfg.fusion, {m: e.output_dim for m, e in encs.items()}, prep.labels.num_outputs)
     except (ValueError, RuntimeError, OSError, KeyError, TypeError, AssertionError) as e:  # torch asserts its arguments
         raise UserError(f"cannot build model: {' '.join(str(e).split())[:250]}") from None
-    return DiagnosisNet(encs, head, prep.labels.num_outputs, aux_heads=cfg.fusion.aux_weight > 0 or cfg.fusion.teacher_weight > 0)
+    aux = cfg.fusion.aux_weight > 0 or cfg.fusion.teacher_weight > 0
+    return DiagnosisNet(encs, head, prep.labels.num_outputs, aux_heads=aux)
