@@ -26,10 +26,11 @@ RecordsLike = Union[str, Path, pd.DataFrame, Records]
 
 
 class DiagnosisModel:
-    def __init__(self, config: Config, prep: Optional[Preprocessing] = None, net=None,
-                 metrics: Optional[dict] = None):
+    def __init__(self, config: Config, prep: Optional[Preprocessing] = None):
+        """Stores what it is given, as scikit-learn estimators do: `fit` or `load` make the network.
+        `prep`: an already fitted preprocessing, kept by fit(reuse_preprocessing=True)."""
         self._build, self._build_device = None, None  # load(defer_network=True): how to build it later
-        self.config, self.prep, self.net, self.metrics = config, prep, net, metrics or {}
+        self.config, self.prep, self.net, self.metrics = config, prep, None, {}
         self.model_dir: Optional[Path] = None
         self.engine = None  # an OnnxNetwork that predict/evaluate run instead of self.net (use_onnx)
 
@@ -71,7 +72,8 @@ class DiagnosisModel:
         dev = resolve_device(device or "auto")
         cfg, prep, state, metrics = artifact.read(model_dir)
         cfg.data.image_root = None
-        model = cls(cfg, prep, None, metrics)
+        model = cls(cfg, prep)
+        model.metrics = metrics or {}
         model.model_dir = Path(model_dir)
         if onnx is not None:
             return model.use_onnx(onnx, threads)
