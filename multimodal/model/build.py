@@ -17,7 +17,7 @@ from multimodal.data.preprocess import Preprocessing
 def encoder_name(cfg: Config, modality: str) -> str:
     """The registered encoder a config asks for: text.encoder names one; image.encoder is a timm
     architecture, which the 'timm' encoder runs; tabular data has one encoder."""
-    return {"image": "timm", "text": cfg.text.encoder, "tabular": "tabular"}[modality]
+    return cfg.text.encoder if modality == "text" else {"image": "timm", "tabular": "tabular"}[modality]
 
 
 def build_encoder(cfg: Config, modality: str, prep: Preprocessing, text_config: Optional[dict] = None,
