@@ -14,8 +14,9 @@ in pyproject.toml, checked by `make test`):
     data/        records → splits (who is a patient, folds, hold-outs) → decode (imageio, image_guard,
                  series) → preprocess → batches (+ cached features)
     config/      what to build, validated
-    ground       pretrained.py (weight catalogue), output.py (every file written), distributed.py
-                 (process state), inputs.py, progress.py, runtime.py, errors.py
+    ground       pretrained.py (weight catalogue), output.py (every file written), formats.py (strict
+                 JSON, formula-safe tables), distributed.py (process state), inputs.py, progress.py,
+                 runtime.py, errors.py
 
 The public names load on first use (PEP 562), so `mmdx --help` and `import multimodal.cli` do not pull
 in torch, transformers or scikit-learn.
