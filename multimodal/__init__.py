@@ -3,7 +3,8 @@
 Data flow, one package per stage, each importing only from those below it (the import-linter contract
 in pyproject.toml, checked by `make test`):
 
-    api.py, cli.py, demo.py       the front doors (command_inputs.py: what each command reads)
+    api.py, cli.py, demo.py       the front doors (commands.py: what each command does; command_inputs.py:
+                                  what each command reads)
     explain/ (top level)          attributions, per-patient explanations, HTML reports
     training/    recipe (split → preprocessing → network → members → calibration → operating point), loop
     evaluation/  bootstrap (the one resampler), metrics, operating points, calibration, comparison,
