@@ -1,7 +1,7 @@
 """Why the two-stage path's epoch ratio stops where it does: the harness's cached-vs-end-to-end epoch on
-HAM10000 (`real_data.cached_epoch_speed`), then, in the same process, the trainable tail alone (what
-stays to be computed over cached activations: EfficientNet-Lite0's last stage, conv_head and its
-BatchNorm, forward and backward, one batch of 32) and its FLOPs. If the tail alone takes longer than
+HAM10000 (`bench_measure.cached_epoch_speed`, as real_data.py runs it), then, in the same process, the
+trainable tail alone (what stays to be computed over cached activations: EfficientNet-Lite0's last
+stage, conv_head and its BatchNorm, forward and backward, one batch of 32) and its FLOPs. If the tail alone takes longer than
 a tenth of an end-to-end batch, no code around it can make the cached epoch 10x faster.
 
     MMDX_CACHE=<dir> python benchmarks/cached_tail.py [--data ../shared/data] [--threads 2]
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    import bench_measure
     import real_data as rd
     from encoders.image import TimmImageEncoder
     from multimodal.config import load_config
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     cfg = load_config(cfg_path, {})
     parts, _ = rd.splits(Path(a.data) / "ham10000", cfg, 0, False)
     train = parts[0][1]
-    epochs = rd.cached_epoch_speed(cfg_path, {"train.seed": 0}, train)
+    epochs = bench_measure.cached_epoch_speed(cfg_path, {"train.seed": 0}, train)
 
     im = cfg.image
     enc = TimmImageEncoder(im.encoder, in_chans=im.in_chans, image_size=im.size, freeze=1).train()

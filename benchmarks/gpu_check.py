@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                       "top_modality_agrees": float(np.mean([g == c for g, c in zip(top_modality(ex_gpu),
                                                                                      top_modality(ex_cpu))]))}
 
-    from real_data import cached_epoch_speed  # the harness's own measurement, on synthetic images here
+    from bench_measure import cached_epoch_speed  # the harness's own measurement, on synthetic images here
 
     speed = {"modalities": "image,tabular", "image.encoder": "tf_efficientnet_lite0", "image.size": 160,
              "image.max_images": 1, "train.device": a.device}  # HAM10000's shape: one image, tabular

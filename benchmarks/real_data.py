@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import bench_stats as st  # noqa: E402
+from bench_measure import cached_epoch_speed, environment, throughput  # noqa: E402
 from bench_report import previous_report, updated, write_markdown  # noqa: E402
 
 BASELINE = "baseline: "  # prefix of the scikit-learn baselines' variant names
@@ -173,66 +174,23 @@ def run_baselines(cfg, parts, pool, n: int, work: Path) -> tuple[dict[str, np.nd
     return out, infos
 
 
-def cached_epoch_speed(cfg_path: Path, overrides: dict, train) -> dict:
-    """The two-stage path's claim, measured side by side: the dataset's image encoder frozen up to its
-    last stage, one epoch over cached activations (4 cached flips) against one end-to-end epoch
-    (pixels through the frozen layers every step, with augmentation). Filling the cache is not part
-    of an epoch: it happens once, and is reported apart."""
-    from multimodal import DiagnosisModel
+@dataclass
+class Dataset:
+    """What every variant of one dataset's run shares."""
 
-    common = overrides | {"image.freeze": 1, "train.epochs": 1, "train.min_epochs": 1, "train.calibrate": False,
-                          "train.ensemble": 1, "image.train_views": "first",
-                          "image.predict_views": "first"}  # one network; the views the cache holds
-    rates, fill = {}, time.perf_counter()
-    for name, ov in (("cached", {"image.cache_features": True, "image.cache_views": 4, "image.augment": None}),
-                     ("end_to_end", {"image.cache_features": False, "image.cache_views": 1})):
-        t = time.perf_counter()
-        m = DiagnosisModel.from_config(cfg_path, **(common | ov)).fit(train, None, progress=False)
-        rates[name] = m.metrics["training"]["history"][0]["patients_per_s"]
-        if name == "cached":
-            fill = time.perf_counter() - t - m.metrics["training"]["train_seconds"]
-    return {"cached_patients_per_s": rates["cached"], "end_to_end_patients_per_s": rates["end_to_end"],
-            "speedup": rates["cached"] / rates["end_to_end"], "cache_fill_seconds": fill}
+    name: str
+    cfg_path: Path
+    cfg: Any
+    base: dict          # overrides every variant gets (--override, --quick's budget)
+    cv: int             # folds (0: train → validation)
+    seeds: list[int]
+    parts: list         # [(split name, train Records, test Records, test positions in the pool)]
+    pool: Any           # Records every split's test patients are drawn from
+    y: np.ndarray       # the pool's labels, in the class order the models use
 
 
-def throughput(model, test, records_csv: Path, work: Path, threads: int) -> dict:
-    """`mmdx predict` end to end (process start, model load, decoding, writing) vs in-process predict vs
-    the pure forward pass on the same, already collated batches."""
-    import torch
-
-    from multimodal.data.batches import RecordDataset, to_device
-    from multimodal.data.batches import make_loader
-
-    model_dir = model.model_dir or model.save(work / "model", overwrite=True)
-    mmdx = Path(sys.executable).with_name("mmdx")
-    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
-    t = time.perf_counter()
-    subprocess.run([str(mmdx), "predict", "--model", str(model_dir), "--records", str(records_csv),
-                    "--out", str(work / "predictions.csv"), "--quiet"], check=True, env=env, capture_output=True)
-    cli_s = time.perf_counter() - t
-    n_cli = len(pd.read_csv(work / "predictions.csv"))
-    t = time.perf_counter()
-    model.predict(test)
-    api_s = time.perf_counter() - t
-    cfg = model.config
-    dl = make_loader(RecordDataset(test, model.prep, cfg.modalities, cfg), cfg, model.prep, False, model.device, 64)
-    batches = [to_device(b, model.device) for b in dl]
-    model.net.eval()
-    with torch.no_grad():
-        model.net(batches[0])  # warm-up
-        t = time.perf_counter()
-        for b in batches:
-            model.net(b)
-        fwd_s = time.perf_counter() - t
-    n = len(test)
-    return {"cli_patients_per_s": n_cli / cli_s, "cli_seconds": cli_s, "n_cli": n_cli,
-            "api_patients_per_s": n / api_s, "forward_patients_per_s": n / fwd_s, "forward_seconds": fwd_s,
-            "forward_share_of_api": fwd_s / api_s, "n": n}
-
-
-def run_dataset(name: str, args, out: Path) -> dict:
+def prepare(name: str, args) -> Dataset:
     from multimodal.config import load_config
-    from multimodal.evaluation.plots import write_plots
     from multimodal.data.preprocess.labels import LabelEncoder
 
     cfg_path = ROOT / "configs" / DATASETS[name]
@@ -241,60 +199,101 @@ def run_dataset(name: str, args, out: Path) -> dict:
     if args.quick:
         base |= QUICK | (QUICK_IMAGE if cfg.image is not None else {})
     cv = args.cv if not args.cv_datasets or name in args.cv_datasets else 0
-    seeds = args.seeds_for.get(name, args.seeds)
     parts, pool = splits(Path(args.data) / name, cfg, cv, args.quick)
     y = LabelEncoder(cfg.task).fit(pool.df).encode(pool.df).astype(int)  # the class order models use
-    preds: dict[str, list[np.ndarray]] = {}
-    runs, t0, extra = [], time.perf_counter(), {}
-    chosen = {k: v for k, v in variants(cfg, args.text_model).items() if not args.variants or k in args.variants}
-    for vname, ov in chosen.items():
-        for seed in seeds:
-            by_key: dict[str, np.ndarray] = {}
-            for split, train, test, pos in parts:
-                key = f"{name}__{vname.replace(' ', '_').replace('+', '')}__s{seed}__{split}"
-                t1 = time.perf_counter()
-                keep = vname == "attention" and seed == seeds[0] and split == parts[0][0]  # throughput, plots
-                r = train_one(cfg_path, base | ov | {"train.seed": seed}, train, test, out / "runs" / key, keep,
-                              saved=out / "work" / name / "model")
-                for k, p in r.pop("preds").items():
-                    by_key.setdefault(k, np.full(len(y), np.nan))[pos] = p
-                model = r.pop("model", None)
-                if model is not None:
-                    kept = out / "work" / name / "measured.json"  # slow side measurements, reused on a rerun
-                    done = json.loads(kept.read_text()) if kept.exists() else {}
-                    if done.get("identity") != r.get("identity"):  # of other code or config: measure again
-                        done = {}
-                    if name in args.cache_speed and "image" in model.config.modalities:
-                        extra["cache_speed"] = done.get("cache_speed") or cached_epoch_speed(
-                            cfg_path, base | ov | {"train.seed": seed}, train)
-                    extra["throughput"] = (done.get("throughput") or throughput(
-                        model, test, Path(args.data) / name / "records_val.csv", out / "work" / name, args.threads)) \
-                        if not cv else None
-                    kept.parent.mkdir(parents=True, exist_ok=True)
-                    kept.write_text(json.dumps({k: extra.get(k) for k in ("cache_speed", "throughput")}
-                                               | {"identity": r.get("identity")}))
-                    extra["plots"] = [str(p.relative_to(out)) for p in write_plots(
-                        y[pos], np.stack([1 - by_key["calibrated"][pos], by_key["calibrated"][pos]], 1),
-                        "binary", model.classes, out / "plots" / name)]
-                runs.append({"variant": vname, "seed": seed, "split": split, **r})
-                print(f"  {name:9s} {vname:28s} seed {seed} {split:6s} {r['epochs_run']:2d} epochs "
-                      f"(best {r['best_epoch']:2d})  {time.perf_counter() - t1:6.1f}s", flush=True)
-            for k, p in by_key.items():
-                preds.setdefault(vname if k == "calibrated" else f"{vname}, {k}", []).append(p)
+    return Dataset(name, cfg_path, cfg, base, cv, args.seeds_for.get(name, args.seeds), parts, pool, y)
+
+
+def run_dataset(name: str, args, out: Path) -> dict:
+    """Every variant x seed x split of one dataset, the scikit-learn baselines on the same splits, and
+    the statistics over them (bootstrap CIs, paired differences, ECE floors)."""
+    ds = prepare(name, args)
+    t0 = time.perf_counter()
+    preds, runs, extra = train_variants(ds, args, out)
     t_base = time.perf_counter()
-    base_probs, extra["baselines"] = run_baselines(cfg, parts, pool, len(y), out / "work" / name)
+    base_probs, extra["baselines"] = run_baselines(ds.cfg, ds.parts, ds.pool, len(ds.y), out / "work" / name)
     extra["baseline_seconds"] = time.perf_counter() - t_base
     for k, p in base_probs.items():
         preds[k] = [p]  # deterministic: one "seed"
+    cfg, y, cv = ds.cfg, ds.y, ds.cv
+    return {"dataset": name, "config": str(ds.cfg_path.relative_to(ROOT)), "task": cfg.task.label,
+            "modalities": cfg.modalities, "n_eval": int(len(y)), "prevalence": float(y.mean()),
+            "split": "val" if not cv else f"{cv}-fold grouped CV over train+val", "seeds": ds.seeds,
+            "n_train": runs[0]["n_train"], "n_inner_val": runs[0]["n_inner_val"],
+            **statistics(y, preds, base_probs, args.n_boot),
+            "runs": runs, "seconds": time.perf_counter() - t0, **extra}
+
+
+def train_variants(ds: Dataset, args, out: Path) -> tuple[dict[str, list[np.ndarray]], list[dict], dict]:
+    """Each chosen variant for each seed over every split, a finished run reused from <out>/runs:
+    ({variant, or "variant, kind" (raw, without a modality...): P(positive) over the pool per seed},
+    one row per run, the side measurements and plots of the first attention run)."""
+    preds: dict[str, list[np.ndarray]] = {}
+    runs, extra = [], {}
+    chosen = {k: v for k, v in variants(ds.cfg, args.text_model).items() if not args.variants or k in args.variants}
+    for vname, ov in chosen.items():
+        for seed in ds.seeds:
+            by_key: dict[str, np.ndarray] = {}
+            for split, train, test, pos in ds.parts:
+                key = f"{ds.name}__{vname.replace(' ', '_').replace('+', '')}__s{seed}__{split}"
+                t1 = time.perf_counter()
+                keep = vname == "attention" and seed == ds.seeds[0] and split == ds.parts[0][0]  # throughput, plots
+                overrides = ds.base | ov | {"train.seed": seed}
+                r = train_one(ds.cfg_path, overrides, train, test, out / "runs" / key, keep,
+                              saved=out / "work" / ds.name / "model")
+                for k, p in r.pop("preds").items():
+                    by_key.setdefault(k, np.full(len(ds.y), np.nan))[pos] = p
+                model = r.pop("model", None)
+                if model is not None:
+                    extra |= side_measurements(ds, args, out, model, r.get("identity"), overrides, train, test)
+                    extra["plots"] = plots(ds, out, model, by_key["calibrated"], pos)
+                runs.append({"variant": vname, "seed": seed, "split": split, **r})
+                print(f"  {ds.name:9s} {vname:28s} seed {seed} {split:6s} {r['epochs_run']:2d} epochs "
+                      f"(best {r['best_epoch']:2d})  {time.perf_counter() - t1:6.1f}s", flush=True)
+            for k, p in by_key.items():
+                preds.setdefault(vname if k == "calibrated" else f"{vname}, {k}", []).append(p)
+    return preds, runs, extra
+
+
+def side_measurements(ds: Dataset, args, out: Path, model, identity, overrides: dict, train, test) -> dict:
+    """Cache speed (datasets in --cache-speed with images) and throughput (train → validation only) of
+    the kept run, reused from <out>/work/<dataset>/measured.json when measured under the same identity."""
+    kept = out / "work" / ds.name / "measured.json"  # slow side measurements, reused on a rerun
+    done = json.loads(kept.read_text()) if kept.exists() else {}
+    if done.get("identity") != identity:  # of other code or config: measure again
+        done = {}
+    extra = {}
+    if ds.name in args.cache_speed and "image" in model.config.modalities:
+        extra["cache_speed"] = done.get("cache_speed") or cached_epoch_speed(ds.cfg_path, overrides, train)
+    extra["throughput"] = (done.get("throughput") or throughput(
+        model, test, Path(args.data) / ds.name / "records_val.csv", out / "work" / ds.name, args.threads)) \
+        if not ds.cv else None
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps({k: extra.get(k) for k in ("cache_speed", "throughput")} | {"identity": identity}))
+    return extra
+
+
+def plots(ds: Dataset, out: Path, model, calibrated: np.ndarray, pos) -> list[str]:
+    """ROC and reliability plots of one run's calibrated predictions on its test patients."""
+    from multimodal.evaluation.plots import write_plots
+
+    return [str(p.relative_to(out)) for p in write_plots(
+        ds.y[pos], np.stack([1 - calibrated[pos], calibrated[pos]], 1), "binary", model.classes,
+        out / "plots" / ds.name)]
+
+
+def statistics(y: np.ndarray, preds: dict, base_probs: dict, n_boot: int) -> dict:
+    """Patient-bootstrap summaries of every variant (and of the mean of the single-modality models),
+    the best single modality and baseline, the paired differences the report shows, ECE floors."""
     # AUROC does not change with calibration: uncalibrated outputs only get a point ECE.
     probs = {k: v for k, v in preds.items() if not k.endswith(", raw")}
     raw_ece = {k[:-5]: st.seed_mean(y, v)["ece"] for k, v in preds.items() if k.endswith(", raw")}
-    boots = st.bootstrap(y, probs, args.n_boot)
+    boots = st.bootstrap(y, probs, n_boot)
     summary = st.summarise(y, probs, boots)
     singles = [v for v in probs if v.endswith(" only")]
     if len(singles) > 1 and len({len(probs[v]) for v in singles}) == 1:  # what training apart and averaging gives
         probs[MEAN_SINGLES] = [np.mean(ps, 0) for ps in zip(*(probs[v] for v in singles))]
-        boots = st.bootstrap(y, probs, args.n_boot)
+        boots = st.bootstrap(y, probs, n_boot)
         summary = st.summarise(y, probs, boots)
     best = max(singles, key=lambda v: summary[v]["auroc"]["value"]) if singles else None
     best_base = max(base_probs, key=lambda v: summary[v]["auroc"]["value"])
@@ -304,30 +303,9 @@ def run_dataset(name: str, args, out: Path) -> dict:
               ("unimodal ensemble", "attention"), ("auto", "attention")]
     comparisons = [st.paired_difference(y, probs, boots, a, b) for a, b in pairs if a in probs and b in probs]
     floors = {v: float(np.mean([st.ece_floor(p) for p in ps])) for v, ps in probs.items() if ", " not in v}
-    return {"dataset": name, "config": str(cfg_path.relative_to(ROOT)), "task": cfg.task.label,
-            "modalities": cfg.modalities, "n_eval": int(len(y)), "prevalence": float(y.mean()),
-            "split": "val" if not cv else f"{cv}-fold grouped CV over train+val", "seeds": seeds,
-            "n_train": runs[0]["n_train"], "n_inner_val": runs[0]["n_inner_val"],
-            "summary": summary, "best_single": best, "best_baseline": best_base, "comparisons": comparisons,
+    return {"summary": summary, "best_single": best, "best_baseline": best_base, "comparisons": comparisons,
             "ece_floor": floors,
-            "ece_uncalibrated": raw_ece,
-            "runs": runs, "seconds": time.perf_counter() - t0, **extra}
-
-
-def environment(threads: int, malloc_tuned: bool = False) -> dict:
-    import captum
-    import sklearn
-    import timm
-    import torch
-    import transformers
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "transformers": transformers.__version__, "captum": captum.__version__, "scikit-learn": sklearn.__version__,
-            "cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "platform": platform.platform(),
-            "malloc_tuned": malloc_tuned}
+            "ece_uncalibrated": raw_ece}
 
 
 def main(argv=None) -> int:

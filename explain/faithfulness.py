@@ -40,27 +40,24 @@ passed
 """
 from __future__ import annotations
 
-import copy
-import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from multimodal.data.batches import to_device
 from multimodal.data.imageio import read_image
 from multimodal.data.preprocess.image import split_paths
 
-from .attribution import baseline_batch, class_probs, eval_mode
+from .attribution import eval_mode
 from .patients import iter_batches, with_net
+from .perturbation import deletion, finite_mean, flat_maps, randomized_copy, rank_corr
 
-TOP_FRACTION = 0.10
-N_RANDOM = 3
 PHRASE_WORDS = ("spiculated", "mass")
 TARGETS = {"pointing_game": 0.90, "text_top3": 0.90, "tabular_top1": 0.90, "sanity_rank_corr": 0.5}
 
@@ -113,295 +110,218 @@ def _norm_word(w: str) -> str:
     return re.sub(r"[^a-z]", "", w.lower())
 
 
-# -- model randomisation -------------------------------------------------------------------------
-def randomized_copy(net: nn.Module, seed: int = 0) -> nn.Module:
-    """Deep copy with every parameter re-initialised (buffers such as BN running stats reset too)."""
-    torch.manual_seed(seed)
-    r = copy.deepcopy(net)
-    done: set[int] = set()
-    for m in r.modules():
-        for name in ("reset_parameters", "_reset_parameters"):
-            f = getattr(m, name, None)
-            if callable(f):
-                f()
-                done |= {id(p) for p in m.parameters(recurse=False)}
-                break
-    with torch.no_grad():
-        for p in r.parameters():
-            if id(p) not in done:
-                sd = float(p.std()) if p.numel() > 1 else 0.0
-                p.normal_(0.0, sd if sd > 0 else 0.02)
-    return r
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
-
-
-# -- deletion --------------------------------------------------------------------------------------
-def _units(res, model) -> dict[str, list[np.ndarray]]:
-    """Per modality and row: flat indices of the units eligible for deletion (empty when absent)."""
-    batch, out = res.batch, {}
-    b = len(res.rows)
-    if res.image is not None:
-        V, H, W = res.image.shape[1:]
-        valid = batch["image_mask"].cpu()[:, :, None, None].expand(b, V, H, W).reshape(b, -1)
-        out["image"] = [valid[i].nonzero(as_tuple=True)[0].numpy() if res.present["image"][i] else np.array([], int)
-                        for i in range(b)]
-    if res.text is not None:
-        special = np.array([e.special_tokens_mask for e in batch["text_encodings"]], bool)
-        valid = batch["text_mask"].cpu().numpy() & ~special
-        out["text"] = [np.flatnonzero(valid[i]) if res.present["text"][i] else np.array([], int) for i in range(b)]
-    if res.tabular is not None:
-        Fn = res.tabular.shape[1]
-        out["tabular"] = [np.arange(Fn) if res.present["tabular"][i] else np.array([], int) for i in range(b)]
-    return out
-
-
-def _scores(res, m: str) -> torch.Tensor:
-    return {"image": res.image, "text": res.text, "tabular": res.tabular}[m].reshape(len(res.rows), -1)
-
-
-def _masked(model, res, m: str, chosen: list[np.ndarray], base: dict) -> dict:
-    """The batch with the chosen units of modality m set to their baseline value."""
-    batch = dict(res.batch)
-    b = len(res.rows)
-    if m == "image":
-        img = batch["image"].clone()
-        B, V, C, H, W = img.shape
-        sel = torch.zeros(b, V * H * W, dtype=torch.bool)
-        for i, c in enumerate(chosen):
-            sel[i, torch.as_tensor(c, dtype=torch.long)] = True
-        sel = sel.reshape(b, V, 1, H, W).expand(b, V, C, H, W).to(img.device)
-        batch["image"] = torch.where(sel, base["image"], img)
-    elif m == "text":
-        ids = batch["text_ids"].clone()
-        for i, c in enumerate(chosen):
-            ids[i, torch.as_tensor(c, dtype=torch.long)] = base["text_ids"][i, torch.as_tensor(c, dtype=torch.long)]
-        batch["text_ids"] = ids
-    else:  # feature f < n_numeric is num/num_missing column f, else categorical column f - n_numeric
-        n_num = batch["num"].shape[1]
-        v = {k: batch[k].clone() for k in ("num", "num_missing", "cat")}
-        for i, c in enumerate(chosen):
-            for f in np.asarray(c, dtype=int).tolist():
-                if f < n_num:
-                    v["num"][i, f] = base["num"][i, f]
-                    v["num_missing"][i, f] = base["num_missing"][i, f]
-                else:
-                    v["cat"][i, f - n_num] = base["cat"][i, f - n_num]
-        batch.update(v)
-    return batch
-
-
-def _target_prob(model, batch: dict, target: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        p = class_probs(model.net(batch).float(), model.config.task.type).cpu()
-    return p.gather(1, target[:, None])[:, 0]
-
-
-def _deletion(model, res, rng: np.random.Generator, acc: dict) -> None:
-    base = baseline_batch(model, res.batch, {m: p.to(res.batch["index"].device) for m, p in res.present.items()})
-    p0 = res.probs.gather(1, res.target[:, None])[:, 0]
-    for m, units in _units(res, model).items():
-        rows = [i for i, u in enumerate(units) if len(u)]
-        if not rows:
-            continue
-        scores = _scores(res, m).numpy()
-        top, rand = [], [[] for _ in range(N_RANDOM)]
-        for i, u in enumerate(units):
-            k = max(1, math.ceil(TOP_FRACTION * len(u))) if len(u) else 0
-            top.append(u[np.argsort(-scores[i, u], kind="stable")[:k]] if k else u)
-            for r in range(N_RANDOM):
-                rand[r].append(rng.choice(u, size=k, replace=False) if k else u)
-        d_top = p0 - _target_prob(model, _masked(model, res, m, top, base), res.target)
-        d_rand = torch.stack([p0 - _target_prob(model, _masked(model, res, m, c, base), res.target)
-                              for c in rand]).mean(0)
-        acc.setdefault(m, {"top": [], "random": []})
-        acc[m]["top"] += d_top[rows].tolist()
-        acc[m]["random"] += d_rand[rows].tolist()
-
-
-def _flat_maps(res) -> dict[int, dict[str, np.ndarray]]:
-    """Record index → modality → the signed attribution over the units that exist for that patient."""
-    out: dict[int, dict[str, np.ndarray]] = {}
-    units = _units(res, None)
-    for m, per_row in units.items():
-        s = _scores(res, m).numpy()
-        for i, u in enumerate(per_row):
-            if len(u):
-                out.setdefault(res.rows[i], {})[m] = s[i, u]
-    return out
-
-
-def _chance_abs_rho(n: int, rng=np.random.default_rng(0)) -> float:
-    """Expected |Spearman rho| between two unrelated rankings of n units."""
-    if n < 3:
-        return float("nan")
-    if n > 50:
-        return math.sqrt(2 / (math.pi * (n - 1)))
-    a = np.arange(n)
-    return float(np.mean([abs(_spearman(a, rng.permutation(n))) for _ in range(2000)]))
-
-
-def _rank_corr(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
-    """Mean per-patient |rho|; with few units per patient (tabular) a per-patient rho has only a
-    handful of possible values and a high chance level, so `value` is then the |rho| of all
-    (patient, unit) scores pooled, which still asks "does the randomised model rank the same units
-    of the same patients high?"."""
-    per = [abs(_spearman(a, b)) for a, b in pairs]
-    ns = [len(a) for a, _ in pairs]
-    chance = _mean([_chance_abs_rho(n) for n in sorted(set(ns))]) if ns else None
-    pooled = abs(_spearman(np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs]))) \
-        if pairs else float("nan")
-    few = bool(ns) and float(np.median(ns)) < 10
-    return {"value": _nan_none(pooled) if few else _mean(per), "per_patient": _mean(per),
-            "pooled": _nan_none(pooled), "chance_per_patient": chance, "units": "pooled" if few else "per_patient",
-            "n": len(pairs)}
-
-
-def _nan_none(x) -> Optional[float]:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
-
-
-def _mean(xs) -> Optional[float]:
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return float(np.mean(xs)) if xs else None
-
-
+# -- the checks, pass by pass -----------------------------------------------------------------------------
 def faithfulness(model, test_csv, truth_csv, *, n_steps: int = 32, seed: int = 0,
                  max_patients: Optional[int] = None, batch_size: int = 8, sanity_patients: int = 48,
                  progress: bool = False) -> dict:
     """Pointing game, text top-3, tabular top-1, deletion vs random, and the model-randomisation
     check on a synthetic cohort's test records (binary task, positive class = classes[1])."""
-    cfg = model.config
+    rec, planted = _cohort(model, test_csv, truth_csv, max_patients, seed)
+    lesion = _lesions(model.config, rec, planted)
+    sanity_rows = set(range(min(sanity_patients, len(rec))))
+    trained = _trained_pass(model, rec, planted, lesion, sanity_rows, np.random.default_rng(seed),
+                            n_steps=n_steps, batch_size=batch_size, progress=progress)
+    point_cam = _pointing_gradcam(model, rec, lesion, n_steps=n_steps, batch_size=batch_size)
+    rnd = _randomisation(model, rec, lesion, trained.maps, sanity_rows, n_steps=n_steps, batch_size=batch_size,
+                         seed=seed)
+    return _summary(trained, point_cam, rnd, n_patients=len(rec), n_sanity=len(sanity_rows), n_steps=n_steps)
+
+
+def _cohort(model, test_csv, truth_csv, max_patients: Optional[int], seed: int) -> tuple:
+    """(the test records, or a seeded sample of max_patients of them; what was planted in each record:
+    its truth row when the patient is positive, else None)."""
     rec = model.records(test_csv)
     if max_patients is not None and len(rec) > max_patients:
         rec = rec.subset(np.sort(np.random.default_rng(seed).choice(len(rec), max_patients, replace=False)))
-    truth = pd.read_csv(truth_csv, dtype=str, keep_default_na=False).set_index("patient_id")
-    ids = rec.df[cfg.data.id].astype(str).tolist()
-    T = [truth.loc[i] if i in truth.index else None for i in ids]
-    pos = [t is not None and int(t["label"]) == 1 for t in T]
-    rng = np.random.default_rng(seed)
+    table = pd.read_csv(truth_csv, dtype=str, keep_default_na=False).set_index("patient_id")
+    rows = [table.loc[i] if i in table.index else None for i in rec.df[model.config.data.id].astype(str)]
+    return rec, [t if t is not None and int(t["label"]) == 1 else None for t in rows]
 
+
+def _lesions(cfg, rec, planted: list) -> dict[int, tuple]:
+    """Record index → (image index, box) of each positive patient's lesion that reaches the model input."""
     lesion: dict[int, tuple] = {}
-    if "image" in cfg.modalities:
-        for i, t in enumerate(T):
-            if pos[i]:
-                try:
-                    hit = lesion_in_input(rec.row(i), t, cfg, rec.root)
-                except Exception:  # noqa: BLE001 — an unreadable record is an error row below anyway
-                    hit = None
-                if hit is not None:
-                    lesion[i] = hit
+    if "image" not in cfg.modalities:
+        return lesion
+    for i, t in enumerate(planted):
+        if t is not None:
+            try:
+                hit = lesion_in_input(rec.row(i), t, cfg, rec.root)
+            except Exception:  # noqa: BLE001 — an unreadable record is an error row below anyway
+                hit = None
+            if hit is not None:
+                lesion[i] = hit
+    return lesion
 
-    point, point_abs, text_hits, tab_hits, deletion, errors = [], [], [], [], {}, 0
-    trained_maps: dict[int, dict[str, np.ndarray]] = {}
-    deltas, rel, rel_img, rel_noimg, seen = [], [], [], [], 0
-    sanity_rows = set(range(min(sanity_patients, len(rec))))
+
+@dataclass
+class _Trained:
+    """What the IG pass of the trained model over every record collects."""
+
+    point: list = field(default_factory=list)       # pointing game hits, signed map
+    point_abs: list = field(default_factory=list)   # ... and |map|
+    text_hits: list = field(default_factory=list)
+    tab_hits: list = field(default_factory=list)
+    deletion: dict = field(default_factory=dict)    # modality → {"top": [...], "random": [...]}
+    maps: dict = field(default_factory=dict)        # sanity record index → modality → signed map
+    deltas: list = field(default_factory=list)      # |convergence delta|
+    rel: list = field(default_factory=list)         # ... relative to |logit gap|, all / with / without images
+    rel_img: list = field(default_factory=list)
+    rel_noimg: list = field(default_factory=list)
+    errors: int = 0
+
+
+def _trained_pass(model, rec, planted: list, lesion: dict, sanity_rows: set, rng: np.random.Generator, *,
+                  n_steps: int, batch_size: int, progress: bool) -> _Trained:
+    """IG on every record with the trained model: deletion per batch, then each patient's checks."""
+    acc, seen = _Trained(), 0
     with eval_mode(model.net):
         for res, exps in iter_batches(model, rec, n_steps=n_steps, batch_size=batch_size, ablation=False,
                                       progress=progress):
             first, seen = seen, seen + len(exps)       # the loader keeps record order
             by_row = {first + k: e for k, e in enumerate(exps)}
-            errors += sum(e.error is not None for e in exps)
+            acc.errors += sum(e.error is not None for e in exps)
             if res is None:
                 continue
             res.batch = to_device(res.batch, model.device)
-            _deletion(model, res, rng, deletion)
-            for i, fm in _flat_maps(res).items():
+            deletion(model, res, rng, acc.deletion)
+            for i, fm in flat_maps(res).items():
                 if i in sanity_rows:
-                    trained_maps[i] = fm
+                    acc.maps[i] = fm
             for i in res.rows:
-                e = by_row[i]
-                if e.convergence_delta is not None:
-                    deltas.append(abs(e.convergence_delta))
-                    total = sum(float(x.sum()) for x in e.image_maps) + sum(e.word_scores) + sum(e.feature_scores)
-                    r = abs(e.convergence_delta) / max(abs(total - e.convergence_delta), 1e-6)  # |delta| / |gap|
-                    rel.append(r)
-                    (rel_img if e.image_maps else rel_noimg).append(r)
-                if i in lesion:
-                    v, box = lesion[i]
-                    if v < len(e.image_maps):
-                        point.append(inside(peak(e.image_maps[v]), box))
-                        point_abs.append(inside(peak(e.image_maps[v], absolute=True), box))
-                t = T[i]
-                if not pos[i]:
-                    continue
-                if int(t["phrase"]) == 1 and e.words:
-                    top3 = [e.words[k] for k in np.argsort(-np.asarray(e.word_scores), kind="stable")[:3]]
-                    text_hits.append(any(_norm_word(w) in PHRASE_WORDS for w in top3))
-                if int(t["lab_high"]) == 1 and e.features:
-                    tab_hits.append(e.features[int(np.argmax(e.feature_scores))] == "crp")
+                _check_patient(by_row[i], planted[i], lesion.get(i), acc)
+    return acc
 
-    point_cam = []
-    if "image" in cfg.modalities and lesion:
-        sub = rec.subset(sorted(lesion))
-        for e, i in zip((x for _, exps in iter_batches(model, sub, method="gradcam", n_steps=n_steps,
-                                                          batch_size=batch_size, ablation=False) for x in exps),
-                        sorted(lesion)):
-            v, box = lesion[i]
-            if e.error is None and v < len(e.image_maps):
-                point_cam.append(inside(peak(e.image_maps[v]), box))
 
-    # model randomisation on the first `sanity_patients` records (rank correlation) and on every
-    # lesion patient (the pointing game of a model that learnt nothing: what brightness alone scores);
-    # an unchanged-model reference with n_steps // 2 on the sanity records
+def _check_patient(e, t, lesion: Optional[tuple], acc: _Trained) -> None:
+    """One explanation against what was planted in its patient (`t`: the truth row of a positive
+    patient, else None; `lesion`: (image index, box) in model input, or None)."""
+    if e.convergence_delta is not None:
+        _convergence(e, acc)
+    if lesion is not None:
+        hit = _image_pointing(e, *lesion)
+        if hit is not None:
+            acc.point.append(hit[0])
+            acc.point_abs.append(hit[1])
+    if t is None:
+        return
+    if int(t["phrase"]) == 1 and e.words:
+        acc.text_hits.append(_text_phrase_in_top3(e))
+    if int(t["lab_high"]) == 1 and e.features:
+        acc.tab_hits.append(_tabular_lab_top1(e))
+
+
+def _convergence(e, acc: _Trained) -> None:
+    """|convergence delta|, and relative to |logit(input) - logit(baseline)|, the sum of the scores
+    less the delta."""
+    acc.deltas.append(abs(e.convergence_delta))
+    total = sum(float(x.sum()) for x in e.image_maps) + sum(e.word_scores) + sum(e.feature_scores)
+    r = abs(e.convergence_delta) / max(abs(total - e.convergence_delta), 1e-6)  # |delta| / |gap|
+    acc.rel.append(r)
+    (acc.rel_img if e.image_maps else acc.rel_noimg).append(r)
+
+
+def _image_pointing(e, v: int, box) -> Optional[tuple[bool, bool]]:
+    """(does the signed map of image v peak in the box, does |map|); None when image v has no map."""
+    if v >= len(e.image_maps):
+        return None
+    return inside(peak(e.image_maps[v]), box), inside(peak(e.image_maps[v], absolute=True), box)
+
+
+def _text_phrase_in_top3(e) -> bool:
+    """Is a word of the planted phrase among the three highest-scored words?"""
+    top3 = [e.words[k] for k in np.argsort(-np.asarray(e.word_scores), kind="stable")[:3]]
+    return any(_norm_word(w) in PHRASE_WORDS for w in top3)
+
+
+def _tabular_lab_top1(e) -> bool:
+    """Is the planted high lab (crp) the highest-scored feature?"""
+    return e.features[int(np.argmax(e.feature_scores))] == "crp"
+
+
+def _pointing_gradcam(model, rec, lesion: dict, *, n_steps: int, batch_size: int) -> list[bool]:
+    """The pointing game of the signed Grad-CAM map, on every patient whose lesion reaches the model."""
+    hits: list[bool] = []
+    if "image" not in model.config.modalities or not lesion:
+        return hits
+    rows = sorted(lesion)
+    exps = (x for _, batch in iter_batches(model, rec.subset(rows), method="gradcam", n_steps=n_steps,
+                                           batch_size=batch_size, ablation=False) for x in batch)
+    for e, i in zip(exps, rows):
+        v, box = lesion[i]
+        if e.error is None and v < len(e.image_maps):
+            hits.append(inside(peak(e.image_maps[v]), box))
+    return hits
+
+
+@dataclass
+class _Randomised:
+    """The maps of the re-initialised copy and of the trained model rerun with fewer IG steps."""
+
+    pairs: dict     # "random" / "reference" → modality → [(trained map, rerun map)] per sanity record
+    point: list     # pointing game of the re-initialised copy, signed map
+    point_abs: list  # ... and |map|
+
+
+def _randomisation(model, rec, lesion: dict, trained_maps: dict, sanity_rows: set, *, n_steps: int,
+                   batch_size: int, seed: int) -> _Randomised:
+    """Model randomisation on the sanity records (rank correlation) and on every lesion patient (the
+    pointing game of a model that learnt nothing: what brightness alone scores); an unchanged-model
+    reference with n_steps // 2 on the sanity records."""
     rnet = randomized_copy(model.net, seed).to(model.device)
-    pairs: dict[str, dict[str, list]] = {"random": {}, "reference": {}}
-    point_rand, point_rand_abs = [], []
+    out = _Randomised({"random": {}, "reference": {}}, [], [])
     runs = (("random", with_net(model, rnet), n_steps, sorted(sanity_rows | set(lesion))),
             ("reference", model, max(2, n_steps // 2), sorted(sanity_rows)))
-    for kind, mdl, steps, sub_rows in runs:
-        sub = rec.subset(sub_rows)
-        pos_in_sub = 0
-        for res, exps in iter_batches(mdl, sub, n_steps=steps, batch_size=batch_size, ablation=False):
+    for kind, mdl, steps, rows in runs:
+        done = 0
+        for res, exps in iter_batches(mdl, rec.subset(rows), n_steps=steps, batch_size=batch_size, ablation=False):
             for k, e in enumerate(exps):
-                i = sub_rows[pos_in_sub + k]
-                if kind == "random" and i in lesion and e.error is None and lesion[i][0] < len(e.image_maps):
-                    amap, box = e.image_maps[lesion[i][0]], lesion[i][1]
-                    point_rand.append(inside(peak(amap), box))
-                    point_rand_abs.append(inside(peak(amap, absolute=True), box))
-            pos_in_sub += len(exps)
-            if res is None:
-                continue
-            for j, fm in _flat_maps(res).items():
-                i = sub_rows[j]
-                if i not in sanity_rows:
-                    continue
-                for m, a in fm.items():
-                    if m in trained_maps.get(i, {}):
-                        pairs[kind].setdefault(m, []).append((trained_maps[i][m], a))
-    sanity = {m: _rank_corr(v) for m, v in pairs["random"].items()}
+                i = rows[done + k]
+                if kind == "random" and i in lesion and e.error is None:
+                    hit = _image_pointing(e, *lesion[i])
+                    if hit is not None:
+                        out.point.append(hit[0])
+                        out.point_abs.append(hit[1])
+            done += len(exps)
+            if res is not None:
+                _pair_maps(flat_maps(res), rows, sanity_rows, trained_maps, out.pairs[kind])
+    return out
 
-    del_out = {m: {"top": _mean(v["top"]), "random": _mean(v["random"]),
-                   "top_gt_random": bool(_mean(v["top"]) > _mean(v["random"])), "n": len(v["top"])}
-               for m, v in deletion.items()}
+
+def _pair_maps(rerun: dict, rows: list[int], sanity_rows: set, trained_maps: dict, pairs: dict) -> None:
+    """Per modality, (trained map, rerun map) of each sanity record both runs have a map of."""
+    for j, fm in rerun.items():
+        i = rows[j]
+        if i not in sanity_rows:
+            continue
+        for m, a in fm.items():
+            if m in trained_maps.get(i, {}):
+                pairs.setdefault(m, []).append((trained_maps[i][m], a))
+
+
+# -- the returned dict ----------------------------------------------------------------------------------------
+def _summary(tr: _Trained, point_cam: list, rnd: _Randomised, *, n_patients: int, n_sanity: int,
+             n_steps: int) -> dict:
+    sanity = {m: rank_corr(v) for m, v in rnd.pairs["random"].items()}
+    del_out = _deletion_summary(tr.deletion)
     out = {
-        "pointing_game": _mean(point), "pointing_game_abs": _mean(point_abs),
-        "pointing_game_gradcam": _mean(point_cam),
-        "pointing_game_randomized_model": _mean(point_rand),
-        "pointing_game_randomized_model_abs": _mean(point_rand_abs),
-        "text_top3": _mean(text_hits), "tabular_top1": _mean(tab_hits),
+        "pointing_game": finite_mean(tr.point), "pointing_game_abs": finite_mean(tr.point_abs),
+        "pointing_game_gradcam": finite_mean(point_cam),
+        "pointing_game_randomized_model": finite_mean(rnd.point),
+        "pointing_game_randomized_model_abs": finite_mean(rnd.point_abs),
+        "text_top3": finite_mean(tr.text_hits), "tabular_top1": finite_mean(tr.tab_hits),
         "deletion": del_out,
         "deletion_top_gt_random": bool(del_out) and bool(
             np.mean([d["top"] for d in del_out.values()]) > np.mean([d["random"] for d in del_out.values()])),
         "sanity_rank_corr": {m: v["value"] for m, v in sanity.items()},
         "sanity_rank_corr_detail": sanity,
-        "sanity_reference_rank_corr": {m: _rank_corr(v)["value"] for m, v in pairs["reference"].items()},
+        "sanity_reference_rank_corr": {m: rank_corr(v)["value"] for m, v in rnd.pairs["reference"].items()},
         "sanity_differs": bool(sanity) and all(v["value"] is not None and v["value"] < TARGETS["sanity_rank_corr"]
                                                for v in sanity.values()),
-        "convergence": {"median_abs_delta": float(np.median(deltas)) if deltas else None,
-                        "median_rel_delta": float(np.median(rel)) if rel else None,
-                        "share_rel_delta_below_0.05": float(np.mean(np.asarray(rel) < 0.05)) if rel else None,
-                        "median_rel_delta_with_images": float(np.median(rel_img)) if rel_img else None,
-                        "median_rel_delta_without_images": float(np.median(rel_noimg)) if rel_noimg else None},
-        "n": {"patients": len(rec), "errors": int(errors), "pointing": len(point),
-              "pointing_gradcam": len(point_cam), "pointing_randomized": len(point_rand),
-              "text": len(text_hits), "tabular": len(tab_hits), "sanity": len(sanity_rows)},
+        "convergence": _convergence_summary(tr),
+        "n": {"patients": n_patients, "errors": int(tr.errors), "pointing": len(tr.point),
+              "pointing_gradcam": len(point_cam), "pointing_randomized": len(rnd.point),
+              "text": len(tr.text_hits), "tabular": len(tr.tab_hits), "sanity": n_sanity},
         "n_steps": n_steps,
     }
     out["passed"] = {k: (out[k] is not None and out[k] >= TARGETS[k])
@@ -409,3 +329,18 @@ def faithfulness(model, test_csv, truth_csv, *, n_steps: int = 32, seed: int = 0
     out["passed"]["deletion"] = out["deletion_top_gt_random"]
     out["passed"]["sanity"] = out["sanity_differs"]
     return out
+
+
+def _deletion_summary(deletion: dict) -> dict:
+    return {m: {"top": finite_mean(v["top"]), "random": finite_mean(v["random"]),
+                "top_gt_random": bool(finite_mean(v["top"]) > finite_mean(v["random"])), "n": len(v["top"])}
+            for m, v in deletion.items()}
+
+
+def _convergence_summary(tr: _Trained) -> dict:
+    rel = tr.rel
+    return {"median_abs_delta": float(np.median(tr.deltas)) if tr.deltas else None,
+            "median_rel_delta": float(np.median(rel)) if rel else None,
+            "share_rel_delta_below_0.05": float(np.mean(np.asarray(rel) < 0.05)) if rel else None,
+            "median_rel_delta_with_images": float(np.median(tr.rel_img)) if tr.rel_img else None,
+            "median_rel_delta_without_images": float(np.median(tr.rel_noimg)) if tr.rel_noimg else None}

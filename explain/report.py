@@ -27,8 +27,8 @@ from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 
-from multimodal.output import strict_json as _strict_json
-from multimodal.output import to_jsonable
+from multimodal.formats import strict_json as _strict_json
+from multimodal.formats import to_jsonable
 
 from .figures import NEG_RGB, POS_RGB, feature_chart, image_figure
 from .types import PatientExplanation

@@ -3,7 +3,8 @@
 Data flow, one package per stage, each importing only from those below it (the import-linter contract
 in pyproject.toml, checked by `make test`):
 
-    api.py, cli.py, demo.py       the front doors (command_inputs.py: what each command reads)
+    api.py, cli.py, demo.py       the front doors (commands.py: what each command does; command_inputs.py:
+                                  what each command reads)
     explain/ (top level)          attributions, per-patient explanations, HTML reports
     training/    recipe (split → preprocessing → network → members → calibration → operating point), loop
     evaluation/  bootstrap (the one resampler), metrics, operating points, calibration, comparison,
@@ -14,8 +15,9 @@ in pyproject.toml, checked by `make test`):
     data/        records → splits (who is a patient, folds, hold-outs) → decode (imageio, image_guard,
                  series) → preprocess → batches (+ cached features)
     config/      what to build, validated
-    ground       pretrained.py (weight catalogue), output.py (every file written), distributed.py
-                 (process state), inputs.py, progress.py, runtime.py, errors.py
+    ground       pretrained.py (weight catalogue), output.py (every file written), formats.py (strict
+                 JSON, formula-safe tables), distributed.py (process state), inputs.py, progress.py,
+                 runtime.py, errors.py
 
 The public names load on first use (PEP 562), so `mmdx --help` and `import multimodal.cli` do not pull
 in torch, transformers or scikit-learn.

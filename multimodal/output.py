@@ -17,7 +17,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from multimodal.errors import UserError
+from multimodal.formats import defuse_frame, strict_json
 from multimodal.inputs import Many, not_read
 
 PathLike = Union[str, Path]
@@ -37,8 +37,6 @@ OUTPUT_MANIFEST = ".mmdx-output.json"  # {"kind": ..., "files": {relative path: 
 KINDS = {"model": "model directory (mmdx train)", "report": "report folder (mmdx explain)",
          "cv": "cross-validation folder (mmdx cv)", "baselines": "baselines folder (mmdx baselines)",
          "synth": "synthetic cohort folder (mmdx synth)", "demo": "demo folder (mmdx demo)"}
-_FORMULA = re.compile(r"^[=+\-@\t\r]")
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _held: dict[str, int] = {}  # lock path -> depth: a run may claim its own target again
 Inputs = Iterable[Any]  # paths (None skipped), or Many: files named in bulk (a records file's images)
 
@@ -349,53 +347,7 @@ def _move_all(src: Path, dst: Path) -> None:
         os.replace(p, dst / p.name)
 
 
-# -- formats ----------------------------------------------------------------------------------------------------
-def to_jsonable(obj: Any) -> Any:
-    """Plain Python for json: numpy scalars/arrays -> Python, NaN/inf -> None, tuples -> lists, Paths -> str."""
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if obj is None or isinstance(obj, str):
-        return obj
-    return str(obj)
-
-
-def strict_json(obj: Any, indent: int = 2) -> str:
-    """Standard JSON (no bare NaN, which most parsers reject): non-finite numbers become null."""
-    return json.dumps(to_jsonable(obj), allow_nan=False, ensure_ascii=False, indent=indent) + "\n"
-
-
-def defuse_cell(v: Any) -> Any:
-    """A spreadsheet runs a cell starting with = + - @ as a formula: prefix such text with a quote
-    (OWASP's advice); plain numbers such as -0.5 stay as they are."""
-    if isinstance(v, str) and _FORMULA.match(v) and not _NUMBER.match(v):
-        return "'" + v
-    return v
-
-
-def defuse_frame(df):
-    from pandas.api.types import is_object_dtype, is_string_dtype
-
-    out = df.copy()
-    out.columns = [defuse_cell(str(c)) for c in df.columns]
-    for c in out.columns:
-        if is_object_dtype(out[c]) or is_string_dtype(out[c]):
-            out[c] = out[c].map(defuse_cell)
-    return out
-
-
+# -- tables and JSON, written atomically ------------------------------------------------------------------
 def write_table(df, path: PathLike, inputs: Inputs = ()) -> Path:
     """CSV (formula-safe), or Parquet when the name ends in .parquet."""
     if str(path).endswith((".parquet", ".pq")):

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from explain.patients import explain, merge_words
-from explain.faithfulness import faithfulness, inside, lesion_in_input, peak, randomized_copy
+from explain.faithfulness import faithfulness, inside, lesion_in_input, peak
+from explain.perturbation import randomized_copy
 from multimodal import DiagnosisModel
 from multimodal.model.build import build_network
 from multimodal.data.preprocess import Preprocessing

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from multimodal import UserError
-from multimodal import output
+from multimodal import formats, output
 
 from conftest import REPO, TINY, one_line_error, run_cli
 
@@ -107,8 +107,8 @@ def test_predict_out_cannot_be_an_input_or_inside_the_model(capsys, tiny_model, 
 
 # -- 5: CSV formula injection --------------------------------------------------------------------------------------
 def test_csv_cells_cannot_become_formulas(capsys, tiny_model, cohort, tmp_path):
-    assert output.defuse_cell("=HYPERLINK(\"x\")") == "'=HYPERLINK(\"x\")"
-    assert [output.defuse_cell(v) for v in ("+1+cmd", "@SUM(A1)", "-2+3", "-0.5", "1e-3", "ok")] == \
+    assert formats.defuse_cell("=HYPERLINK(\"x\")") == "'=HYPERLINK(\"x\")"
+    assert [formats.defuse_cell(v) for v in ("+1+cmd", "@SUM(A1)", "-2+3", "-0.5", "1e-3", "ok")] == \
         ["'+1+cmd", "'@SUM(A1)", "'-2+3", "-0.5", "1e-3", "ok"]
     df = pd.read_csv(cohort["test"], dtype=str).iloc[:3]
     df.loc[0, "patient_id"] = "=1+1"

@@ -32,7 +32,8 @@ from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 from multimodal.data.splits import folds as split
 from multimodal.evaluation.comparison import auroc
 from multimodal.data.preprocess.labels import LabelEncoder
-from multimodal.output import strict_json, write_table
+from multimodal.formats import strict_json
+from multimodal.output import write_table
 
 N_FOLDS = 5
 CS = np.logspace(-3, 2, 11)

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from multimodal.errors import UserError
-from multimodal.output import staged_dir, strict_json
+from multimodal.formats import strict_json
+from multimodal.output import staged_dir
 from multimodal.data.records import Records
 from multimodal.data.splits import fold_of, has_label, labelled, patients
 
@@ -74,7 +75,7 @@ def cross_validate(estimator, records, folds: int = 5, out: Optional[str] = None
               "n_records": len(rec), "n_patients": int(len(set(patients(rec.df, cfg)))),
               "seconds": time.perf_counter() - t0}
     if out is not None:
-        from multimodal.output import defuse_frame
+        from multimodal.formats import defuse_frame
 
         with staged_dir(out, "cv", inputs=[records]) as tmp:
             defuse_frame(oof).to_csv(tmp / "predictions.csv", index=False)

@@ -30,7 +30,8 @@ from multimodal.data.records import iter_record_chunks
 from multimodal.distributed import ProcessState
 from multimodal.inference import journal
 from multimodal.errors import UserError
-from multimodal.output import atomic_file, check_file_target, claim, defuse_frame
+from multimodal.formats import defuse_frame
+from multimodal.output import atomic_file, check_file_target, claim
 
 log = logging.getLogger("mmdx")
 

@@ -31,7 +31,8 @@ from typing import Optional
 from multimodal.output import sha256_file
 
 from multimodal.errors import UserError
-from multimodal.output import MODEL_MANIFEST, atomic_file, strict_json
+from multimodal.formats import strict_json
+from multimodal.output import MODEL_MANIFEST, atomic_file
 
 log = logging.getLogger("mmdx")
 PARTS_TAG = ".mmdx-parts"
