@@ -35,7 +35,8 @@ from multimodal.config import Config, config_from_dict
 from multimodal.errors import UserError
 from multimodal.model.network import members
 from multimodal.output import MODEL_MANIFEST as CHECKSUMS
-from multimodal.output import staged_dir, strict_json
+from multimodal.formats import strict_json
+from multimodal.output import staged_dir
 
 EXPORTS = "exports.json"
 
