@@ -55,13 +55,14 @@ import torch.nn.functional as F
 from multimodal.data.batches import to_device
 from multimodal.data.imageio import read_image
 from multimodal.data.preprocess.image import split_paths
+from multimodal.synth import LAB, PHRASE
 
 from .attribution import baseline_batch, class_probs, eval_mode
 from .patients import iter_batches, with_net
 
 TOP_FRACTION = 0.10
 N_RANDOM = 3
-PHRASE_WORDS = ("spiculated", "mass")
+PHRASE_WORDS = tuple(PHRASE.split())
 TARGETS = {"pointing_game": 0.90, "text_top3": 0.90, "tabular_top1": 0.90, "sanity_rank_corr": 0.5}
 
 
@@ -335,7 +336,7 @@ def faithfulness(model, test_csv, truth_csv, *, n_steps: int = 32, seed: int = 0
                     top3 = [e.words[k] for k in np.argsort(-np.asarray(e.word_scores), kind="stable")[:3]]
                     text_hits.append(any(_norm_word(w) in PHRASE_WORDS for w in top3))
                 if int(t["lab_high"]) == 1 and e.features:
-                    tab_hits.append(e.features[int(np.argmax(e.feature_scores))] == "crp")
+                    tab_hits.append(e.features[int(np.argmax(e.feature_scores))] == LAB)
 
     point_cam = []
     if "image" in cfg.modalities and lesion:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import SYNTH_CONFIG, TINY
 
 STRATEGIES = ("unimodal", "auto")
 EXPORTABLE = TINY | {"text.encoder": "bow"}  # the BiLSTM has no ONNX form
@@ -16,7 +16,7 @@ EXPORTABLE = TINY | {"text.encoder": "bow"}  # the BiLSTM has no ONNX form
 def fitted(request, cohort, tmp_path_factory):
     from multimodal import DiagnosisModel
 
-    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml",
+    model = DiagnosisModel.from_config(SYNTH_CONFIG,
                                        **(EXPORTABLE | {"fusion.strategy": request.param}))
     model.fit(cohort["train"], cohort["val"], progress=False)
     out = model.save(tmp_path_factory.mktemp(request.param) / "model")
