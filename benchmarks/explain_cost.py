@@ -29,9 +29,9 @@ from multimodal import DiagnosisModel  # noqa: E402
 from multimodal.model.build import build_network  # noqa: E402
 from multimodal.data.batches import Collate, RecordDataset  # noqa: E402
 from multimodal.data.preprocess import Preprocessing  # noqa: E402
-from multimodal.synth import make_cohort  # noqa: E402
+from multimodal.synth import config_path, make_cohort  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
+CONFIG = config_path()
 
 
 def timed(fn, repeats: int) -> float:

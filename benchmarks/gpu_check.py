@@ -81,13 +81,13 @@ def main(argv=None) -> int:
     from multimodal.config import load_config
     from multimodal.data.records import load_records
     from multimodal.inference.forward import amp_dtype, resolve_device
-    from multimodal.synth import make_cohort
+    from multimodal.synth import config_path, make_cohort
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu to try the script here", file=sys.stderr)
         return 2
     a.out.mkdir(parents=True, exist_ok=True)
-    cfg = ROOT / "configs" / "synthetic.yaml"
+    cfg = config_path()
     res: dict = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
                  "torch": torch.__version__, "n": a.n, "seconds": {}}
     work = Path(tempfile.mkdtemp(prefix="mmdx-gpu-"))

@@ -53,12 +53,13 @@ import torch.nn.functional as F
 from multimodal.data.batches import to_device
 from multimodal.data.imageio import read_image
 from multimodal.data.preprocess.image import split_paths
+from multimodal.synth import LAB, PHRASE
 
 from .attribution import eval_mode
 from .patients import iter_batches, with_net
 from .perturbation import deletion, finite_mean, flat_maps, randomized_copy, rank_corr
 
-PHRASE_WORDS = ("spiculated", "mass")
+PHRASE_WORDS = tuple(PHRASE.split())
 TARGETS = {"pointing_game": 0.90, "text_top3": 0.90, "tabular_top1": 0.90, "sanity_rank_corr": 0.5}
 
 
@@ -236,7 +237,7 @@ def _text_phrase_in_top3(e) -> bool:
 
 def _tabular_lab_top1(e) -> bool:
     """Is the planted high lab (crp) the highest-scored feature?"""
-    return e.features[int(np.argmax(e.feature_scores))] == "crp"
+    return e.features[int(np.argmax(e.feature_scores))] == LAB
 
 
 def _pointing_gradcam(model, rec, lesion: dict, *, n_steps: int, batch_size: int) -> list[bool]:

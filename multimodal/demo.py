@@ -1,6 +1,6 @@
 """`mmdx demo`: the whole main job on the built-in synthetic cohort, in a few minutes on a laptop CPU.
 
-synth → train the fused model (configs/synthetic.yaml's fusion strategy) → evaluate → batch predict,
+synth → train the fused model (multimodal/synth/config.yaml's fusion strategy) → evaluate → batch predict,
 then the same config restricted to each single modality, and the scikit-learn baselines a researcher
 would fit instead (`mmdx baselines`), so that the fused model stands beside the best single modality,
 the plain mean of the single-modality models and the best baseline, as paired differences on the same
@@ -18,9 +18,8 @@ from typing import Optional
 from multimodal.api import DiagnosisModel
 from multimodal.evaluation.metrics import format_table
 from multimodal.output import staged_dir, write_json, write_table
-from multimodal.synth import make_cohort
+from multimodal.synth import config_path, make_cohort
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml"
 SINGLE = ("image", "text", "tabular")
 
 
@@ -58,7 +57,7 @@ def _explain(model, cohort: dict, work: Path, out: Path, n_reports: int) -> dict
     return faith
 
 
-def _mean_of(frames: list) -> "pd.DataFrame":
+def _mean_of(frames: list):
     """The plain mean of several models' probabilities, in `predict`'s layout: what a researcher gets
     by training each modality apart and averaging."""
     out = frames[0][["id"]].copy()
@@ -115,8 +114,8 @@ def _against(cohort: dict, config: Path, preds: dict, work: Path, out: Path) -> 
 
 
 def run_demo(out: str = "mmdx-demo", n: int = 600, epochs: Optional[int] = None, seed: int = 0,
-             config: Path = CONFIG, n_boot: int = 500, n_reports: int = 8) -> dict:
-    out = Path(out)
+             config: Optional[Path] = None, n_boot: int = 500, n_reports: int = 8) -> dict:
+    out, config = Path(out), Path(config) if config is not None else config_path()
     with staged_dir(out, "demo") as work:  # refused before any work; appears whole at the end
         return _run(work, out, n, epochs, seed, config, n_boot, n_reports)
 

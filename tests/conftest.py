@@ -14,10 +14,13 @@ from multimodal.runtime import tune_malloc  # noqa: E402
 
 tune_malloc()  # the suite trains and predicts as `mmdx` does (and faster: less time faulting pages in)
 
+from multimodal.synth import config_path  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+SYNTH_CONFIG = config_path()  # the synthetic cohort's config, package data beside its generator
 
-# Small enough to train in seconds on 2 CPU cores; the real settings are in configs/synthetic.yaml.
+# Small enough to train in seconds on 2 CPU cores; the real settings are in SYNTH_CONFIG.
 # The suite tests the joint network by default; tests/test_strategies.py covers the per-modality ones.
 TINY = {"image.size": 32, "image.token_grid": 1, "image.augment": None, "text.vocab_size": 200,
         "train.epochs": 2, "train.batch_size": 16, "fusion.layers": 1, "fusion.strategy": "joint"}
@@ -41,7 +44,7 @@ def cohort(tmp_path_factory):
 def tiny_model(cohort):
     from multimodal import DiagnosisModel
 
-    return DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY).fit(
+    return DiagnosisModel.from_config(SYNTH_CONFIG, **TINY).fit(
         cohort["train"], cohort["val"], progress=False)
 
 

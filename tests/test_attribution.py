@@ -20,10 +20,9 @@ from explain.perturbation import randomized_copy
 from multimodal import DiagnosisModel
 from multimodal.model.build import build_network
 from multimodal.data.preprocess import Preprocessing
-from multimodal.synth import make_cohort
+from multimodal.synth import config_path, make_cohort
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "synthetic.yaml"
+CONFIG = config_path()
 # Small and quick on 2 CPU cores, but trained long enough for the text and lab signals to be learnt.
 # The CNN is pinned (a small ResNet, so Grad-CAM has a last feature stage and timing stays predictable).
 # The records here are DataFrames listing absolute image paths (_abs_images), which resolve against no

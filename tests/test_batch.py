@@ -137,12 +137,12 @@ def test_torchrun_sharded_predict_is_byte_identical(capsys, model_dir, big_recor
 
 def test_onnx_export_predicts_like_pytorch(capsys, cohort, tmp_path):
     pytest.importorskip("onnxruntime")
-    from conftest import REPO, TINY
+    from conftest import REPO, SYNTH_CONFIG, TINY
     from multimodal import DiagnosisModel
 
     d = tmp_path / "m"
     grid = {"text.encoder": "bow", "image.size": 64, "image.token_grid": 2}  # pooled 2x2: a fixed-size pool
-    DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **{**TINY, **grid}).fit(
+    DiagnosisModel.from_config(SYNTH_CONFIG, **{**TINY, **grid}).fit(
         cohort["train"], cohort["val"], progress=False).save(d)
     before = {p.name: p.read_bytes() for p in d.iterdir()}
     code, out, err = run_cli(capsys, "export", "--model", d, "--records", cohort["val"], "--out", tmp_path / "m.onnx")
@@ -174,7 +174,7 @@ def test_onnx_export_predicts_like_pytorch(capsys, cohort, tmp_path):
     np.testing.assert_allclose(a["prob_1"], b["prob_1"], atol=1e-5)
 
     other = tmp_path / "other"
-    DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **{**TINY, **grid, "train.seed": 5}).fit(
+    DiagnosisModel.from_config(SYNTH_CONFIG, **{**TINY, **grid, "train.seed": 5}).fit(
         cohort["train"], cohort["val"], progress=False).save(other)
     code, _, err = run_cli(capsys, "predict", "--model", other, "--records", cohort["test"], "--out",
                            tmp_path / "x.csv", "--onnx", tmp_path / "m.onnx")
@@ -231,13 +231,13 @@ def test_deferred_network_predicts_what_a_loaded_one_does(model_dir, big_records
 def test_predict_cli_of_a_model_without_images(capsys, cohort, tmp_path):
     """A text + tabular model through `mmdx predict`, whose network is built lazily: the head start
     once read image settings that such a model does not have (AttributeError on IU X-ray's model)."""
-    from conftest import REPO, TINY
+    from conftest import SYNTH_CONFIG, TINY
 
     from multimodal import DiagnosisModel
 
     import yaml
 
-    cfg = yaml.safe_load((REPO / "configs" / "synthetic.yaml").read_text())
+    cfg = yaml.safe_load(SYNTH_CONFIG.read_text())
     cfg["modalities"], cfg["image"] = ["text", "tabular"], None  # as configs/iu_xray.yaml: no image section
     m = DiagnosisModel.from_config(cfg, **{k: v for k, v in TINY.items() if not k.startswith("image.")})
     m.fit(cohort["train"], cohort["val"], progress=False)

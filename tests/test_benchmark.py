@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, shared
+from conftest import REPO, SYNTH_CONFIG, shared
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_stats as st  # noqa: E402
@@ -100,7 +100,7 @@ def test_a_cached_run_is_reused_only_for_the_same_config_and_code(cohort, tmp_pa
     import real_data
     from multimodal import DiagnosisModel
 
-    cfg = REPO / "configs" / "synthetic.yaml"
+    cfg = SYNTH_CONFIG
     ov = {"modalities": "tabular", "train.epochs": 1}
     fits = []
     fit = DiagnosisModel.fit

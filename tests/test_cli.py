@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 
 
-from conftest import REPO, TINY, one_line_error, run_cli
+from conftest import SYNTH_CONFIG, TINY, one_line_error, run_cli
 
-CFG = str(REPO / "configs" / "synthetic.yaml")
+CFG = str(SYNTH_CONFIG)
 
 
 run = run_cli

@@ -3,17 +3,17 @@ import pytest
 from multimodal.config import config_from_dict, load_config, parse_overrides
 from multimodal.errors import UserError
 
-from conftest import REPO
+from conftest import SYNTH_CONFIG
 
 
 def test_synthetic_config_loads_with_all_modalities():
-    cfg = load_config(REPO / "configs" / "synthetic.yaml")
+    cfg = load_config(SYNTH_CONFIG)
     assert cfg.modalities == ["image", "text", "tabular"]
     assert "crp" in cfg.columns() and cfg.label_columns() == ["label"]
 
 
 def test_modalities_override_selects_subset():
-    cfg = load_config(REPO / "configs" / "synthetic.yaml", parse_overrides(["modalities=image,text", "train.epochs=3"]))
+    cfg = load_config(SYNTH_CONFIG, parse_overrides(["modalities=image,text", "train.epochs=3"]))
     assert cfg.modalities == ["image", "text"] and cfg.train.epochs == 3
     assert "crp" not in cfg.columns()
 
@@ -53,4 +53,4 @@ def test_an_image_size_beyond_any_scan_is_refused():
     from multimodal.errors import UserError
 
     with pytest.raises((UserError, ValueError)):
-        load_config(REPO / "configs" / "synthetic.yaml", {"image.size": 100_000})
+        load_config(SYNTH_CONFIG, {"image.size": 100_000})

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import REPO
+from conftest import SYNTH_CONFIG
 from encoders import ENCODERS, Tokens
 from fusion import FUSION_HEADS
 from multimodal.config import FusionConfig, load_config
@@ -42,7 +42,7 @@ def cohort(tmp_path_factory):
 
 
 def _fitted(cohort, **settings):
-    cfg = load_config(REPO / "configs" / "synthetic.yaml", {**TINY, **settings})
+    cfg = load_config(SYNTH_CONFIG, {**TINY, **settings})
     rec = load_records(cohort["train"], cfg, labels=True)
     return cfg, rec, Preprocessing.fit(cfg, rec)
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import SYNTH_CONFIG
 
 SETTINGS = ["image.size=32", "image.token_grid=1", "image.augment=null", "text.vocab_size=200", "train.epochs=6",
             "train.batch_size=16", "fusion.layers=1"]
@@ -20,7 +20,7 @@ def cohort240(tmp_path_factory):
 
 
 def _train(launcher, cohort, out):
-    argv = [*launcher, "train", "--config", str(REPO / "configs" / "synthetic.yaml"), "--records",
+    argv = [*launcher, "train", "--config", str(SYNTH_CONFIG), "--records",
             str(cohort["train"]), "--val", str(cohort["val"]), "--out", str(out), "--quiet", *SETTINGS]
     r = subprocess.run(argv, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

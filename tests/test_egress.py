@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SYNTH_CONFIG
 from multimodal.runtime import CACHES, TELEMETRY_OFF
 
 pytest.importorskip("onnxruntime")
@@ -108,7 +108,7 @@ SMALL = ["image.size=64", "image.token_grid=2", "image.augment=null", "text.enco
 
 def _commands(w: Path) -> list:
     c, m = w / "cohort", w / "model"
-    config = REPO / "configs" / "synthetic.yaml"
+    config = SYNTH_CONFIG
     train, val, test = (c / f"records_{s}.csv" for s in ("train", "val", "test"))
     cmds = [["synth", "--out", c, "--n", 60],
             ["train", "--config", config, "--records", train, "--val", val, "--out", m, "--quiet", *SMALL],

@@ -102,9 +102,9 @@ def test_same_seed_same_model(tiny_model, cohort):
 
 
 def test_auxiliary_modality_heads_train_and_round_trip(cohort, tmp_path):
-    from conftest import REPO, TINY
+    from conftest import SYNTH_CONFIG, TINY
 
-    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY, **{"fusion.aux_weight": 0.5})
+    model = DiagnosisModel.from_config(SYNTH_CONFIG, **TINY, **{"fusion.aux_weight": 0.5})
     model.fit(cohort["train"], cohort["val"], progress=False)
     assert set(model.net.aux_heads) == {"image", "text", "tabular"}
     from multimodal.data.batches import Collate, RecordDataset
@@ -117,16 +117,16 @@ def test_auxiliary_modality_heads_train_and_round_trip(cohort, tmp_path):
     before = model.predict(cohort["test"]).prob_1.to_numpy()
     model.save(tmp_path / "m")
     np.testing.assert_array_equal(before, DiagnosisModel.load(tmp_path / "m").predict(cohort["test"]).prob_1.to_numpy())
-    off = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY, **{"fusion.aux_weight": 0.0})
+    off = DiagnosisModel.from_config(SYNTH_CONFIG, **TINY, **{"fusion.aux_weight": 0.0})
     off.fit(cohort["train"], cohort["val"], progress=False)
     assert off.net.aux_heads is None and not any(k.startswith("aux_heads") for k in off.net.state_dict())
 
 
 @pytest.mark.parametrize("epochs, min_epochs", [(3, 3), (2, 5)])
 def test_min_epochs_bounds_checkpoint_choice(cohort, epochs, min_epochs):
-    from conftest import REPO
+    from conftest import SYNTH_CONFIG
 
-    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", modalities="tabular",
+    model = DiagnosisModel.from_config(SYNTH_CONFIG, modalities="tabular",
                                        **{"train.epochs": epochs, "train.min_epochs": min_epochs})
     t = model.fit(cohort["train"], cohort["val"], progress=False).metrics["training"]
     assert t["best_epoch"] == epochs and len(t["history"]) == epochs

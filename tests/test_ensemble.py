@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import SYNTH_CONFIG, TINY
 
 ENS = {**TINY, "train.ensemble": 2}
 
@@ -14,7 +14,7 @@ ENS = {**TINY, "train.ensemble": 2}
 def ensemble(cohort):
     from multimodal import DiagnosisModel
 
-    return DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **ENS).fit(
+    return DiagnosisModel.from_config(SYNTH_CONFIG, **ENS).fit(
         cohort["train"], cohort["val"], progress=False)
 
 
@@ -58,7 +58,7 @@ def test_a_frozen_encoder_is_shared_and_stored_once(cohort, tmp_path):
     from multimodal.model.network import members
 
     over = {**ENS, "image.freeze": "all", "train.epochs": 1}
-    m = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **over).fit(
+    m = DiagnosisModel.from_config(SYNTH_CONFIG, **over).fit(
         cohort["train"], cohort["val"], progress=False)
     first, second = members(m.net)
     assert first.encoders["image"] is second.encoders["image"]
@@ -95,7 +95,7 @@ def test_attributions_explain_the_mean_logit(ensemble, cohort):
 def test_onnx_export_of_an_ensemble_matches_pytorch(cohort, tmp_path):
     from multimodal import DiagnosisModel
 
-    m = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **{**ENS, "text.encoder": "bow",
+    m = DiagnosisModel.from_config(SYNTH_CONFIG, **{**ENS, "text.encoder": "bow",
                                                                            "train.epochs": 1}).fit(
         cohort["train"], cohort["val"], progress=False)
     m.save(tmp_path / "m")
@@ -115,7 +115,7 @@ def test_crossfit_members_early_stop_on_disjoint_folds_and_calibrate_out_of_fold
     from multimodal.model.network import members
 
     over = {**ENS, "train.ensemble_holdout": "crossfit", "train.val_fraction": 0.34}
-    m = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **over)
+    m = DiagnosisModel.from_config(SYNTH_CONFIG, **over)
     rec = m.records(cohort["train"], labels=True)
     splits = holdout_splits(rec, m.config, 2)
     ids = [set(v.df["patient_id"]) for _, v in splits]
@@ -137,5 +137,5 @@ def test_crossfit_needs_a_fold_per_member():
     from multimodal.errors import UserError
 
     with pytest.raises(UserError, match="round\\(1 / val_fraction\\) = 2 folds"):
-        load_config(REPO / "configs" / "synthetic.yaml", {"train.ensemble": 3, "train.val_fraction": 0.5,
+        load_config(SYNTH_CONFIG, {"train.ensemble": 3, "train.val_fraction": 0.5,
                                                            "train.ensemble_holdout": "crossfit"})

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import SYNTH_CONFIG
 
 pytest.importorskip("pydicom")
 
@@ -19,7 +19,7 @@ SETTINGS = {"modalities": "image", "image.encoder": "test_resnet", "image.size":
 def _config(**over):
     from multimodal.config import load_config
 
-    return load_config(REPO / "configs" / "synthetic.yaml", {**SETTINGS, **over})
+    return load_config(SYNTH_CONFIG, {**SETTINGS, **over})
 
 
 def _encoder(cfg, seed):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, TINY, one_line_error, run_cli
+from conftest import SYNTH_CONFIG, TINY, one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def two_per_patient(cohort):
 def _cfg(**extra):
     from multimodal import load_config
 
-    return load_config(REPO / "configs" / "synthetic.yaml", {**TINY, "data.group": "patient", **extra})
+    return load_config(SYNTH_CONFIG, {**TINY, "data.group": "patient", **extra})
 
 
 def test_holdout_and_folds_keep_patients_together(two_per_patient):
@@ -50,14 +50,14 @@ def test_duplicate_ids_are_an_error_without_a_group_column(capsys, two_per_patie
     df["patient_id"] = df["patient"]
     dup = tmp_path / "dup.csv"
     df.to_csv(dup, index=False)
-    code, _, err = run_cli(capsys, "train", "--config", REPO / "configs" / "synthetic.yaml", "--records", dup,
+    code, _, err = run_cli(capsys, "train", "--config", SYNTH_CONFIG, "--records", dup,
                            "--out", tmp_path / "m", "--quiet")
     one_line_error(code, err, "repeat an id")
 
 
 def test_cv_writes_one_out_of_fold_row_per_record(capsys, two_per_patient, tmp_path):
     out = tmp_path / "cv"
-    code, stdout, err = run_cli(capsys, "cv", "--config", REPO / "configs" / "synthetic.yaml", "--records",
+    code, stdout, err = run_cli(capsys, "cv", "--config", SYNTH_CONFIG, "--records",
                                 two_per_patient, "--folds", 3, "--out", out, "--n-boot", 50, "--quiet",
                                 *[f"{k}={v}" for k, v in TINY.items() if v is not None], "image.augment=null",
                                 "data.group=patient", "train.epochs=1")

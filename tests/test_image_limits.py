@@ -416,6 +416,7 @@ def test_images_are_confined_unless_the_config_opts_out(tree, cohort):
     from multimodal.config import load_config
     from multimodal.data.preprocess import Preprocessing
     from multimodal.data.records import load_records
+    from multimodal.synth import config_path
 
     root, outside = tree
     default = ImagePreprocessor(image_config(size=16), [0.5], [0.5])  # every reader that builds its own
@@ -425,7 +426,7 @@ def test_images_are_confined_unless_the_config_opts_out(tree, cohort):
     assert default.load([str(root / "sub" / "in.png")], root).shape == (1, 1, 16, 16)  # absolute, inside
     for confine in (True, False):
         over = {} if confine else {"data.confine_images": False}
-        cfg = load_config(Path(__file__).parents[1] / "configs" / "synthetic.yaml", over)
+        cfg = load_config(config_path(), over)
         prep = Preprocessing.fit(cfg, load_records(cohort["train"], cfg, labels=True)).image
         assert prep.confine is confine
         x = _load_or_error(prep, "../outside/out.png", root)

@@ -10,7 +10,7 @@ import pytest
 from multimodal import DiagnosisModel, UserError
 from multimodal.cli import main
 
-from conftest import REPO
+from conftest import REPO, SYNTH_CONFIG
 
 
 def rehash(d):
@@ -214,7 +214,7 @@ def test_identifiers_of_one_patient_do_not_travel_with_the_model(cohort):
     from multimodal.data.preprocess import Preprocessing
     from multimodal.data.records import load_records
 
-    cfg = load_config(REPO / "configs" / "synthetic.yaml", {"text.vocab_size": 2000})
+    cfg = load_config(SYNTH_CONFIG, {"text.vocab_size": 2000})
     df = pd.read_csv(cohort["train"], dtype=str)
     df.loc[0, "report_text"] = str(df.loc[0, "report_text"]) + " Patient Quixotely Zanzibarson MRN 48213377"
     cat = cfg.tabular.categorical[0]
@@ -224,7 +224,7 @@ def test_identifiers_of_one_patient_do_not_travel_with_the_model(cohort):
     for secret in ("quixotely", "zanzibarson", "48213377", "ward-7"):
         assert secret not in stored, secret
     assert "lesion" in prep.text.tokenizer.get_vocab() or prep.text.vocab_size > 100  # common words still learnt
-    scrubbed = load_config(REPO / "configs" / "synthetic.yaml", {"text.scrub": True, "text.min_doc_freq": 1})
+    scrubbed = load_config(SYNTH_CONFIG, {"text.scrub": True, "text.min_doc_freq": 1})
     df.loc[5:, "report_text"] = df.loc[5:, "report_text"].astype(str) + " seen 20190412"
     vocab = Preprocessing.fit(scrubbed, load_records(df, scrubbed, labels=True)).text.tokenizer.get_vocab()
     assert "20190412" not in vocab and "seen" in vocab

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, TINY, one_line_error, run_cli
+from conftest import SYNTH_CONFIG, TINY, one_line_error, run_cli
 from multimodal.evaluation.operating import choose, confusion_metrics, parse_rule
 
 
@@ -35,7 +35,7 @@ def thresholded(cohort, tmp_path_factory):
     from multimodal import DiagnosisModel
 
     d = tmp_path_factory.mktemp("op") / "m"
-    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY,
+    model = DiagnosisModel.from_config(SYNTH_CONFIG, **TINY,
                                        **{"task.threshold": "sensitivity:0.95", "task.names": {0: "healthy", 1: "sick"}})
     model.fit(cohort["train"], cohort["val"], progress=False).save(d)
     return model, d
@@ -82,18 +82,18 @@ def test_positive_values_make_a_binary_task_from_a_multiclass_column(cohort, tmp
         paths[split] = cohort["dir"] / f"dx_{split}.csv"
         df.to_csv(paths[split], index=False)
     cfg = {"task.label": "dx", "task.positive": ["mel", "bcc"], "train.epochs": 1}
-    m = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **{**TINY, **cfg})
+    m = DiagnosisModel.from_config(SYNTH_CONFIG, **{**TINY, **cfg})
     m.fit(paths["train"], paths["val"], progress=False)
     assert m.classes == ["other", "mel+bcc"]
     y = m.prep.labels.encode(pd.read_csv(paths["val"], dtype=str))
     assert (y == pd.read_csv(cohort["val"])["label"].to_numpy()).all()
     with pytest.raises(Exception, match="never occur"):
-        DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml",
+        DiagnosisModel.from_config(SYNTH_CONFIG,
                                    **{**TINY, **cfg, "task.positive": ["melanoma"]}).fit(paths["train"], paths["val"], progress=False)
 
 
 def test_bad_operating_settings_are_one_line(capsys, cohort, tmp_path):
-    base = ["train", "--config", REPO / "configs" / "synthetic.yaml", "--records", cohort["train"], "--out",
+    base = ["train", "--config", SYNTH_CONFIG, "--records", cohort["train"], "--out",
             tmp_path / "m", "--quiet"]
     one_line_error(*run_cli(capsys, *base, "task.threshold=sensitivity:1.2")[::2], "strictly between 0 and 1")
     one_line_error(*run_cli(capsys, *base, "task.type=multiclass", "task.threshold=youden")[::2], "multiclass")

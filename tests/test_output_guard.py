@@ -17,9 +17,9 @@ import pytest
 from multimodal import UserError
 from multimodal import formats, output
 
-from conftest import REPO, TINY, one_line_error, run_cli
+from conftest import REPO, SYNTH_CONFIG, TINY, one_line_error, run_cli
 
-CFG = str(REPO / "configs" / "synthetic.yaml")
+CFG = str(SYNTH_CONFIG)
 
 
 run = run_cli

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import SYNTH_CONFIG, TINY
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -54,7 +54,7 @@ def test_all_views_refuse_cached_features():
 def views_model(cohort):
     from multimodal import DiagnosisModel
 
-    return DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **TINY, **{
+    return DiagnosisModel.from_config(SYNTH_CONFIG, **TINY, **{
         "image.max_images": 1, "image.predict_views": "all", "text.encoder": "bow"}).fit(cohort["train"], cohort["val"], progress=False)
 
 

@@ -11,9 +11,9 @@ from encoders import ENCODERS
 from encoders.weights import WeightsError, read_state_dict, resolve, to_timm_layout
 from multimodal import DiagnosisModel, UserError
 
-from conftest import REPO, TINY, one_line_error, run_cli
+from conftest import SYNTH_CONFIG, TINY, one_line_error, run_cli
 
-CFG = REPO / "configs" / "synthetic.yaml"
+CFG = SYNTH_CONFIG
 LITE = {"image.encoder": "tf_efficientnet_lite0", "image.pretrained": "efficientnet_lite0"}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from conftest import REPO, TINY
+from conftest import SYNTH_CONFIG, TINY
 
 SECRETS = ("quixotely", "zanzibarson", "48213377", "ward-7")
 
@@ -27,7 +27,7 @@ def test_one_patients_identifiers_in_two_records_stay_out_of_the_model_directory
         train.loc[i, "smoking"] = "Quixotely-Ward-7"
     train.to_csv(tmp_path / "train.csv", index=False)
     val.to_csv(tmp_path / "val.csv", index=False)
-    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **{**TINY,
+    model = DiagnosisModel.from_config(SYNTH_CONFIG, **{**TINY,
         "data.group": "patient", "data.image_root": str(cohort["dir"]), "text.vocab_size": 2000, "text.scrub": scrub})
     model.fit(tmp_path / "train.csv", tmp_path / "val.csv", progress=False)
     out = model.save(tmp_path / "m")
@@ -45,7 +45,7 @@ def _vocab(df: pd.DataFrame, **overrides) -> dict:
     from multimodal.data.preprocess import Preprocessing
     from multimodal.data.records import load_records
 
-    cfg = load_config(REPO / "configs" / "synthetic.yaml", {"text.vocab_size": 2000, "data.group": "patient",
+    cfg = load_config(SYNTH_CONFIG, {"text.vocab_size": 2000, "data.group": "patient",
                                                            **overrides})
     return Preprocessing.fit(cfg, load_records(df, cfg, labels=True)).text.tokenizer.get_vocab()
 
@@ -69,8 +69,8 @@ def test_records_without_a_group_are_each_their_own_patient(cohort, empty):
     from multimodal.config import load_config
     from multimodal.data.splits import patients
 
-    cfg = load_config(REPO / "configs" / "synthetic.yaml", {"data.group": "patient"})
+    cfg = load_config(SYNTH_CONFIG, {"data.group": "patient"})
     df = pd.DataFrame({"patient_id": ["a", "b", "c", "d"], "patient": ["p1", "p1", empty, empty]})
     who = patients(df, cfg)
     assert who[0] == who[1] and len(set(who)) == 3
-    assert len(set(patients(df, load_config(REPO / "configs" / "synthetic.yaml")))) == 4
+    assert len(set(patients(df, load_config(SYNTH_CONFIG)))) == 4

@@ -8,7 +8,7 @@ import textwrap
 
 import pandas as pd
 
-from conftest import REPO, TINY
+from conftest import REPO, SYNTH_CONFIG, TINY
 
 
 def test_wordpiece_vocabulary_is_the_same_on_every_run(cohort):
@@ -38,7 +38,7 @@ def test_two_processes_train_byte_identical_models(cohort, tmp_path):
     for i, hash_seed in enumerate(("1", "2")):
         out, preds = tmp_path / f"m{i}", tmp_path / f"p{i}.csv"
         env = dict(os.environ, PYTHONHASHSEED=hash_seed, OMP_NUM_THREADS="1")
-        subprocess.run([sys.executable, "-c", _FIT, str(REPO / "configs" / "synthetic.yaml"), repr(TINY),
+        subprocess.run([sys.executable, "-c", _FIT, str(SYNTH_CONFIG), repr(TINY),
                         str(cohort["train"]), str(cohort["val"]), str(out), str(cohort["test"]), str(preds)],
                        env=env, check=True, capture_output=True, cwd=REPO)
         runs.append((out, preds))

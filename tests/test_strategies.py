@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import SYNTH_CONFIG, TINY
 
 STRATEGIES = ("unimodal", "auto")
 EXPORTABLE = TINY | {"text.encoder": "bow"}  # the BiLSTM has no ONNX form
@@ -16,7 +16,7 @@ EXPORTABLE = TINY | {"text.encoder": "bow"}  # the BiLSTM has no ONNX form
 def fitted(request, cohort, tmp_path_factory):
     from multimodal import DiagnosisModel
 
-    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml",
+    model = DiagnosisModel.from_config(SYNTH_CONFIG,
                                        **(EXPORTABLE | {"fusion.strategy": request.param}))
     model.fit(cohort["train"], cohort["val"], progress=False)
     out = model.save(tmp_path_factory.mktemp(request.param) / "model")
@@ -149,7 +149,7 @@ def test_uni_modal_teachers_pull_each_modality_towards_its_own_network(cohort):
 
     gaps = {}
     for weight in (0.0, 20.0):
-        model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **(TINY | {
+        model = DiagnosisModel.from_config(SYNTH_CONFIG, **(TINY | {
             "fusion.strategy": "auto", "fusion.teacher_weight": weight, "train.epochs": 8, "train.lr": 0.01,
             "train.encoder_lr": None}))
         model.fit(cohort["train"], cohort["val"], progress=False)
@@ -169,5 +169,5 @@ def test_teachers_need_the_auto_strategy():
     from multimodal import DiagnosisModel, UserError
 
     with pytest.raises((UserError, ValueError), match="teacher_weight needs fusion.strategy: auto"):
-        DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml",
+        DiagnosisModel.from_config(SYNTH_CONFIG,
                                    **(TINY | {"fusion.strategy": "unimodal", "fusion.teacher_weight": 1.0}))

@@ -4,7 +4,7 @@ import pytest
 
 from multimodal import DiagnosisModel
 
-from conftest import REPO, TINY
+from conftest import SYNTH_CONFIG, TINY
 
 
 def _bert_folder(d, layers: int):
@@ -35,7 +35,7 @@ def bert3(tmp_path_factory):
 
 
 def test_hf_pretrained_folder_train_save_load(local_bert, cohort, tmp_path):
-    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", modalities="text,tabular",
+    model = DiagnosisModel.from_config(SYNTH_CONFIG, modalities="text,tabular",
                                        **TINY, **{"text.encoder": "hf", "text.pretrained": str(local_bert)})
     assert model.config.text.pretrained
     model.fit(cohort["train"], cohort["val"], progress=False)
@@ -51,7 +51,7 @@ def test_hf_pretrained_folder_train_save_load(local_bert, cohort, tmp_path):
 
 
 def test_hf_random_init_uses_trained_vocab(cohort):
-    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", modalities="text", **TINY,
+    model = DiagnosisModel.from_config(SYNTH_CONFIG, modalities="text", **TINY,
                                        **{"text.encoder": "hf"})
     model.fit(cohort["train"], cohort["val"], progress=False)
     cfg = model.net.encoders["text"].model.config
@@ -59,7 +59,7 @@ def test_hf_random_init_uses_trained_vocab(cohort):
 
 
 def _top_cached(bert, **kw):
-    return DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", modalities="text,tabular", **(TINY | {
+    return DiagnosisModel.from_config(SYNTH_CONFIG, modalities="text,tabular", **(TINY | {
         "text.encoder": "hf", "text.pretrained": str(bert), "text.freeze": 1, "text.cache_features": True,
         "train.lr": 0.01} | kw))
 
@@ -152,7 +152,7 @@ def test_pretrained_folder_must_fill_every_weight_of_an_allowed_architecture(coh
 
     (tmp_path / "good").mkdir()
     bad = _edit_folder(_bert_folder(tmp_path / "good", layers=1), tmp_path / "bad", **edit)
-    model = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", modalities="text,tabular",
+    model = DiagnosisModel.from_config(SYNTH_CONFIG, modalities="text,tabular",
                                        **TINY, **{"text.encoder": "hf", "text.pretrained": str(bad)})
     with pytest.raises(UserError, match=needle):
         model.fit(cohort["train"], cohort["val"], progress=False)

@@ -10,7 +10,7 @@ import pytest
 
 from multimodal import DiagnosisModel
 
-from conftest import REPO, TINY, one_line_error, run_cli
+from conftest import SYNTH_CONFIG, TINY, one_line_error, run_cli
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -23,7 +23,7 @@ def exported(cohort, tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     out = {}
     for name, seed in (("a", 0), ("b", 5)):
-        d = DiagnosisModel.from_config(REPO / "configs" / "synthetic.yaml", **(TINY | GRID | {"train.seed": seed})) \
+        d = DiagnosisModel.from_config(SYNTH_CONFIG, **(TINY | GRID | {"train.seed": seed})) \
             .fit(cohort["train"], cohort["val"], progress=False).save(root / name)
         DiagnosisModel.load(d).export_onnx(root / f"{name}.onnx", cohort["val"])
         out[name] = (d, root / f"{name}.onnx")

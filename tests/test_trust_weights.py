@@ -10,9 +10,9 @@ import torch
 from encoders.weights import WeightsError, resolve
 from multimodal import DiagnosisModel, UserError
 
-from conftest import REPO, TINY, one_line_error, run_cli
+from conftest import SYNTH_CONFIG, TINY, one_line_error, run_cli
 
-CFG = REPO / "configs" / "synthetic.yaml"
+CFG = SYNTH_CONFIG
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Synthetic patient cohort with a known, planted signal in every modality.
+"""The synthetic cohort's generator: patients with a known, planted signal in every modality.
 
 Why: the engine needs data that (a) exercises every input path (four DICOM flavours,
 PNG, multi-image and multi-frame patients, missing image/text/lab values) and (b) carries
@@ -19,11 +19,12 @@ import pandas as pd
 
 P_POSITIVE = 0.4
 P_INDICATOR = (0.1, 0.7)  # P(indicator | label=0), P(indicator | label=1)
-PHRASE = "spiculated mass"
+PHRASE = "spiculated mass"  # the planted finding in the report
+LAB = "crp"                 # the planted lab: raised where the indicator is drawn
 VARIANTS = ("ct", "mono1", "plain", "multiframe", "png")
 P_VARIANT = (0.225, 0.225, 0.225, 0.225, 0.10)
 P_N_IMAGES = (0.08, 0.70, 0.17, 0.05)  # 0, 1, 2 or 3 images per patient
-RECORD_COLUMNS = ["patient_id", "image_path", "report_text", "age", "sex", "crp",
+RECORD_COLUMNS = ["patient_id", "image_path", "report_text", "age", "sex", LAB,
                   "smoking", "label"]
 TRUTH_COLUMNS = ["patient_id", "label", "lesion", "lesion_image", "lesion_frame",
                  "lesion_box", "image_size", "phrase", "phrase_words", "lab_high"]
