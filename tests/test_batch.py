@@ -84,9 +84,10 @@ def test_kill_9_then_resume_gives_every_row_once(capsys, model_dir, big_records,
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()
-    n_left = len(list(parts.glob("part-*.parquet")))
+    # a part counts once its journal entry exists: one killed between the two is computed again
+    n_left = sum(part.with_suffix(".json").exists() for part in parts.glob("part-*.parquet"))
     n_chunks = -(-len(pd.read_csv(big_records)) // 6)
-    assert 3 <= n_left < n_chunks
+    assert 2 <= n_left < n_chunks
 
     code, stdout, err = run_cli(capsys, *argv, "--out", out, "--resume")
     assert code == 0, err

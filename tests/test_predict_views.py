@@ -4,7 +4,6 @@ them and the logits averaged, the same through PyTorch and ONNX Runtime; the def
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from conftest import SYNTH_CONFIG, TINY
 
