@@ -27,6 +27,7 @@ import pandas as pd
 from multimodal.output import sha256_file
 
 from multimodal.data.records import iter_record_chunks
+from multimodal import distributed
 from multimodal.distributed import ProcessState
 from multimodal.inference import journal
 from multimodal.errors import UserError
@@ -34,9 +35,6 @@ from multimodal.formats import defuse_frame
 from multimodal.output import atomic_file, check_file_target, claim
 
 log = logging.getLogger("mmdx")
-
-
-Shard = ProcessState  # which chunks are this process's: chunk i is rank i % world's
 
 
 def _write_part(df: pd.DataFrame, path: Path) -> str:
@@ -108,17 +106,16 @@ def _repeats(hashes: list) -> int:
     return int((h[1:] == h[:-1]).sum())
 
 
-def _barrier(shard: Shard) -> None:
+def _barrier(shard: ProcessState) -> None:
     if shard.world > 1:
-        import torch.distributed as dist
+        import torch
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        dist.barrier()
+        distributed.init(torch.device("cpu"))  # a gloo group: the ranks only wait for each other here
+        distributed.barrier()
 
 
 def predict_file(model, records, out, *, chunk_rows: int = 10_000, resume: bool = False, batch_size: int = 64,
-                 workers: int = 0, progress: bool = False, shard: Optional[Shard] = None,
+                 workers: int = 0, progress: bool = False, shard: Optional[ProcessState] = None,
                  inputs: Iterable = ()) -> dict:
     """Predict every row of `records` (CSV or Parquet) into `out`, one row per input row, in input order.
 
@@ -127,7 +124,7 @@ def predict_file(model, records, out, *, chunk_rows: int = 10_000, resume: bool 
         raise UserError("--chunk-rows must be at least 1")
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    shard = shard or Shard()
+    shard = shard or ProcessState()
     records, out = Path(records), Path(out)
     inputs = [records, model.model_dir, *inputs]
     out = check_file_target(out, inputs)
@@ -158,7 +155,7 @@ def predict_file(model, records, out, *, chunk_rows: int = 10_000, resume: bool 
             "chunks": n_chunks, "reused_chunks": reused, "seconds": time.perf_counter() - t0}
 
 
-def _predict_chunks(model, records: Path, parts: Path, ident: dict, shard: Shard, workers: int, progress: bool,
+def _predict_chunks(model, records: Path, parts: Path, ident: dict, shard: ProcessState, workers: int, progress: bool,
                     keep: bool) -> tuple[int, int]:
     """Predicts this rank's chunks that have no part yet, or none that holds their rows.
     → (chunks in the file, rows predicted)."""
