@@ -10,6 +10,7 @@ from typing import Callable, Iterable, NamedTuple
 
 from multimodal.errors import UserError
 
+
 class Many(NamedTuple):
     """Files a run reads in bulk, named lazily (each stat'ed once, by the guard only): e.g. every image
     a records file names. `what` says what they are in a refusal."""

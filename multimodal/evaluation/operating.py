@@ -12,6 +12,7 @@ import numpy as np
 
 from multimodal.config import parse_rule
 
+
 def choose(y: np.ndarray, p: np.ndarray, rule) -> float:
     """The cut for one binary output: y in {0, 1}, p the calibrated probability of 1."""
     kind, x = parse_rule(rule)
