@@ -13,7 +13,7 @@ import torch
 from multimodal.config import Config, config_from_dict, load_config
 from multimodal.data.preprocess import Preprocessing
 from multimodal.data.records import Records, load_records
-from multimodal.data.splits import labelled, patients
+from multimodal.data.splits import labelled, shared_patients
 from multimodal.errors import UserError
 from multimodal.evaluation.evaluate import scored_metrics
 from multimodal.evaluation.metrics import predicted
@@ -235,7 +235,7 @@ class DiagnosisModel:
 
         z, _ = member_logits(self.net, rec, self.config, self.prep, self.device, batch_size=batch_size,
                              workers=workers, absent=absent)
-        groups = patients(rec.df, self.config) if self.config.data.group else None
+        groups = shared_patients(rec.df, self.config)
         return against_members(y, P, z, member_plan(self.config), self.config.task.type, n_boot,
                                self.config.train.seed, groups)
 

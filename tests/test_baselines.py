@@ -10,7 +10,8 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import REPO, SYNTH_CONFIG, one_line_error, run_cli, shared
 from multimodal.config import config_from_dict, load_config
-from multimodal.evaluation.baselines import baselines, folds, train_groups
+from multimodal.data.splits import shared_patients
+from multimodal.evaluation.baselines import baselines, folds
 
 FILLER = [f"word{i}" for i in range(300)]
 
@@ -119,7 +120,7 @@ def test_a_patient_never_straddles_folds(how):
     if how == "group column":
         df["patient"] = [f"G{i // 3}" for i in range(len(df))]
         cfg = _cfg(group="patient")
-    groups = train_groups(df, cfg)
+    groups = shared_patients(df, cfg)
     assert groups is not None and len(set(groups)) == (100 if how == "repeated ids" else 134)
     y = (df["label"] == "yes").to_numpy().astype(int)
     seen = np.zeros(len(df), int)
@@ -130,7 +131,7 @@ def test_a_patient_never_straddles_folds(how):
     cfg = _cfg(["tabular"], **({"group": "patient"} if how == "group column" else {}))
     _, info = baselines(df, _cohort(50, 7), cfg, return_info=True)
     assert info["grouped"]
-    assert train_groups(_cohort(50, 8), _cfg()) is None  # one row per patient: plain stratified folds
+    assert shared_patients(_cohort(50, 8), _cfg()) is None  # one row per patient: plain stratified folds
 
 
 def test_iu_xray_validation_aurocs(capsys):

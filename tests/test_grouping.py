@@ -78,10 +78,8 @@ def test_empty_group_cells_are_each_their_own_patient_everywhere(two_per_patient
     """The hold-out, CV folds and the baselines' folds use one definition of a patient: a record with an
     empty group cell is its own patient (they all became one patient "nan" in hold-outs and folds)."""
     from multimodal.data.records import load_records
-    from multimodal.data.splits import patients
-    from multimodal.evaluation.baselines import folds, train_groups
-    from multimodal.data.splits import fold_of
-    from multimodal.data.splits import holdout_splits
+    from multimodal.data.splits import fold_of, holdout_splits, patients, shared_patients
+    from multimodal.evaluation.baselines import folds
 
     df = pd.read_csv(two_per_patient, dtype=str, keep_default_na=False)
     df.loc[df.index[:60], "patient"] = ""  # 60 records without a patient: 60 patients, not one
@@ -91,7 +89,7 @@ def test_empty_group_cells_are_each_their_own_patient_everywhere(two_per_patient
     rec = load_records(path, cfg, labels=True)
     who = patients(rec.df, cfg)
     assert len(set(who[:60])) == 60 and len(set(who)) == 60 + df["patient"].iloc[60:].nunique()
-    assert (patients(rec.df, cfg) == who).all() and (train_groups(rec.df, cfg) == who).all()
+    assert (patients(rec.df, cfg) == who).all() and (shared_patients(rec.df, cfg) == who).all()
     train, held = holdout_splits(rec, cfg)[0]
     assert not set(patients(train.df, cfg)) & set(patients(held.df, cfg))
     assert 0 < held.df.index.isin(range(60)).sum() < 60  # the empty-cell records spread, not held out together
@@ -99,7 +97,7 @@ def test_empty_group_cells_are_each_their_own_patient_everywhere(two_per_patient
     for part in (fold_of(rec, cfg, 5, 0), None):
         if part is None:
             part = np.zeros(len(y), int)
-            for k, (_, test) in enumerate(folds(y, train_groups(rec.df, cfg))):
+            for k, (_, test) in enumerate(folds(y, shared_patients(rec.df, cfg))):
                 part[test] = k
         for g in set(who):
             assert len(set(part[who == g])) == 1  # a patient's records share a fold

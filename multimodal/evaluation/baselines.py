@@ -30,6 +30,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
 from multimodal.data.splits import folds as split
+from multimodal.data.splits import shared_patients
 from multimodal.evaluation.comparison import auroc
 from multimodal.data.preprocess.labels import LabelEncoder
 from multimodal.formats import strict_json
@@ -42,16 +43,6 @@ Predict = Callable[[object], np.ndarray]
 
 
 # -- folds ------------------------------------------------------------------------------------------------------
-def train_groups(df: pd.DataFrame, cfg) -> Optional[np.ndarray]:
-    """The patient of each row, when a patient can have several rows (data.group, or repeated ids);
-    None when every row is its own patient. Splitting a patient's rows across folds would let a model
-    recognise the patient rather than the disease."""
-    from multimodal.data.splits import patients
-
-    g = patients(df, cfg)
-    return g if cfg.data.group or len(set(g)) < len(g) else None
-
-
 def folds(y: np.ndarray, groups: Optional[np.ndarray] = None, n_splits: int = N_FOLDS,
           seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified (train, validation) index pairs; grouped when `groups` is given. Fewer folds when a
@@ -187,7 +178,7 @@ def baselines(train: pd.DataFrame, test: pd.DataFrame, cfg, *, image_features=No
     y = LabelEncoder(cfg.task).fit(train).encode(train)
     train = train[y >= 0].reset_index(drop=True)
     y = y[y >= 0]
-    groups = train_groups(train, cfg)
+    groups = shared_patients(train, cfg)
     outer = folds(y, groups, seed=seed)
     tr_in, te_in = _inputs(train, cfg, image_features), _inputs(test, cfg, image_features)
     oof, probs, cv_auroc, modality = {}, {}, {}, {}

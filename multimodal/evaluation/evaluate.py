@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from multimodal.data.splits import patients
+from multimodal.data.splits import shared_patients
 from multimodal.errors import UserError
 from multimodal.evaluation.metrics import compute_metrics
 from multimodal.evaluation.plots import write_plots
@@ -19,7 +19,8 @@ def scored_metrics(cfg, prep, allrec, rec, y: np.ndarray, P: np.ndarray, n_boot:
     if ok.sum() < 2:
         raise UserError(f"{rec.source}: fewer than 2 records could be scored")
     task, classes = cfg.task.type, prep.labels.names
-    groups = patients(rec.df, cfg)[ok] if cfg.data.group else None
+    groups = shared_patients(rec.df, cfg)
+    groups = groups[ok] if groups is not None else None
     m = compute_metrics(y[ok], P[ok], task, classes, n_boot=n_boot, seed=cfg.train.seed,
                         thresholds=prep.labels.thresholds, groups=groups)
     m["n_errors"] = int((~ok).sum())
