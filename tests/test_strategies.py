@@ -171,3 +171,38 @@ def test_teachers_need_the_auto_strategy():
     with pytest.raises((UserError, ValueError), match="teacher_weight needs fusion.strategy: auto"):
         DiagnosisModel.from_config(SYNTH_CONFIG,
                                    **(TINY | {"fusion.strategy": "unimodal", "fusion.teacher_weight": 1.0}))
+
+
+def test_crossfit_folds_are_scored_by_their_own_networks_and_weighted_per_kind(cohort, tmp_path):
+    """auto with train.ensemble_holdout crossfit: fold j's hold-out is scored only by the networks of
+    seed offset j (the ones that held it out), the mixture's weights are fitted per kind (joint, each
+    modality alone) on the pooled folds and shared by a kind's seeds, and the model's calibration is
+    fitted on those out-of-fold logits."""
+    from multimodal import DiagnosisModel
+    from multimodal.data.splits import holdout_splits, labelled
+    from multimodal.evaluation.calibration import fit_temperature
+    from multimodal.model.build import fold_members
+
+    m = DiagnosisModel.from_config(SYNTH_CONFIG, **(TINY | {
+        "fusion.strategy": "auto", "train.ensemble": 2, "train.ensemble_holdout": "crossfit",
+        "train.val_fraction": 0.34}))
+    m.fit(cohort["train"], progress=False)
+    folds = fold_members(m.config, 2)
+    assert folds == [[0, 2, 4, 6], [1, 3, 5, 7]]  # joint, image, text, tabular: seed offsets 0 and 1
+    report = m.metrics["training"]["fusion"]
+    assert report["networks_per_kind"] == 2 and len(report["members"]) == 4
+    w, t = m.net.member_weights.numpy(), m.net.member_temperature.numpy()
+    assert np.allclose(w[folds[0]], w[folds[1]]) and abs(w.sum() - 1) < 1e-6
+    assert np.allclose(t[folds[0]], t[folds[1]]) and not np.allclose(t, 1.0)
+    assert np.allclose(w[folds[0]] * 2, [k["weight"] for k in report["members"]], atol=1e-4)
+    splits = holdout_splits(m.records(cohort["train"], labels=True), m.config, 2)
+    zs, ys = [], []
+    for (_, val), idx in zip(splits, folds):
+        r, y = labelled(val, m.prep)
+        zs.append(m._infer(r, 64, 0, False, logits=True, net=m.net.subset(idx))["logits"])
+        ys.append(y)
+    assert m.metrics["validation"]["n"] == sum(len(y) for y in ys)
+    tc, b = fit_temperature(np.concatenate(zs), np.concatenate(ys), "binary", bias=True)
+    assert float(m.net.temperature) == pytest.approx(tc) and float(m.net.logit_bias[0]) == pytest.approx(b[0])
+    out = m.save(tmp_path / "model")
+    assert np.array_equal(_probs(m.predict(cohort["test"])), _probs(DiagnosisModel.load(out).predict(cohort["test"])))

@@ -109,7 +109,8 @@ class FusionConfig(_Strict):
     hold-out. Joint training tends to settle on the easiest modality and under-learn the others, which
     this avoids. auto: the joint network and the per-modality ones, mixed alike, so the hold-out decides
     how much of each. The choice and every candidate's hold-out score are kept in metrics.json.
-    unimodal and auto need the shared hold-out (train.ensemble_holdout: shared)."""
+    With train.ensemble_holdout crossfit, each fold's hold-out is scored by the networks that held it
+    out, and the weights are fitted on all folds pooled."""
     aux_weight: float = Field(0.0, ge=0)
     """Weight of auxiliary per-modality losses: each encoder also predicts the label from its own pooled
     tokens, so a slow learner (a CNN from scratch) still learns when other modalities already explain
@@ -240,9 +241,6 @@ class Config(_Strict):
         for m in self.modalities:
             if getattr(self, m) is None:
                 raise ValueError(f"modality '{m}' is enabled but the config has no '{m}:' section")
-        if self.fusion.strategy != "joint" and self.train.ensemble_holdout == "crossfit":
-            raise ValueError(f"fusion.strategy {self.fusion.strategy} weighs its networks on one shared hold-out; "
-                             f"set train.ensemble_holdout: shared")
         if self.fusion.teacher_weight > 0 and (self.fusion.strategy != "auto" or len(self.modalities) < 2):
             raise ValueError("fusion.teacher_weight needs fusion.strategy: auto and two or more modalities (the "
                              "per-modality networks it trains are the teachers)")

@@ -42,6 +42,16 @@ def member_plan(cfg: Config) -> list[tuple[tuple[str, ...], int]]:
     return {"joint": joint, "unimodal": alone, "auto": joint + alone}[cfg.fusion.strategy]
 
 
+def fold_members(cfg: Config, n_splits: int) -> list[list[int]]:
+    """For each hold-out split, the networks (indices into member_plan) that never trained on it: all
+    of them on one shared hold-out; with train.ensemble_holdout crossfit, those of seed offset j on
+    fold j, since member i trains on the split of its seed offset."""
+    plan = member_plan(cfg)
+    if n_splits == 1:
+        return [list(range(len(plan)))]
+    return [[i for i, (_, offset) in enumerate(plan) if offset == j] for j in range(n_splits)]
+
+
 def member_config(cfg: Config, modalities: tuple[str, ...], seed_offset: int) -> Config:
     """The config one member trains with: its modalities and its seed."""
     out = cfg.model_copy(deep=True)

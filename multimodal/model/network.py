@@ -91,6 +91,16 @@ class Ensemble(nn.Module):
     def weighted(self) -> bool:
         return self.mixture is not None
 
+    def subset(self, idx: list[int]) -> "Ensemble":
+        """Members `idx` as an ensemble of their own: the same modules, not copies, each with its own
+        mixture buffers and the ensemble's calibration left out (what a crossfit fold's hold-out is
+        scored with: only the networks that never trained on it)."""
+        sub = Ensemble([self.members[i] for i in idx], self.mixture).to(self.temperature.device)
+        for name, buf in sub.named_buffers(recurse=False):
+            if name.startswith("member_"):
+                buf.copy_(getattr(self, name)[idx])
+        return sub
+
     @property
     def modalities(self) -> list[str]:
         return list(dict.fromkeys(m for net in self.members for m in net.modalities))

@@ -21,7 +21,7 @@ from multimodal.data.splits import check_disjoint, holdout_splits, labelled, pat
 from multimodal.evaluation.evaluate import scored_metrics
 from multimodal.evaluation.operating import thresholds_for
 from multimodal.inference.forward import infer_records, member_logits, probabilities, resolve_device, scored
-from multimodal.model.build import build_network, member_config, member_plan
+from multimodal.model.build import build_network, fold_members, member_config, member_plan
 from multimodal.model.network import members, uncalibrated
 from multimodal.progress import say
 from multimodal.training.loop import fit as train_network
@@ -57,7 +57,7 @@ def fit(cfg: Config, train: Records, val: Optional[Records] = None, prep: Option
     if not distributed.is_main():  # rank 0 calibrates, scores and saves
         return Fitted(prep, net, {"training": summary})
     if getattr(net, "weighted", False):
-        summary["fusion"] = weigh_members(net, prep, cfg, splits[0][1])
+        summary["fusion"] = weigh_members(net, prep, cfg, splits)
     val_rec, rec, y, z = holdout_logits(net, prep, cfg, splits)
     if tc.calibrate:
         summary.update(calibrate(net, z, y, cfg))
@@ -82,7 +82,7 @@ def fitted_preprocessing(cfg: Config, train: Records) -> Preprocessing:
 
 def train_members(net, prep: Preprocessing, cfg: Config, splits: list[Split], progress: bool) -> dict:
     """Train the network, or each ensemble member in turn with its own seed and modalities, on the one
-    split or (crossfit) on its own."""
+    split or (crossfit) on the split of its seed offset."""
     nets = members(net)
     if len(nets) == 1:
         return train_network(net, prep, cfg, *splits[0], progress=progress)
@@ -97,7 +97,8 @@ def train_members(net, prep: Preprocessing, cfg: Config, splits: list[Split], pr
             say(f"ensemble member {i + 1}/{len(nets)} ({'+'.join(modalities)}, seed {mcfg.train.seed})")
         teachers = {mods[0]: nets[j] for j, (mods, off) in enumerate(plan)
                     if len(mods) == 1 and off == offset} if teach and len(modalities) > 1 else None
-        runs[i] = train_network(member, prep, mcfg, *splits[i % len(splits)], progress=progress, teachers=teachers)
+        runs[i] = train_network(member, prep, mcfg, *splits[offset % len(splits)], progress=progress,
+                                teachers=teachers)
     summary = dict(runs[0])
     summary["train_seconds"] = sum(r["train_seconds"] for r in runs)
     summary["members"] = [{"modalities": list(mods), "seed": cfg.train.seed + offset,
@@ -111,16 +112,23 @@ def _device(net) -> torch.device:
     return next(net.parameters()).device
 
 
+def fold_network(net, cfg: Config, n_splits: int) -> list[torch.nn.Module]:
+    """The network that scores each hold-out split: the whole one on a shared hold-out; with crossfit,
+    fold j's own networks (fold_members), so no hold-out record is scored by a network trained on it."""
+    if n_splits == 1:
+        return [net]
+    return [members(net)[idx[0]] if len(idx) == 1 else net.subset(idx) for idx in fold_members(cfg, n_splits)]
+
+
 def holdout_logits(net, prep: Preprocessing, cfg: Config, splits: list[Split]):
     """The hold-out records, the labelled ones, their labels and the uncalibrated logits that calibration
     and the operating point are fitted on: the network's on the one hold-out, or (crossfit) each fold's
-    from the member that early-stopped on it, never one that trained on it."""
-    nets = members(net) if len(splits) > 1 else [net]
+    from the networks that early-stopped on it, never one that trained on it."""
     parts = []
     with uncalibrated(net):
-        for (_, val), member in zip(splits, nets):
+        for (_, val), scorer in zip(splits, fold_network(net, cfg, len(splits))):
             rec, y = labelled(val, prep)
-            z = infer_records(lambda: member, rec, cfg, prep, _device(net), logits=True)["logits"]
+            z = infer_records(lambda: scorer, rec, cfg, prep, _device(net), logits=True)["logits"]
             parts.append((val, rec, y, z))
     if len(parts) == 1:
         return parts[0]
@@ -133,20 +141,33 @@ def holdout_logits(net, prep: Preprocessing, cfg: Config, splits: list[Split]):
     return val, rec, y, z
 
 
-def weigh_members(net, prep: Preprocessing, cfg: Config, val: Records) -> dict:
+def weigh_members(net, prep: Preprocessing, cfg: Config, splits: list[Split]) -> dict:
     """fusion.strategy unimodal / auto: each network calibrated on the hold-out, then the weights of their
-    mixture chosen there (multimodal.evaluation.stacking); the network's buffers take them."""
+    mixture chosen there (multimodal.evaluation.stacking); the network's buffers take them. With
+    crossfit, fold j's hold-out is scored by fold j's networks alone and the folds are pooled: one
+    network of each kind (joint, each modality alone) per record, so the weights are per kind, and
+    each kind's weight is shared equally by its seeds."""
     from multimodal.evaluation.stacking import fit_mixture
 
-    rec, y = labelled(val, prep)
+    folds = fold_members(cfg, len(splits))
+    kinds = [member_plan(cfg)[i] for i in folds[0]]
+    parts = []
     with uncalibrated(net):
-        z, seen = member_logits(net, rec, cfg, prep, _device(net), calibrated=False)
-    buffers, report = fit_mixture(cfg.fusion.strategy, member_plan(cfg), z, seen, y, cfg.task.type,
-                                  cfg.train.calibrate, cfg.train.calibrate_bias, cfg.train.seed,
-                                  groups=patients(rec.df, cfg))
+        for (_, val), idx in zip(splits, folds):
+            rec, y = labelled(val, prep)
+            scorer = net if len(splits) == 1 else net.subset(idx)
+            z, seen = member_logits(scorer, rec, cfg, prep, _device(net), calibrated=False)
+            parts.append((y, z, seen, patients(rec.df, cfg)))
+    y, z, seen, groups = (np.concatenate(p) for p in zip(*parts))
+    buffers, report = fit_mixture(cfg.fusion.strategy, kinds, z, seen, y, cfg.task.type, cfg.train.calibrate,
+                                  cfg.train.calibrate_bias, cfg.train.seed, groups=groups)
+    buffers["member_weights"] = buffers["member_weights"] / len(folds)
     for name, value in buffers.items():
         buf = getattr(net, name)
-        buf.copy_(torch.as_tensor(value, dtype=buf.dtype))
+        for idx in folds:  # every seed of a kind takes that kind's values
+            buf[idx] = torch.as_tensor(value, dtype=buf.dtype, device=buf.device)
+    if len(folds) > 1:
+        report["networks_per_kind"] = len(folds)
     return report
 
 
