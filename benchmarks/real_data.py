@@ -60,8 +60,7 @@ def variants(cfg, text_model: str | None) -> dict[str, dict]:
     """name → config overrides; everything else (encoders, budget, seeds) is shared."""
     v = {"attention": {"fusion.strategy": "joint"}, "concat": {"fusion.type": "concat", "fusion.strategy": "joint"}}
     if len(cfg.modalities) > 1:  # one network per modality, mixed on the hold-out (auto: beside the joint one)
-        shared = {"train.ensemble_holdout": "shared"}
-        v |= {"unimodal ensemble": {"fusion.strategy": "unimodal"} | shared, "auto": {"fusion.strategy": "auto"} | shared}
+        v |= {"unimodal ensemble": {"fusion.strategy": "unimodal"}, "auto": {"fusion.strategy": "auto"}}
     if text_model and "text" in cfg.modalities:  # fine-tuned gently: a transformer forgets at lr 1e-3
         v["attention + pretrained text"] = {"text.encoder": "hf", "text.pretrained": text_model,
                                             "train.encoder_lr": (cfg.train.encoder_lr or {}) | {"text": 5e-5}}

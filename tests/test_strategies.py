@@ -40,8 +40,9 @@ def test_members_weights_and_candidates_are_recorded(fitted):
     assert np.allclose(model.net.member_weights.numpy(), w, atol=1e-4)
     scores = report["holdout_auroc_out_of_fold"]
     assert report["chosen"] in scores and scores[report["chosen"]] == max(scores.values())
-    expected = {"equal weights", "fitted weights"} if strategy == "unimodal" else {
-        "equal weights, per-modality networks", "equal weights, all networks", "joint network alone", "fitted weights"}
+    alone = {"image networks alone", "text networks alone", "tabular networks alone"}
+    expected = alone | ({"equal weights", "fitted weights"} if strategy == "unimodal" else {
+        "equal weights, per-modality networks", "equal weights, all networks", "joint network alone", "fitted weights"})
     assert set(scores) == expected
     t = model.net.member_temperature.numpy()
     assert (t > 0).all() and not np.allclose(t, 1.0)  # each network calibrated on the hold-out
@@ -120,6 +121,41 @@ def test_auto_picks_the_planted_better_candidate():
     chosen, w, scores = choose_weights("auto", plan, z, np.ones((300, 3), bool), y, "binary")
     assert chosen in ("joint network alone", "fitted weights") and w[0] > 0.7, (chosen, w, scores)
     assert scores[chosen] > scores["equal weights, per-modality networks"] + 0.2
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_clearly_better_single_modality_is_not_diluted(strategy):
+    """Never knowingly worse than its own best single modality: where only the image network carries
+    the signal and every other network is noise, the chosen mixture gives it nearly all the weight,
+    and scores out of fold at least what the image network alone scores, less a hair."""
+    from multimodal.evaluation.stacking import choose_weights
+
+    z, y = _planted(seed=3)
+    z = np.concatenate([z[:, [1]], z[:, [0]], z[:, [2]]], 1)  # the informative network is now the image one
+    plan = [(("image", "text"), 0), (("image",), 0), (("text",), 0)]
+    if strategy == "unimodal":
+        z, plan = z[:, 1:], plan[1:]
+    chosen, w, scores = choose_weights(strategy, plan, z, np.ones(z.shape[:2], bool), y, "binary")
+    image = [i for i, (mods, _) in enumerate(plan) if mods == ("image",)][0]
+    assert w[image] > 0.8, (chosen, w, scores)
+    assert scores[chosen] >= scores["image networks alone"] - 0.01, (chosen, scores)
+    assert scores["image networks alone"] > scores["equal weights, per-modality networks" if strategy == "auto"
+                                                   else "equal weights"] + 0.02  # equal weights dilute it
+
+
+def test_each_modality_alone_is_a_candidate_over_all_its_seeds():
+    from multimodal.evaluation.stacking import candidates, mixture_logits
+
+    plan = [(("image", "text"), 0), (("image", "text"), 1), (("image",), 0), (("image",), 1), (("text",), 0),
+            (("text",), 1)]
+    masks = candidates("auto", plan)
+    assert masks["image networks alone"].tolist() == [0, 0, 1, 1, 0, 0]
+    assert masks["text networks alone"].tolist() == [0, 0, 0, 0, 1, 1]
+    assert list(masks)[-2:] == ["image networks alone", "text networks alone"]  # tried last: a guard
+    z = np.random.default_rng(0).normal(size=(20, 6, 1))
+    image = mixture_logits(z, np.ones((20, 6), bool), masks["image networks alone"] / 2, "binary")
+    p = 1 / (1 + np.exp(-z[:, 2:4, 0]))
+    np.testing.assert_allclose(1 / (1 + np.exp(-image[:, 0])), p.mean(1), atol=1e-6)
 
 
 def test_mix_leaves_out_networks_that_saw_nothing():

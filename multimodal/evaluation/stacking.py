@@ -87,15 +87,19 @@ def auroc(z: np.ndarray, y: np.ndarray, task: str) -> float:
 
 def candidates(strategy: str, plan: list) -> dict[str, np.ndarray]:
     """The combinations a strategy weighs, as masks over its networks, simplest first: fixed equal
-    weights over the masked networks, then "fitted" over all. The per-modality networks with equal
-    weights lead: it is the uni-modal ensemble that Du et al. (ICML 2023) found hard to beat where
-    joint training under-learns the weaker modalities."""
+    weights over the masked networks, then "fitted" over all, then each modality's own networks
+    alone. The per-modality networks with equal weights lead: it is the uni-modal ensemble that Du et
+    al. (ICML 2023) found hard to beat where joint training under-learns the weaker modalities. The
+    single modalities come last, as a guard: fusion is kept unless one modality alone is clearly
+    better on the hold-out, so the model is never knowingly worse than its own best single modality."""
     every = np.ones(len(plan))
+    alone = {f"{mods[0]} networks alone": np.array([m == mods for m, _ in plan], dtype=float)
+             for mods, _ in plan if len(mods) == 1}
     if strategy != "auto":
-        return {"equal weights": every, "fitted weights": every}
+        return {"equal weights": every, "fitted weights": every} | alone
     joint = np.array([len(m) > 1 for m, _ in plan], dtype=float)
     return {"equal weights, per-modality networks": 1 - joint, "equal weights, all networks": every,
-            "joint network alone": joint, "fitted weights": every}
+            "joint network alone": joint, "fitted weights": every} | alone
 
 
 def _out_of_fold(name: str, mask: np.ndarray, z: np.ndarray, seen: np.ndarray, y: np.ndarray, task: str,
