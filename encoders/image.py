@@ -58,7 +58,7 @@ class TimmImageEncoder(nn.Module):
     input_keys = IMAGE_KEYS.inputs
 
     def __init__(self, model_name: str, in_chans: int = 1, image_size: int = 128, token_grid: int = 4,
-                 weights: Optional[Weights] = None, freeze: Union[str, int] = "none"):
+                 weights: Optional[Weights] = None, freeze: Union[str, int] = "none", max_views: int = 1):
         super().__init__()
         self.backbone = create_backbone(model_name, weights or Weights(), in_chans)
         # NHWC convolutions: 1.2-1.4x the images/s of NCHW on 2 CPU cores, forward and backward
@@ -80,6 +80,7 @@ class TimmImageEncoder(nn.Module):
             raise ValueError(f"{model_name}: partial freezing (image.freeze={freeze}) is not supported for this "
                              f"architecture; use 'all' or 'none'")
         self.tokens_per_image = self._pool(whole).shape[1]
+        self.token_layout = (max_views, self.tokens_per_image)  # token v * T + t: view v, grid cell t
         for _, m in self._seq[: self.cut]:
             m.requires_grad_(False)
         if freeze == "all":
@@ -93,7 +94,7 @@ class TimmImageEncoder(nn.Module):
         arch = timm_arch(ic.encoder)  # before any weights or cache file is touched
         weights = Weights() if offline else resolve(ic.pretrained, arch)
         enc = cls(model_name=arch, in_chans=ic.in_chans, image_size=ic.size, token_grid=ic.token_grid,
-                  weights=weights, freeze=ic.freeze)
+                  weights=weights, freeze=ic.freeze, max_views=ic.max_images)
         enc.weights_digest = weights.digest
         return enc
 

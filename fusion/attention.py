@@ -1,6 +1,14 @@
 """Attention fusion: a transformer over [CLS] + all modality tokens, with modality-type embeddings
-and key-padding masks, so absent modalities and padded tokens are never attended to."""
+and key-padding masks, so absent modalities and padded tokens are never attended to.
+
+Attention alone sees a bag: an image token would not say which of a patient's images it comes from
+(a clinical or a dermoscopic photograph, a PA or a lateral view) nor where in the image. For an
+encoder whose tokens are views x grid cells (its `token_layout`), each token also gets a learned
+view embedding (its image's place in the record's listed images) and a cell embedding (its place in
+the grid), both starting at zero so a pretrained start is unchanged (fusion.token_positions)."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -31,12 +39,18 @@ class Block(nn.Module):
 @FUSION_HEADS.register("attention")
 class AttentionFusion(nn.Module):
     def __init__(self, input_dims: dict[str, int], num_outputs: int, dim: int = 64, layers: int = 2,
-                 heads: int = 4, dropout: float = 0.1, modality_dropout: float = 0.0):
+                 heads: int = 4, dropout: float = 0.1, modality_dropout: float = 0.0,
+                 layouts: Optional[dict[str, tuple[int, int]]] = None):
+        """`layouts`: {modality: (views, cells per view)} for modalities whose tokens get view and cell
+        embeddings."""
         super().__init__()
         self.modalities = list(input_dims)
         self.proj = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim)) for m, d in input_dims.items()})
         self.type_embed = nn.Parameter(torch.randn(len(input_dims), dim) * 0.02)
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.layouts = {m: tuple(v) for m, v in (layouts or {}).items()}
+        self.view_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(v, dim)) for m, (v, _) in self.layouts.items()})
+        self.cell_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(c, dim)) for m, (_, c) in self.layouts.items()})
         self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_outputs)
@@ -44,10 +58,20 @@ class AttentionFusion(nn.Module):
         self.last_attention: dict[str, torch.Tensor] | None = None
 
     @classmethod
-    def from_config(cls, fc: FusionConfig, input_dims: dict[str, int], num_outputs: int):
-        """From the `fusion` section, over encoders of `input_dims` ({modality: output_dim})."""
+    def from_config(cls, fc: FusionConfig, input_dims: dict[str, int], num_outputs: int,
+                    layouts: Optional[dict[str, tuple[int, int]]] = None):
+        """From the `fusion` section, over encoders of `input_dims` ({modality: output_dim}); `layouts`:
+        the encoders' token layouts, used where fusion.token_positions is on."""
         return cls(input_dims, num_outputs, dim=fc.dim, layers=fc.layers, heads=fc.heads, dropout=fc.dropout,
-                   modality_dropout=fc.modality_dropout)
+                   modality_dropout=fc.modality_dropout, layouts=layouts if fc.token_positions else None)
+
+    def _places(self, m: str, n: int, device) -> torch.Tensor:
+        """[n, dim]: the view and cell embeddings of a modality's first n tokens (views in order, each
+        its cells in order); views past the layout's last share its embedding."""
+        views, cells = self.layouts[m]
+        i = torch.arange(n, device=device)
+        return self.view_embed[m][torch.div(i, cells, rounding_mode="floor").clamp(max=views - 1)] + \
+            self.cell_embed[m][i % cells]
 
     def forward(self, tokens: dict[str, Tokens], return_attention: bool = False) -> torch.Tensor:
         if self.training:
@@ -56,7 +80,8 @@ class AttentionFusion(nn.Module):
         xs, masks, sizes = [self.cls.expand(B, -1, -1)], [], []
         for i, m in enumerate(self.modalities):
             t = tokens[m]
-            xs.append(self.proj[m](t.x) + self.type_embed[i])
+            x = self.proj[m](t.x) + self.type_embed[i]
+            xs.append(x + self._places(m, x.shape[1], x.device) if m in self.layouts else x)
             masks.append(t.mask)
             sizes.append(t.x.shape[1])
         x = torch.cat(xs, 1)

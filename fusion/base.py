@@ -1,7 +1,8 @@
 """Shared by fusion heads: the registry and modality dropout.
 
 A registered head builds itself from the `fusion` section with `from_config(fc, input_dims,
-num_outputs)` and maps {modality: Tokens} to logits for whichever modalities it was built over."""
+num_outputs, layouts)` and maps {modality: Tokens} to logits for whichever modalities it was built
+over. `layouts`: {modality: (views, cells per view)} of encoders whose tokens are image grid cells."""
 from __future__ import annotations
 
 import torch

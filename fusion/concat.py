@@ -23,8 +23,9 @@ class ConcatFusion(nn.Module):
         self.modality_dropout = modality_dropout
 
     @classmethod
-    def from_config(cls, fc: FusionConfig, input_dims: dict[str, int], num_outputs: int):
-        """From the `fusion` section, over encoders of `input_dims` ({modality: output_dim})."""
+    def from_config(cls, fc: FusionConfig, input_dims: dict[str, int], num_outputs: int, layouts=None):
+        """From the `fusion` section, over encoders of `input_dims` ({modality: output_dim}). Tokens are
+        pooled here, so where each came from (`layouts`) plays no part."""
         return cls(input_dims, num_outputs, dim=fc.dim, dropout=fc.dropout, modality_dropout=fc.modality_dropout)
 
     def forward(self, tokens: dict[str, Tokens], return_attention: bool = False) -> torch.Tensor:

@@ -144,3 +144,90 @@ def test_additive_fusion_is_the_sum_of_per_modality_logits():
     other_moved = dict(other, text=moved["text"])
     torch.testing.assert_close(f(moved) - f(toks), f(other_moved) - f(other), atol=1e-5, rtol=0)
     assert not torch.allclose(f(moved), f(toks))
+
+
+def _two_views(n: int = 64, seed: int = 0):
+    """Image tokens of 2 views x 3 cells; the label is which view a marked token sits in."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, 8, generator=g) * 0.1
+    y = torch.randint(0, 2, (n,), generator=g)
+    cell = torch.randint(0, 3, (n,), generator=g)
+    x[torch.arange(n), y * 3 + cell, 0] += 3.0  # the same mark, in view 0 or view 1
+    return {"image": Tokens(x, torch.ones(n, 6, dtype=torch.bool))}, y
+
+
+@pytest.mark.parametrize("positions", [True, False])
+def test_attention_fusion_tells_views_and_cells_apart_only_with_token_positions(positions):
+    """fusion.token_positions: with view and cell embeddings, moving tokens to another view or cell
+    changes the output, and a head trained on a label that is *which view* shows a mark learns it;
+    without them the head sees a bag, is blind to the move and cannot learn the label."""
+    torch.manual_seed(0)
+    f = FUSION_HEADS.create("attention", input_dims={"image": 8}, num_outputs=1, dim=16, layers=1, heads=2,
+                            dropout=0.0, layouts={"image": (2, 3)} if positions else None)
+    toks, y = _two_views()
+    opt = torch.optim.Adam(f.parameters(), lr=0.01)
+    for _ in range(150):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(f(toks)[:, 0], y.float())
+        loss.backward()
+        opt.step()
+    f.eval()
+    test, yt = _two_views(200, seed=1)
+    from sklearn.metrics import roc_auc_score
+
+    auc = roc_auc_score(yt.numpy(), f(test)[:, 0].detach().numpy())
+    swapped = {"image": Tokens(test["image"].x[:, [3, 4, 5, 0, 1, 2]], test["image"].mask)}
+    moved = not torch.allclose(f(swapped), f(test), atol=1e-5)
+    if positions:
+        assert auc > 0.95 and moved, auc
+    else:
+        assert auc < 0.65 and not moved, auc
+
+
+def test_token_positions_follow_the_image_encoders_layout(cohort):
+    from conftest import SYNTH_CONFIG, TINY
+    from multimodal import DiagnosisModel
+    from multimodal.data.preprocess import Preprocessing
+    from multimodal.model.build import build_network
+
+    for on in (True, False):
+        m = DiagnosisModel.from_config(SYNTH_CONFIG, **(TINY | {"fusion.token_positions": on, "image.max_images": 3,
+                                                                "image.token_grid": 2, "image.size": 64}))
+        prep = Preprocessing.fit(m.config, m.records(cohort["train"], labels=True))
+        head = build_network(m.config, prep).fusion
+        names = {n for n, _ in head.named_parameters()}
+        if on:
+            assert head.view_embed["image"].shape == (3, m.config.fusion.dim)
+            assert head.cell_embed["image"].shape == (4, m.config.fusion.dim)  # a 2 x 2 grid
+            assert not any("text" in n or "tabular" in n for n in names if "_embed." in n)
+        else:
+            assert not any("view_embed" in n or "cell_embed" in n for n in names)
+
+
+def test_a_model_directory_from_before_token_positions_loads_as_it_was_built(cohort, tmp_path):
+    """Format 1 directories have no view or cell embeddings and no fusion.token_positions: they are
+    read as built (without them), not refused for tensors they never had."""
+    import json
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from conftest import SYNTH_CONFIG, TINY
+    from multimodal import DiagnosisModel
+    from test_model_dir_trust import rehash
+
+    m = DiagnosisModel.from_config(SYNTH_CONFIG, **(TINY | {"fusion.token_positions": False}))
+    m.fit(cohort["train"], cohort["val"], progress=False)
+    d = m.save(tmp_path / "old")
+    head = json.loads((d / "config.json").read_text())
+    head["format_version"] = 1
+    del head["config"]["fusion"]["token_positions"]
+    (d / "config.json").write_text(json.dumps(head))
+    tensors = load_file(d / "model.safetensors")
+    assert not any("view_embed" in k for k in tensors)
+    save_file(tensors, d / "model.safetensors")
+    rehash(d)
+    before = m.predict(cohort["test"])
+    after = DiagnosisModel.load(d).predict(cohort["test"])
+    cols = [c for c in before if c.startswith("prob_")]
+    assert np.array_equal(before[cols].to_numpy(), after[cols].to_numpy())

@@ -102,6 +102,13 @@ class FusionConfig(_Strict):
     """Dropout inside the fusion head."""
     modality_dropout: float = Field(0.15, ge=0, lt=1)
     """Per patient and modality, the chance a modality is hidden during training."""
+    token_positions: bool = True
+    """Attention fusion: each image token also carries where it comes from, as learned embeddings of its
+    view (its image's place among the record's images, in the order image.columns and each cell's
+    ';'-joined paths list them) and of its cell in the token_grid. Without them the head sees a
+    patient's image tokens as one unordered bag. Keep a fixed order (e.g. clinical photograph, then
+    dermoscopic) so that a view's place means the same for every patient; a missing first image moves
+    the next one into its place."""
     strategy: Literal["joint", "unimodal", "auto"] = "joint"
     """joint: one network over every modality (the head above). unimodal: one network per modality,
     each trained alone to its own best epoch, then calibrated on the hold-out; the output is a weighted

@@ -40,7 +40,7 @@ from multimodal.output import staged_dir
 
 EXPORTS = "exports.json"
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 REQUIRED = frozenset({"config.json", "model.safetensors", "preprocessing.json", "metrics.json", "versions.json"})
 
 
@@ -216,7 +216,7 @@ def read(model_dir):
     missing = sorted(_required(head) - set(sums))
     if missing:
         raise UserError(f"{d}: {missing[0]} is missing")
-    cfg = config_from_dict(head["config"], source=str(d / "config.json"))
+    cfg = config_from_dict(_upgraded(head), source=str(d / "config.json"))
     state = _read_json(d, "preprocessing.json")
     tok = (d / "tokenizer.json").read_text(encoding="utf-8") if "text" in cfg.modalities else None
     try:
@@ -227,6 +227,15 @@ def read(model_dir):
         raise UserError(f"{d}: preprocessing.json does not fit config.json ({type(e).__name__}: {e})") from None
     _check_tokenizer(d, prep, state)
     return cfg, prep, state, _read_json(d, "metrics.json")
+
+
+def _upgraded(head: dict) -> dict:
+    """The stored config in today's terms: a field added since its format version is set to what
+    that version built (format 1: image tokens without view and cell embeddings)."""
+    cfg = dict(head["config"])
+    if head.get("format_version", 0) < 2 and isinstance(cfg.get("fusion"), dict):
+        cfg["fusion"] = {"token_positions": False} | cfg["fusion"]
+    return cfg
 
 
 def _check_tokenizer(d: Path, prep, state) -> None:

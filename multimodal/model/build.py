@@ -93,8 +93,9 @@ def _build_one(cfg: Config, prep: Preprocessing, text_config: Optional[dict], of
             encs[m] = build_encoder(cfg, m, prep, text_config, offline)
             if shared is not None and _frozen(encs[m]):
                 shared[m] = encs[m]
+        layouts = {m: e.token_layout for m, e in encs.items() if getattr(e, "token_layout", None)}
         head = FUSION_HEADS.get(cfg.fusion.type).from_config(
-            cfg.fusion, {m: e.output_dim for m, e in encs.items()}, prep.labels.num_outputs)
+            cfg.fusion, {m: e.output_dim for m, e in encs.items()}, prep.labels.num_outputs, layouts)
     except (ValueError, RuntimeError, OSError, KeyError, TypeError, AssertionError) as e:  # torch asserts its arguments
         raise UserError(f"cannot build model: {' '.join(str(e).split())[:250]}") from None
     aux = cfg.fusion.aux_weight > 0 or cfg.fusion.teacher_weight > 0
