@@ -108,7 +108,9 @@ class FusionConfig(_Strict):
     ';'-joined paths list them) and of its cell in the token_grid. Without them the head sees a
     patient's image tokens as one unordered bag. Keep a fixed order (e.g. clinical photograph, then
     dermoscopic) so that a view's place means the same for every patient; a missing first image moves
-    the next one into its place."""
+    the next one into its place. Places are counted among the images shown together, so views are
+    told apart only when image.max_images lets them be seen together (2 for a clinical and a
+    dermoscopic photograph); with max_images 1 every image is view 0."""
     strategy: Literal["joint", "unimodal", "auto"] = "joint"
     """joint: one network over every modality (the head above). unimodal: one network per modality,
     each trained alone to its own best epoch, then calibrated on the hold-out; the output is a weighted
