@@ -68,6 +68,27 @@ def _attention(net, batch: dict) -> Optional[dict[str, torch.Tensor]]:
     return {m: sum(a[m].float().sum(1) for a in atts).cpu() / len(atts) for m in atts[0]}
 
 
+def _member_votes(model, net, batch: dict, tgt: torch.Tensor) -> Optional[list[list[dict]]]:
+    """A fusion strategy's networks (fusion.strategy unimodal / auto), per patient: each one's
+    modalities, mixture weight and own calibrated probability of the explained class, None where it
+    does not speak for the patient (it sees none of the patient's inputs and never learnt what their
+    absence says). A per-modality network sees one modality only, so the fused output's attributions
+    to that modality are its attributions, scaled by how much the mixture leans on it."""
+    if not getattr(net, "weighted", False) or "image_group" in batch:
+        return None
+    from multimodal.model.build import member_plan
+
+    with torch.no_grad():
+        z, seen = net.member_logits(batch, calibrated=True)
+    task = model.config.task.type
+    p = [class_probs(zi.float(), task).cpu().gather(1, tgt[:, None])[:, 0] for zi in z]
+    plan, w = member_plan(model.config), net.member_weights.tolist()
+    return [[{"network": "+".join(mods) + (f" (seed {model.config.train.seed + off})" if model.config.train.ensemble > 1
+                                          else ""),
+              "weight": round(float(w[i]), 4), "probability": float(p[i][b]) if bool(seen[i, b]) else None}
+             for i, (mods, off) in enumerate(plan)] for b in range(z.shape[1])]
+
+
 def _display(model, x: torch.Tensor) -> np.ndarray:
     """[C, H, W] normalised → [H, W] or [H, W, 3] in [0, 1]."""
     p = model.prep.image
@@ -141,6 +162,7 @@ def _explanations(model, rec, res: _BatchResult, method: str, ablation: bool, ne
     batch = res.batch
     abl = _ablation(net, batch, res.probs, res.target, task) if ablation else None
     att = _attention(net, batch)
+    votes = _member_votes(model, net, batch, res.target)
     out = []
     for b, i in enumerate(res.rows):
         row = rec.row(i)
@@ -175,6 +197,7 @@ def _explanations(model, rec, res: _BatchResult, method: str, ablation: bool, ne
         if att is not None:
             e.attention = {m: float(att[m][b]) for m in att if has.get(m)}
         e.convergence_delta = float(res.delta[b]) if res.delta is not None else None
+        e.members = votes[b] if votes is not None else []
         out.append(e)
     return out
 

@@ -33,6 +33,9 @@ class PatientExplanation:
     """Target probability drop when the modality is removed through the fusion's missing-modality path."""
     attention: dict[str, float] = field(default_factory=dict)
     """Fusion CLS-token attention mass per modality (last block), a cheaper second view."""
+    members: list[dict] = field(default_factory=list)
+    """A fusion strategy's networks: {"network": its modalities, "weight": its share of the mixture,
+    "probability": its own calibrated P(target), or None where it does not speak for the patient}."""
     convergence_delta: Optional[float] = None
     error: Optional[str] = None
 

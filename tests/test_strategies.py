@@ -79,9 +79,16 @@ def test_explains_every_modality_and_reports_the_weights(fitted, cohort, tmp_pat
     for e in exps:
         assert not e.error and set(e.modality_share) == {"image", "text", "tabular"}
         assert abs(sum(e.modality_share.values()) - 1) < 1e-6
+        # each network's own vote, mixed with the stored weights and calibrated once more, is the prediction
+        votes = [(n["weight"], n["probability"]) for n in e.members if n["probability"] is not None]
+        assert len(e.members) == len(loaded.net.members) and votes
+        assert [n["weight"] for n in e.members] == pytest.approx(loaded.net.member_weights.tolist(), abs=1e-4)
+        mixed = sum(w * p for w, p in votes) / sum(w for w, _ in votes)
+        z = np.log(mixed / (1 - mixed)) / float(loaded.net.temperature) + float(loaded.net.logit_bias[0])
+        assert e.probs[e.target] == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-4)
     index = exps.to_html(tmp_path / "reports")
     page = "".join(p.read_text() for p in index.parent.rglob("*.html"))
-    assert "network weights" in page and "tabular " in page
+    assert "network weights" in page and "tabular " in page and "Networks behind this prediction" in page
 
 
 def test_exports_to_onnx_with_the_same_probabilities(fitted, cohort, tmp_path):
