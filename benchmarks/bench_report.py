@@ -52,6 +52,11 @@ def _dataset(d: dict, plots_base: Path, md_dir: Path) -> list[str]:
         lines.append(f"| {v} | {_ci(s[v]['auroc'])} | {s[v]['auroc']['seed_sd']:.3f} | {_ci(s[v]['auprc'])} | "
                      f"{_ci(s[v]['ece'])} | {d['ece_uncalibrated'].get(v, float('nan')):.3f} | "
                      f"{d['ece_floor'][v]:.3f} | {epochs} | {secs:.0f} |")
+    choices = {v: [r.get("strategy_choice") for r in _runs(d, v)] for v in s if ", " not in v}
+    choices = {v: c for v, c in choices.items() if c and all(c)}
+    if choices:
+        lines += ["", "What each fusion strategy chose on its hold-out (runs): " + "; ".join(
+            f"{v}: " + ", ".join(f"{k} ({c.count(k)})" for k in dict.fromkeys(c)) for v, c in choices.items()) + "."]
     base = [v for v in s if v.startswith("baseline: ")]
     if base:
         lines += ["", "What a researcher would fit instead (`mmdx baselines`, multimodal/evaluation/baselines.py: "

@@ -137,7 +137,8 @@ def train_one(cfg_path: Path, overrides: dict, train, test, cache: Path, keep_mo
     meta = {"epochs_run": len(t["history"]), "best_epoch": t["best_epoch"], "train_seconds": t["train_seconds"],
             "inner_val_auroc": t["best_val_auroc"], "n_train": t["n_train"], "n_inner_val": t["n_val"],
             "temperature": t.get("temperature"), "logit_bias": t.get("logit_bias"),
-            "train_patients_per_s": float(np.median(rate[1:] if len(rate) > 1 else rate)), "identity": identity}
+            "train_patients_per_s": float(np.median(rate[1:] if len(rate) > 1 else rate)), "identity": identity,
+            "strategy_choice": (t.get("fusion") or {}).get("chosen")}
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache.with_suffix(".npz"), **preds)
     cache.with_suffix(".json").write_text(json.dumps(meta))
