@@ -153,9 +153,8 @@ def weigh_members(net, prep: Preprocessing, cfg: Config, splits: list[Split]) ->
     kinds = [member_plan(cfg)[i] for i in folds[0]]
     parts = []
     with uncalibrated(net):
-        for (_, val), idx in zip(splits, folds):
+        for (_, val), scorer in zip(splits, fold_network(net, cfg, len(splits))):
             rec, y = labelled(val, prep)
-            scorer = net if len(splits) == 1 else net.subset(idx)
             z, seen = member_logits(scorer, rec, cfg, prep, _device(net), calibrated=False)
             parts.append((y, z, seen, patients(rec.df, cfg)))
     y, z, seen, groups = (np.concatenate(p) for p in zip(*parts))
