@@ -270,7 +270,9 @@ def test_kill_9_takes_the_decoding_worker_along_and_resume_succeeds(capsys, mode
     if alive:
         os.kill(worker, signal.SIGKILL)
     assert not alive, "the decoding worker outlived its killed parent"
-    ours = re.compile(rf"(?<!\d)({worker}|{proc.pid})(?!\d)")  # a pid as a whole number: 2792 is not 27929
+    # a pid as a whole token, as torch names its segments (torch_<pid>_...): 2792 is not 27929, and the
+    # digits inside another name's hex id (joblib_memmapping_folder_<pid>_<uuid>) are not a pid
+    ours = re.compile(rf"(?<![0-9A-Za-z])({worker}|{proc.pid})(?![0-9A-Za-z])")
     assert not [p for p in os.listdir("/dev/shm") if ours.search(p)]
     code, _, err = run_cli(capsys, *argv[:-1], "--resume", "--quiet")
     assert code == 0, err
