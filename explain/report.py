@@ -274,8 +274,7 @@ def _patient_context(e: PatientExplanation, modalities: list[str]) -> dict:
         "probs": probs,
         "method": _method_name(e.method),
         "method_key": str(e.method or "").lower(),
-        "members": [{"network": str(n.get("network", "")), "weight": _finite(n.get("weight")),
-                     "probability": _finite(n.get("probability"))} for n in (e.members or [])],
+        "members": _members(e),
         "convergence_delta": _finite(e.convergence_delta),
         "has_delta": e.convergence_delta is not None,
         "delta_quality": delta_quality(e.convergence_delta),
@@ -289,6 +288,13 @@ def _patient_context(e: PatientExplanation, modalities: list[str]) -> dict:
         "pos_rgb": "rgb(%d, %d, %d)" % POS_RGB,
         "neg_rgb": "rgb(%d, %d, %d)" % NEG_RGB,
     }
+
+
+def _members(e: PatientExplanation) -> list[dict]:
+    """A fusion strategy's networks as the page and the parquet summary show them: name, weight and
+    its own P(target), None where it does not speak for the patient."""
+    return [{"network": str(n.get("network", "")), "weight": _finite(n.get("weight")),
+             "probability": _finite(n.get("probability"))} for n in (e.members or [])]
 
 
 def _modality_context(e: PatientExplanation, mods: list[str], present: dict) -> dict:
@@ -382,9 +388,8 @@ def _write_parquet(explanations: list[PatientExplanation], names: list[str], pat
         pred, pred_prob = _prediction(e)
         row = {"id": str(e.id), "file": name, "target": str(e.target), "pred": pred, "pred_prob": pred_prob,
                "probs": json.dumps(to_jsonable(e.probs), allow_nan=False), "method": e.method,
-               "members": [{"network": str(n.get("network", "")), "weight": _finite(n.get("weight")),
-                     "probability": _finite(n.get("probability"))} for n in (e.members or [])],
-        "convergence_delta": _finite(e.convergence_delta), "error": e.error,
+               "members": json.dumps(_members(e), allow_nan=False),
+               "convergence_delta": _finite(e.convergence_delta), "error": e.error,
                "n_images": len(e.images), "n_words": len(e.words), "n_features": len(e.features)}
         for m in mods:
             row[f"share_{m}"] = _finite(e.modality_share.get(m))

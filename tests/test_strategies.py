@@ -89,6 +89,11 @@ def test_explains_every_modality_and_reports_the_weights(fitted, cohort, tmp_pat
     index = exps.to_html(tmp_path / "reports")
     page = "".join(p.read_text() for p in index.parent.rglob("*.html"))
     assert "network weights" in page and "tabular " in page and "Networks behind this prediction" in page
+    import json
+
+    summary = pd.read_parquet(index.parent / "attributions.parquet")
+    assert [[n["weight"] for n in json.loads(v)] for v in summary["members"]] == \
+        [[n["weight"] for n in e.members] for e in exps]
 
 
 def test_exports_to_onnx_with_the_same_probabilities(fitted, cohort, tmp_path):
