@@ -113,7 +113,7 @@ def test_preprocessor_decodes_only_the_frames_it_keeps(tmp_path, decoded_frames)
     assert float(x[2, 0, 1, 1]) == pytest.approx(2 / 4095, abs=1e-6)
 
 
-def _views_dataset(tmp_path, train_views, train=True, n_files=5, max_images=2, predict_views="first"):
+def _views_dataset(tmp_path, train_views, train=True, n_files=5, max_images=2, predict_views="first", **image):
     """Record 0 lists n_files grey PNGs; pixel value 10 (k + 1) / 255 names file k."""
     import pandas as pd
 
@@ -129,7 +129,7 @@ def _views_dataset(tmp_path, train_views, train=True, n_files=5, max_images=2, p
     cfg = Config.model_validate({"task": {"label": "label"}, "modalities": ["image"],
                                  "image": {"size": 16, "max_images": max_images, "augment": None,
                                            "train_views": train_views, "predict_views": predict_views,
-                                           "mean": [0.0], "std": [1.0]}})
+                                           "mean": [0.0], "std": [1.0], **image}})
     recs = Records(df, tmp_path)
     return RecordDataset(recs, Preprocessing.fit(cfg, recs), cfg.modalities, cfg, train=train, cache=True)
 

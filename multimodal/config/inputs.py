@@ -74,6 +74,12 @@ class ImageConfig(_Strict):
     max_images: the first max_images, or every group of them (up to 16 groups: max_images images
     read from the next unread path on), the logits averaged over groups. Explanations show and
     attribute the first group only."""
+    predict_flips: Literal[1, 2, 4, 8] = 1
+    """Test-time augmentation: validation, calibration and prediction also score each group of images
+    mirrored (2: + left-right; 4: + upside down, and both; 8: + the same turned 90 degrees), the logits
+    averaged with the groups'. For images without a fixed orientation (dermoscopy, pathology); a chest
+    X-ray's left and right are not interchangeable. Costs that many forward passes. Explanations
+    attribute the image as it is."""
     window: Union[Literal["auto", "none"], tuple[float, float]] = "auto"
     """DICOM VOI: the file's own window, min-max ("none"), or (center, width > 0)."""
     frames: Union[Literal["all", "first", "middle"], int] = "all"
@@ -132,6 +138,9 @@ class ImageConfig(_Strict):
         if self.train_views == "random" and self.cache_features:
             raise ValueError("image.train_views: random needs images read each epoch; image.cache_features "
                              "caches the first max_images of each record once")
+        if self.predict_flips > 1 and self.cache_features:
+            raise ValueError("image.predict_flips scores mirrored images; image.cache_features scores the "
+                             "cached activations of each image as it is")
         if self.predict_views == "all" and self.cache_features:
             raise ValueError("image.predict_views: all scores every image; image.cache_features caches the "
                              "first max_images of each record once")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from multimodal.config import Config
 from multimodal.errors import RecordError
 from multimodal.data.preprocess import Preprocessing
-from multimodal.data.preprocess.image import record_paths
+from multimodal.data.preprocess.image import oriented, record_paths
 from multimodal.data.records import Records
 from multimodal.data.shown import printable
 
@@ -94,7 +94,9 @@ class RecordDataset(Dataset):
         reads per image.train_views)."""
         self.records, self.prep, self.mods, self.cfg = records, prep, modalities, cfg
         ic = cfg.image if "image" in modalities else None
-        self.all_views = not train and features is None and ic is not None and (views or ic.predict_views) == "all"
+        scored = not train and features is None and ic is not None
+        self.all_views = scored and (views or ic.predict_views) == "all"
+        self.flips = ic.predict_flips if scored and views != "first" else 1
         self.labels, self.train, self.use_cache = labels, train, cache
         self.cache: dict = {}  # record index, or (record, path) for a random draw's path
         self.features, self.feature_errors, self.text_features = features, {}, text_features
@@ -114,6 +116,22 @@ class RecordDataset(Dataset):
                     [paths[j]], self.records.root)) for j in chosen])[: ic.max_images]
         return self._cached(i, lambda: self.prep.image.load([row[c] for c in ic.columns], self.records.root))
 
+    def _scored_groups(self, i: int, row) -> tuple[torch.Tensor, torch.Tensor]:
+        """What scoring reads: the record's groups of images (predict_views), each also mirrored
+        (predict_flips) as a group of its own; the network averages the logits over groups. Mirrors
+        are made here, not cached: a flip costs less than the memory it would hold."""
+        cells = [row[c] for c in self.cfg.image.columns]
+        if self.all_views:
+            x, group = self._cached(i, lambda: self.prep.image.load_groups(cells, self.records.root))
+        else:
+            x = self._cached(i, lambda: self.prep.image.load(cells, self.records.root))
+            group = torch.zeros(len(x), dtype=torch.long)
+        if self.flips == 1 or not len(x):
+            return x, group
+        n = int(group.max()) + 1
+        x = oriented(x, self.flips).transpose(0, 1).flatten(0, 1)  # all images as they are, then mirrored
+        return x, torch.cat([group + k * n for k in range(self.flips)])
+
     def _cached(self, key, decode) -> torch.Tensor:
         if key in self.cache:
             return self.cache[key]
@@ -131,9 +149,8 @@ class RecordDataset(Dataset):
                     raise RecordError(self.feature_errors[i])
                 n = self.cfg.image.cache_views
                 item["image"] = self.features.get(i, random.randrange(n) if self.train and n > 1 else 0)
-            elif "image" in self.mods and self.all_views:
-                x, item["image_group"] = self._cached(i, lambda: self.prep.image.load_groups(
-                    [row[c] for c in self.cfg.image.columns], self.records.root))
+            elif "image" in self.mods and (self.all_views or self.flips > 1):
+                x, item["image_group"] = self._scored_groups(i, row)
                 item["image"] = self.prep.image.normalize(x)
             elif "image" in self.mods:
                 x = self._images(i, row)

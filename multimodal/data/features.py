@@ -26,18 +26,11 @@ import torch
 
 from multimodal.config import Config
 from multimodal.errors import RecordError, UserError
-from multimodal.data.preprocess.image import record_paths
+from multimodal.data.preprocess.image import oriented, record_paths
 from multimodal.data.preprocess.text import clean
 
 log = logging.getLogger("mmdx")
 FORMAT = 1
-
-
-def views(x: torch.Tensor, n: int) -> torch.Tensor:
-    """[V, C, H, W] → [V, n, C, H, W]: identity, h-flip, v-flip, both, then the same turned 90°."""
-    out = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)]
-    out += [v.transpose(-1, -2) for v in out]
-    return torch.stack(out[:n], 1)
 
 
 def identity(cfg: Config, encoder, weights_digest: str, prep=None) -> str:
@@ -147,7 +140,7 @@ class FeatureCache:
     def _compute(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Frozen activations for several records' images at once (one forward per 64 images)."""
         n_views = self.cfg.image.cache_views
-        flat = torch.cat([views(self.prep.image.normalize(x), n_views).flatten(0, 1) for x in xs]) \
+        flat = torch.cat([oriented(self.prep.image.normalize(x), n_views).flatten(0, 1) for x in xs]) \
             if xs else torch.zeros(0)
         device = next(self.encoder.parameters()).device
         was = self.encoder.training

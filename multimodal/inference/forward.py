@@ -138,7 +138,7 @@ def infer_records(network: Callable[[], object], rec, cfg, prep, device: torch.d
         sizes = None  # no images: nothing worth decoding ahead
         if "image" in cfg.modalities:
             groups = MAX_VIEW_GROUPS if ds.all_views else 1
-            sizes = [prep.image.decoded_bytes(cells, groups)
+            sizes = [prep.image.decoded_bytes(cells, groups) * ds.flips
                      for cells in rec.df[cfg.image.columns].itertuples(index=False)]
         batches = start_early(ds, loader, batch_size, workers, sizes)
     else:

@@ -35,6 +35,14 @@ def record_paths(cells) -> list[str]:
     return [p for cell in cells for p in split_paths(cell)]
 
 
+def oriented(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[V, C, H, W] → [V, n, C, H, W]: identity, h-flip, v-flip, both, then the same turned 90°. The
+    cached views (image.cache_views) and the scored ones (image.predict_flips) are these, in this order."""
+    out = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)]
+    out += [v.transpose(-1, -2) for v in out]
+    return torch.stack(out[:n], 1)
+
+
 class ImagePreprocessor:
     def __init__(self, cfg: ImageConfig, mean: list[float], std: list[float], *, confine: bool = True):
         """confine: refuse paths that resolve outside the image root (data.confine_images). On unless
