@@ -46,6 +46,17 @@ def _flat_sequence(backbone: nn.Module) -> tuple[list[tuple[str, nn.Module]], li
     return seq, stages
 
 
+def pooling_matrix(n: int, g: int, like: torch.Tensor) -> torch.Tensor:
+    """[g, n]: row i averages the cells [floor(i n / g), ceil((i + 1) n / g)), which is what
+    adaptive_avg_pool2d does along one side. A constant the ONNX exporter can take where a feature map
+    does not divide into the token grid (adaptive pooling over a 5x5 map cannot be exported)."""
+    m = torch.zeros(g, n, dtype=like.dtype, device=like.device)
+    for i in range(g):
+        a, b = i * n // g, -(-(i + 1) * n // g)
+        m[i, a:b] = 1.0 / (b - a)
+    return m
+
+
 @ENCODERS.register("timm")
 class TimmImageEncoder(nn.Module):
     """[B, V, C, H, W] images with a [B, V] view mask → [B, V*T, D] tokens, T feature positions per view.
@@ -138,8 +149,8 @@ class TimmImageEncoder(nn.Module):
             h, w, g = int(f.shape[-2]), int(f.shape[-1]), self.token_grid
             if (h > g or w > g) and h % g == 0 and w % g == 0:
                 f = F.avg_pool2d(f, (h // g, w // g))  # = adaptive pooling here, and ONNX can export it
-            elif h > g or w > g:
-                f = F.adaptive_avg_pool2d(f, g)
+            elif h > g or w > g:  # adaptive pooling's overlapping cells (5x5 → 4x4), as two constant maps
+                f = torch.einsum("ih,ndhw,jw->ndij", pooling_matrix(h, g, f), f, pooling_matrix(w, g, f))
             f = f.flatten(2).transpose(1, 2)
         return f
 

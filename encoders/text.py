@@ -45,11 +45,36 @@ class LSTMTextEncoder(nn.Module):
                    pad_id=prep.pad_id)
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> Tokens:
-        lengths = _nonempty(text_mask).sum(1).cpu()
-        packed = pack_padded_sequence(self.dropout(self.embedding(text_ids)), lengths, batch_first=True,
-                                      enforce_sorted=False)
+        x, lengths = self.dropout(self.embedding(text_ids)), _nonempty(text_mask).sum(1)
+        if torch.onnx.is_in_onnx_export():
+            return Tokens(self._unpacked(x, lengths), text_mask)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=text_ids.shape[1])
         return Tokens(out, text_mask)
+
+    def _unpacked(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """What the packed BiLSTM computes, without packed sequences (ONNX has no form for them): each
+        direction of each layer as a one-way LSTM over the padded rows, the backward one over every row
+        reversed within its own length; outputs past a row's length are zero, as pad_packed_sequence
+        leaves them. Evaluation only (no dropout between layers)."""
+        t = torch.arange(x.shape[1], device=x.device)[None, :]
+        inside = t < lengths[:, None]
+        flip = torch.where(inside, lengths[:, None] - 1 - t, t)[..., None]  # its own inverse
+
+        def reverse(v: torch.Tensor) -> torch.Tensor:
+            return v.gather(1, flip.expand(-1, -1, v.shape[-1]))
+
+        for k in range(self.lstm.num_layers):
+            ways = []
+            for suffix in ("", "_reverse"):
+                size = self.lstm.input_size if k == 0 else 2 * self.lstm.hidden_size
+                one = nn.LSTM(size, self.lstm.hidden_size, batch_first=True).to(x.device)
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    setattr(one, f"{name}_l0", getattr(self.lstm, f"{name}_l{k}{suffix}"))
+                state = (x.new_zeros(1, x.shape[0], self.lstm.hidden_size),) * 2  # any batch size
+                ways.append(one(x, state)[0] if not suffix else reverse(one(reverse(x), state)[0]))
+            x = torch.cat(ways, -1) * inside[..., None]
+        return x
 
 
 @ENCODERS.register("bow")

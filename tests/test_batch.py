@@ -261,3 +261,26 @@ def test_decoded_size_bound_counts_views_without_reading_files(tiny_model):
     for maybe_many in ("scan.dcm", "series_folder", "IM0001"):  # multi-frame DICOM, a series: the cap
         assert pi.decoded_bytes([maybe_many]) == pi.cfg.max_images * view
     assert pi.decoded_bytes([";".join(f"{i}.png" for i in range(9))]) == pi.cfg.max_images * view
+
+
+@pytest.mark.parametrize("grid", [{"image.size": 96, "image.token_grid": 2, "text.encoder": "bow"},
+                                  {"image.size": 96, "image.token_grid": 2, "text.encoder": "lstm",
+                                   "text.layers": 2}])
+def test_onnx_export_where_the_feature_map_does_not_divide_into_the_token_grid(cohort, tmp_path, grid):
+    """A 3x3 map pooled to 2x2 tokens: adaptive pooling's overlapping cells, which ONNX cannot export as
+    such (the HAM10000 recipe's 5x5 map and token_grid 4 failed with a torch traceback); and the BiLSTM,
+    whose packed sequences have no ONNX form, over reports of different lengths in batches of 7."""
+    pytest.importorskip("onnxruntime")
+    from conftest import SYNTH_CONFIG, TINY
+    from multimodal import DiagnosisModel
+
+    m = DiagnosisModel.from_config(SYNTH_CONFIG, **{**TINY, "train.epochs": 1, **grid}).fit(
+        cohort["train"], cohort["val"], progress=False)
+    m.save(tmp_path / "m")
+    m = DiagnosisModel.load(tmp_path / "m")
+    assert m.net.encoders["image"].tokens_per_image == 4
+    info = m.export_onnx(tmp_path / "m.onnx", cohort["val"])
+    onnx = DiagnosisModel.load(tmp_path / "m", onnx=tmp_path / "m.onnx")
+    got, want = (x.predict(cohort["test"], batch_size=7)["prob_1"] for x in (onnx, m))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert info["max_abs_diff"] < 1e-4 and want.std() > 0.01

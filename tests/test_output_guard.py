@@ -261,7 +261,7 @@ def test_an_output_may_not_be_the_onnx_file_or_the_records_of_an_export(capsys, 
     pytest.importorskip("onnxruntime")
     from multimodal import DiagnosisModel
 
-    m = DiagnosisModel.from_config(CFG, **TINY, **{"text.encoder": "bow"}).fit(  # the LSTM has no ONNX form
+    m = DiagnosisModel.from_config(CFG, **TINY, **{"text.encoder": "bow"}).fit(
         cohort["train"], cohort["val"], progress=False).save(tmp_path / "m")
     onnx = tmp_path / "m.onnx"
     assert run(capsys, "export", "--model", m, "--records", cohort["test"], "--out", onnx)[0] == 0

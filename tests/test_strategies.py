@@ -9,7 +9,7 @@ import torch
 from conftest import SYNTH_CONFIG, TINY
 
 STRATEGIES = ("unimodal", "auto")
-EXPORTABLE = TINY | {"text.encoder": "bow"}  # the BiLSTM has no ONNX form
+BOW = TINY | {"text.encoder": "bow"}
 
 
 @pytest.fixture(scope="module", params=STRATEGIES)
@@ -17,7 +17,7 @@ def fitted(request, cohort, tmp_path_factory):
     from multimodal import DiagnosisModel
 
     model = DiagnosisModel.from_config(SYNTH_CONFIG,
-                                       **(EXPORTABLE | {"fusion.strategy": request.param}))
+                                       **(BOW | {"fusion.strategy": request.param}))
     model.fit(cohort["train"], cohort["val"], progress=False)
     out = model.save(tmp_path_factory.mktemp(request.param) / "model")
     return request.param, model, out

@@ -148,9 +148,6 @@ def export_onnx(model, out, records, opset: int = 17) -> dict:
 
     from multimodal.model.artifact import record_export
 
-    if "text" in model.config.modalities and model.config.text.encoder == "lstm":
-        raise UserError("export: the BiLSTM text encoder (packed sequences) has no ONNX form; use text.encoder "
-                        "bow or hf")
     digest = _weights_digest(model)
     net = model.net.to("cpu").eval()
     batch = graph_inputs(_example_batch(model, records), model.config, _pad_id(model))
@@ -163,6 +160,8 @@ def export_onnx(model, out, records, opset: int = 17) -> dict:
     def write(tmp: str) -> None:
         with warnings.catch_warnings():  # shapes the graph fixes on purpose (image size, token grid)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # the BiLSTM's initial states are made from the batch's own size inside the graph
+            warnings.filterwarnings("ignore", "Exporting a model to ONNX with a batch_size other than 1")
             torch.onnx.export(graph, args, tmp, dynamo=False, input_names=keys, output_names=["logits"],
                               dynamic_axes={k: _AXES[k] for k in keys} | {"logits": {0: "batch"}},
                               opset_version=opset)
