@@ -54,3 +54,34 @@ def test_an_image_size_beyond_any_scan_is_refused():
 
     with pytest.raises((UserError, ValueError)):
         load_config(SYNTH_CONFIG, {"image.size": 100_000})
+
+
+def test_settings_without_effect_in_the_run_are_named_one_line_each():
+    from multimodal.config.effect import without_effect
+
+    cfg = load_config(SYNTH_CONFIG)
+    assert without_effect(cfg, val_given=True) == []  # the demo's own config uses all it says
+    crossfit = load_config(SYNTH_CONFIG, parse_overrides(["train.ensemble=2", "train.ensemble_holdout=crossfit",
+                                                          "train.val_fraction=0.34"]))
+    assert without_effect(crossfit, val_given=False) == []
+    lines = without_effect(crossfit, val_given=True)
+    assert len(lines) == 2 and lines[0].startswith("train.ensemble_holdout: crossfit has no effect")
+    assert lines[1] == "train.val_fraction has no effect: validation records were given"
+    dropped = load_config(SYNTH_CONFIG, parse_overrides(["modalities=text,tabular", "train.epochs=3"]))
+    assert without_effect(dropped, val_given=False) == [
+        "image: settings have no effect: image is not among modalities (text, tabular)",
+        "train.patience has no effect: min_epochs (10) >= epochs (3), so every network trains all its epochs"]
+    assert all("\n" not in line for line in lines)
+
+
+def test_training_warns_of_a_crossfit_that_validation_records_override(cohort, caplog):
+    from conftest import TINY
+    from multimodal import DiagnosisModel
+
+    over = {**TINY, "text.encoder": "bow", "train.epochs": 1, "train.min_epochs": 1, "train.ensemble": 2,
+            "train.ensemble_holdout": "crossfit", "train.val_fraction": 0.34}
+    with caplog.at_level("WARNING", logger="mmdx"):
+        DiagnosisModel.from_config(SYNTH_CONFIG, **over).fit(cohort["train"], cohort["val"], progress=False)
+    said = [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()]
+    assert len(said) == 3 and said[0].startswith("train.ensemble_holdout: crossfit has no effect")
+    assert said[2].startswith("train.patience has no effect: min_epochs (1) >= epochs (1)")

@@ -7,6 +7,7 @@ the operating point → validation metrics. DiagnosisModel.fit calls `fit` once 
 returns; nothing here calls back into the API."""
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from multimodal import distributed
 from multimodal.config import Config
+from multimodal.config.effect import without_effect
 from multimodal.data.preprocess import Preprocessing
 from multimodal.data.records import Records
 from multimodal.data.splits import check_disjoint, holdout_splits, labelled, patients
@@ -27,6 +29,7 @@ from multimodal.progress import say
 from multimodal.training.loop import fit as train_network
 from multimodal.training.loop import seed_everything
 
+log = logging.getLogger("mmdx")
 Split = tuple[Records, Records]
 
 
@@ -41,6 +44,9 @@ def fit(cfg: Config, train: Records, val: Optional[Records] = None, prep: Option
     """`prep`: an already fitted preprocessing to keep (inputs encoded exactly as before); None fits it
     on the training patients."""
     tc = cfg.train
+    if distributed.is_main():
+        for line in without_effect(cfg, val is not None):
+            log.warning(line)
     if val is None:
         splits = holdout_splits(train, cfg, tc.ensemble if tc.ensemble_holdout == "crossfit" else 1)
         if len(splits) == 1:  # preprocessing never sees the one hold-out; crossfit's folds cover every record
