@@ -35,11 +35,14 @@ def train(a) -> None:
         return
     t = model.metrics["training"]
     on = f"{t['device']}" + (f" x {t['processes']} processes" if t.get("processes", 1) > 1 else "")
-    print(f"trained {cfg.name} ({'+'.join(cfg.modalities)}, {cfg.fusion.type} fusion) on {t['n_train']} records "
+    n = (f"{t['n_records']} records (each network on {t['n_train']}, early-stopped on its own fold of the rest)"
+         if "n_records" in t else f"{t['n_train']} records")
+    print(f"trained {cfg.name} ({'+'.join(cfg.modalities)}, {cfg.fusion.type} fusion) on {n} "
           f"in {t['train_seconds']:.0f}s on {on}; best epoch " +
           ("/".join(str(r["best_epoch"]) for r in t["members"]) + f" ({len(t['members'])} ensemble members)"
            if "members" in t else str(t["best_epoch"])))
-    print("validation:\n" + format_table(model.metrics["validation"]))
+    held = " (out of fold: each record scored by the networks that did not train on it)" if "n_records" in t else ""
+    print(f"validation{held}:\n" + format_table(model.metrics["validation"]))
     print(f"model saved to {a.out}")
 
 

@@ -123,6 +123,8 @@ def test_crossfit_members_early_stop_on_disjoint_folds_and_calibrate_out_of_fold
     assert all(not set(t.df["patient_id"]) & i for (t, _), i in zip(splits, ids))
     m.fit(cohort["train"], progress=False)
     assert m.metrics["validation"]["n"] == len(splits[0][1]) + len(splits[1][1])
+    trained = m.metrics["training"]
+    assert trained["n_records"] == len(rec) and trained["n_train"] == len(splits[0][0]) < len(rec)
     zs, ys = [], []
     for (_, val), net in zip(splits, members(m.net)):
         r, y = labelled(val, m.prep)

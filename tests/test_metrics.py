@@ -11,6 +11,27 @@ def test_perfect_and_random_binary():
     noise = compute_metrics(rng.integers(0, 2, 400), rng.random(400), "binary", ["neg", "pos"], n_boot=100)
     lo, hi = noise["overall"]["auroc"]["ci95"]
     assert lo < 0.5 < hi and hi - lo < 0.2
+    from multimodal.evaluation.metrics import _fmt
+
+    assert format_table(noise).count(_fmt(noise["overall"]["auroc"])) == 1  # not repeated per class
+
+
+def test_calibration_error_interval_holds_its_own_value():
+    """A resample's calibration error sits above the sample's (fewer points per bin, more noise counted
+    as miscalibration): on well-calibrated scores the plain percentile interval left the value out."""
+    from multimodal.evaluation.bootstrap import ci95
+    from multimodal.evaluation.calibration import expected_calibration_error
+
+    rng = np.random.default_rng(1)
+    p = rng.random(300)
+    y = (rng.random(300) < p).astype(int)
+    m = compute_metrics(y, p, "binary", ["neg", "pos"], n_boot=200)
+    ece = m["overall"]["ece"]
+    lo, hi = ece["ci95"]
+    assert lo <= ece["value"] <= hi and lo >= 0
+    plain = ci95([expected_calibration_error(y[i], np.stack([1 - p[i], p[i]], 1), "binary")
+                  for i in (rng.integers(0, 300, 300) for _ in range(200))])
+    assert plain[0] > ece["value"]  # the case the shift mends
 
 
 def test_ci_brackets_point_estimate_multiclass():

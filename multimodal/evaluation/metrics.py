@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 
-from multimodal.evaluation.bootstrap import ci95, resamples
+from multimodal.evaluation.bootstrap import ci95, resamples, shifted_ci95
 from multimodal.evaluation.calibration import expected_calibration_error
 
 
@@ -71,7 +71,8 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, task: str, classes: list[s
                 boots[k].append(v)
 
     def stat(k):
-        return {"value": float(point[k]), "ci95": ci95(boots[k])}
+        interval = shifted_ci95(point[k], boots[k]) if k == "ece" else ci95(boots[k])
+        return {"value": float(point[k]), "ci95": interval}
 
     overall = {m: stat(m) for m in ("auroc", "auprc", "accuracy", "f1", "ece")}
     per_class = {c: {m: stat(f"{m}/{j}") for m in ("auroc", "auprc", "f1")} | {"support": int(Y[:, j].sum())}
@@ -98,9 +99,11 @@ def format_table(metrics: dict) -> str:
              f"{'':24s}{'AUROC':>24s}{'AUPRC':>24s}{'F1':>24s}{'accuracy':>24s}"]
     o = metrics["overall"]
     lines.append(f"{'overall':24s}{_fmt(o['auroc']):>24s}{_fmt(o['auprc']):>24s}{_fmt(o['f1']):>24s}{_fmt(o['accuracy']):>24s}")
+    binary = metrics["task"] == "binary"  # one AUROC, the overall one: each class's would repeat it
     for c, s in metrics["per_class"].items():
         name = f"{c} (n={s['support']})"[:23]
-        lines.append(f"{name:24s}{_fmt(s['auroc']):>24s}{_fmt(s['auprc']):>24s}{_fmt(s['f1']):>24s}")
+        auroc = "" if binary else _fmt(s["auroc"])
+        lines.append(f"{name:24s}{auroc:>24s}{_fmt(s['auprc']):>24s}{_fmt(s['f1']):>24s}")
     if "ece" in o:
         lines.append(f"expected calibration error (15 bins): {_fmt(o['ece'])}")
     op = metrics.get("operating_point")

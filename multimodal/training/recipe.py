@@ -107,6 +107,8 @@ def train_members(net, prep: Preprocessing, cfg: Config, splits: list[Split], pr
                                 teachers=teachers)
     summary = dict(runs[0])
     summary["train_seconds"] = sum(r["train_seconds"] for r in runs)
+    if len(splits) > 1:  # crossfit: the folds' hold-outs partition the records, and every one trains some network
+        summary["n_records"] = len(splits[0][0]) + len(splits[0][1])
     summary["members"] = [{"modalities": list(mods), "seed": cfg.train.seed + offset,
                            "best_epoch": r["best_epoch"], "best_val_auroc": r["best_val_auroc"],
                            "epochs": len(r["history"]), "train_seconds": r["train_seconds"]}
