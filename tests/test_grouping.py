@@ -60,7 +60,7 @@ def test_cv_writes_one_out_of_fold_row_per_record(capsys, two_per_patient, tmp_p
     code, stdout, err = run_cli(capsys, "cv", "--config", SYNTH_CONFIG, "--records",
                                 two_per_patient, "--folds", 3, "--out", out, "--n-boot", 50, "--quiet",
                                 *[f"{k}={v}" for k, v in TINY.items() if v is not None], "image.augment=null",
-                                "data.group=patient", "train.epochs=1")
+                                "data.group=patient", "train.epochs=1", "task.threshold=sensitivity:0.9")
     assert code == 0, err
     src = pd.read_csv(two_per_patient, dtype=str)
     oof = pd.read_csv(out / "predictions.csv", dtype={"id": str})
@@ -68,6 +68,15 @@ def test_cv_writes_one_out_of_fold_row_per_record(capsys, two_per_patient, tmp_p
     assert oof.groupby(src["patient"].to_numpy())["fold"].nunique().max() == 1
     m = json.loads((out / "metrics.json").read_text())
     assert len(m["per_fold"]) == 3 and m["n_patients"] == len(src) // 2
+    assert sorted(oof["fold"].unique()) == [1, 2, 3] == [f["fold"] for f in m["per_fold"]]  # as printed
+    y, pred = oof["label"].astype(int), oof["pred"].astype(int)  # each at its own fold's cut
+    op = m["pooled"]["operating_point"]
+    assert len(op["threshold"]) == 3  # three folds, three cuts
+    assert op["threshold"] == sorted({f["thresholds"][0] for f in m["per_fold"]})
+    assert op["sensitivity"]["value"] == pytest.approx(((pred == 1) & (y == 1)).sum() / (y == 1).sum())
+    assert op["specificity"]["value"] == pytest.approx(((pred == 0) & (y == 0)).sum() / (y == 0).sum())
+    assert m["pooled"]["overall"]["accuracy"]["value"] == pytest.approx((pred == y).mean())
+    assert "at each fold's threshold (" in stdout
     assert "fold 2: AUROC" in stdout and "pooled out-of-fold" in stdout
     code, cmp_out, err = run_cli(capsys, "compare", out / "predictions.csv", out / "predictions.csv", "--labels",
                                  two_per_patient, "--group-column", "patient", "--n-boot", 50, "--names", "a", "b")

@@ -31,7 +31,7 @@ def cross_validate(estimator, records, folds: int = 5, out: Optional[str] = None
     scikit-learn's model selection clones its estimator); return per-fold and pooled out-of-fold
     metrics (95% CIs over patients) and the out-of-fold predictions (one row per record, in input
     order). `out`: a folder for predictions.csv and metrics.json."""
-    from multimodal.evaluation.metrics import compute_metrics
+    from multimodal.evaluation.metrics import compute_metrics, cuts
     from multimodal.output import check_dir_target
     from multimodal.data.records import load_records
 
@@ -43,19 +43,21 @@ def cross_validate(estimator, records, folds: int = 5, out: Optional[str] = None
     rec = load_records(records, cfg, labels=True)
     fold = fold_of(rec, cfg, folds, cfg.train.seed)
     rows, per_fold, t0 = [None] * folds, [], time.perf_counter()
+    fold_cuts = [None] * folds
     for k in range(folds):
         model = estimator.clone()
         model.fit(rec.subset(np.flatnonzero(fold != k)), None, progress=progress)
         test = rec.subset(np.flatnonzero(fold == k))
         pred = model.predict(test)
-        pred.insert(1, "fold", k)
+        pred.insert(1, "fold", k + 1)
         rows[k] = pred.set_index(np.flatnonzero(fold == k))
         _, y = labelled(test, model.prep)
         P = _probs(pred, model.classes, cfg.task.type)[_labelled_rows(test, model.prep)]
         ok = ~np.isnan(P).any(1) if P.ndim == 2 else ~np.isnan(P)
         m = compute_metrics(y[ok], P[ok], cfg.task.type, model.classes, n_boot=200, seed=cfg.train.seed,
                             thresholds=model.prep.labels.thresholds)
-        per_fold.append({"fold": k, "n_test": int(ok.sum()), "auroc": m["overall"]["auroc"]["value"],
+        fold_cuts[k] = model.prep.labels.thresholds
+        per_fold.append({"fold": k + 1, "n_test": int(ok.sum()), "auroc": m["overall"]["auroc"]["value"],
                          "best_epoch": model.metrics["training"]["best_epoch"],
                          "thresholds": model.prep.labels.thresholds})
         log.info("fold %d/%d: AUROC %.3f on %d records (%.0f s so far)", k + 1, folds, per_fold[-1]["auroc"],
@@ -68,9 +70,12 @@ def cross_validate(estimator, records, folds: int = 5, out: Optional[str] = None
     P = _probs(oof, model.classes, cfg.task.type)[keep]
     ok = ~np.isnan(P).any(1) if P.ndim == 2 else ~np.isnan(P)
     groups = patients(rec.df, cfg)[keep][ok]
+    row_cuts = None
+    if cfg.task.type != "multiclass":  # each record decided at its own fold's cut, as its pred column was
+        by_fold = [cuts(fold_cuts[k], cfg.task.type, len(model.classes)) for k in range(folds)]
+        row_cuts = np.stack([by_fold[k] for k in fold])[keep][ok]
     pooled = compute_metrics(y[ok], P[ok], cfg.task.type, model.classes, n_boot=n_boot, seed=cfg.train.seed,
-                             groups=groups)  # each fold's own threshold is in the pred column; this is at 0.5
-    pooled.pop("operating_point", None)
+                             thresholds=row_cuts, groups=groups)
     result = {"folds": folds, "seed": cfg.train.seed, "per_fold": per_fold, "pooled": pooled,
               "n_records": len(rec), "n_patients": int(len(set(patients(rec.df, cfg)))),
               "seconds": time.perf_counter() - t0}

@@ -19,16 +19,24 @@ def onehot(y: np.ndarray, task: str, k: int) -> np.ndarray:
     return y.astype(int) if task == "multilabel" else np.eye(k, dtype=int)[y.astype(int)]
 
 
+def cuts(thresholds, task: str, k: int) -> np.ndarray:
+    """The thresholds as an array: one per decided column ([1] binary, [K] multilabel; 0.5 where none
+    are stored), or one row of them per record ([N, 1] / [N, K]: out-of-fold predictions, each made at
+    its own fold's cut)."""
+    if thresholds is None or not len(thresholds):
+        return np.full(1 if task == "binary" else k, 0.5)
+    return np.asarray(thresholds, dtype=float)
+
+
 def predicted(P: np.ndarray, task: str, thresholds=None) -> np.ndarray:
-    """[N, K] 0/1 decisions: binary and multilabel cut at the stored thresholds (0.5 if none),
-    multiclass takes the most probable class."""
+    """[N, K] 0/1 decisions: binary and multilabel cut at the stored thresholds (0.5 if none; see
+    cuts), multiclass takes the most probable class."""
     if task == "multiclass":
         return np.eye(P.shape[1], dtype=int)[P.argmax(1)]
+    t = cuts(thresholds, task, P.shape[1])
     if task == "binary":
-        t = thresholds[0] if thresholds else 0.5
-        pos = (P[:, 1] >= t).astype(int)
+        pos = (P[:, 1] >= t[..., 0]).astype(int)
         return np.stack([1 - pos, pos], 1)
-    t = np.asarray(thresholds if thresholds else [0.5] * P.shape[1])
     return (P >= t).astype(int)
 
 
@@ -58,15 +66,18 @@ def point_metrics(Y: np.ndarray, P: np.ndarray, task: str, thresholds=None) -> d
 def compute_metrics(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str],
                     n_boot: int = 1000, seed: int = 0, thresholds=None, groups=None) -> dict:
     """Binary: AUROC/AUPRC/F1 of the positive (second) class. Multiclass/multilabel: macro over classes.
-    F1 and accuracy are at the model's `thresholds` (binary, multilabel). CIs resample patients
+    F1 and accuracy are at the model's `thresholds` (binary, multilabel; or a row of them per record,
+    see cuts). CIs resample patients
     (`groups`, else rows) with replacement; a resample where a metric is undefined is skipped for it.
     Binary and multilabel also get `operating_point`: sensitivity, specificity, PPV, NPV, F1 at the cut."""
     P = prob_matrix(probs, task)
     Y = onehot(np.asarray(y), task, P.shape[1])
     point = point_metrics(Y, P, task, thresholds)
     boots = {k: [] for k in point}
+    T = None if task == "multiclass" else cuts(thresholds, task, P.shape[1])
+    per_row = T is not None and T.ndim == 2
     for idx in resamples(len(Y), n_boot, seed, groups):
-        for k, v in point_metrics(Y[idx], P[idx], task, thresholds).items():
+        for k, v in point_metrics(Y[idx], P[idx], task, T[idx] if per_row else T).items():
             if np.isfinite(v):
                 boots[k].append(v)
 
@@ -81,9 +92,8 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, task: str, classes: list[s
     if task != "multiclass":
         from multimodal.evaluation.operating import at_threshold
 
-        ts = list(thresholds) if thresholds else [0.5] * (1 if task == "binary" else P.shape[1])
         cols = [1] if task == "binary" else range(P.shape[1])
-        ops = {classes[j]: at_threshold(Y[:, j], P[:, j], t, n_boot, seed, groups) for j, t in zip(cols, ts)}
+        ops = {classes[j]: at_threshold(Y[:, j], P[:, j], T[..., i], n_boot, seed, groups) for i, j in enumerate(cols)}
         out["operating_point"] = ops[classes[1]] if task == "binary" else ops
     return out
 
@@ -109,7 +119,10 @@ def format_table(metrics: dict) -> str:
     op = metrics.get("operating_point")
     if op:
         for name, d in ({"": op} if "threshold" in op else op).items():
-            lines.append(f"at threshold {d['threshold']:.3g}{' (' + name + ')' if name else ''}: " + ", ".join(
+            t = d["threshold"]
+            at = f"at threshold {t:.3g}" if not isinstance(t, list) else \
+                f"at each fold's threshold ({', '.join(f'{v:.3g}' for v in t)})"
+            lines.append(f"{at}{' (' + name + ')' if name else ''}: " + ", ".join(
                 f"{k if k in ('sensitivity', 'specificity') else k.upper()} {_fmt(d[k])}"
                 for k in ("sensitivity", "specificity", "ppv", "npv", "f1")))
     return "\n".join(lines)

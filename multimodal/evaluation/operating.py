@@ -62,16 +62,19 @@ def confusion_metrics(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float
             "npv": ratio(tn, tn + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
 
 
-def at_threshold(y: np.ndarray, p: np.ndarray, t: float, n_boot: int = 1000, seed: int = 0,
+def at_threshold(y: np.ndarray, p: np.ndarray, t, n_boot: int = 1000, seed: int = 0,
                  groups: np.ndarray | None = None) -> dict:
     """Sensitivity, specificity, PPV, NPV and F1 at the cut, with 95% percentile bootstrap CIs over
     patients (`groups`: resample patients, keeping their records together)."""
     from multimodal.evaluation.bootstrap import ci95, resamples
 
+    t = np.asarray(t, dtype=float)  # or one cut per record (out-of-fold: each fold's own)
+    per_row = t.ndim > 0
     point = confusion_metrics(y, p, t)
     boots = {k: [] for k in point}
     for idx in resamples(len(y), n_boot, seed, groups):
-        for k, v in confusion_metrics(y[idx], p[idx], t).items():
+        for k, v in confusion_metrics(y[idx], p[idx], t[idx] if per_row else t).items():
             if np.isfinite(v):
                 boots[k].append(v)
-    return {"threshold": float(t)} | {k: {"value": float(v), "ci95": ci95(boots[k])} for k, v in point.items()}
+    shown = sorted(set(t.tolist())) if per_row else float(t)
+    return {"threshold": shown} | {k: {"value": float(v), "ci95": ci95(boots[k])} for k, v in point.items()}
