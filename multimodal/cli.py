@@ -97,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     co = sub.add_parser("compare", help="AUROCs of prediction files with paired bootstrap differences")
     co.add_argument("predictions", nargs="+", help="files written by `mmdx predict`; the first is the reference")
     co.add_argument("--labels", required=True, help="records file with the true labels")
-    co.add_argument("--label-column", default="label")
-    co.add_argument("--id-column", default="patient_id")
+    co.add_argument("--config", default=None, help="the model's config: label and id columns, and task.names "
+                                                    "to read label values as class names")
+    co.add_argument("--label-column", default=None, help="default: the config's task.label, else label")
+    co.add_argument("--id-column", default=None, help="default: the config's data.id, else patient_id")
     co.add_argument("--group-column", default=None, help="resample these groups (patients) instead of rows")
     co.add_argument("--positive", default=None,
                     help="class scored one-vs-rest (default: the last class if binary, else macro over classes)")

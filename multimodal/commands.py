@@ -166,13 +166,20 @@ def compare(a) -> None:
     from multimodal.evaluation.comparison import compare as compare_predictions, format_report
     from multimodal.output import guard, write_json
 
-    inputs = [a.labels, *a.predictions]
+    inputs = [a.labels, *a.predictions, *([a.config] if a.config else [])]
     if a.out:
         guard(a.out, "file", inputs)
     names = [n.strip() for part in a.names for n in part.split(",") if n.strip()] if a.names else None
-    report = compare_predictions(a.predictions, a.labels, label_column=a.label_column, id_column=a.id_column,
-                                 n_boot=a.n_boot, seed=a.seed, group_column=a.group_column, positive=a.positive,
-                                 names=names, all_pairs=a.all_pairs)
+    label, ident, classes = "label", "patient_id", None
+    if a.config:
+        from multimodal.config import load_config
+
+        cfg = load_config(a.config)
+        label, ident, classes = cfg.label_columns()[0], cfg.data.id, cfg.task.names
+    report = compare_predictions(a.predictions, a.labels, label_column=a.label_column or label,
+                                 id_column=a.id_column or ident, n_boot=a.n_boot, seed=a.seed,
+                                 group_column=a.group_column, positive=a.positive, names=names,
+                                 all_pairs=a.all_pairs, class_names=classes)
     print(format_report(report))
     if a.out:
         write_json(report, a.out, inputs)
@@ -202,7 +209,8 @@ def baselines(a) -> None:
         cv = info["cv_auroc"].get(name)
         print(f"  {f:28s} {name}" + (f"; CV AUROC on the training records {cv:.3f}" if cv is not None else ""))
     print(f"written to {a.out}; e.g. mmdx compare PREDICTIONS.csv {Path(a.out) / files['mean of baselines']} "
-          f"--labels {a.predict} --label-column {cfg.label_columns()[0]} --id-column {cfg.data.id}")
+          f"--labels {a.predict} --config {a.config}" + "".join(f" --{k}-column {v}" for k, v in (
+              ("label", cfg.label_columns()[0]), ("id", cfg.data.id)) if a.overrides))
 
 
 def synth(a) -> None:

@@ -211,3 +211,24 @@ def test_bad_files_are_one_line_errors(capsys, cohort, prediction_files, tmp_pat
         argv = ["--labels", cohort["test"], good, bad]
     code, _, err = run_cli(capsys, "compare", *argv, "--n-boot", 20)
     one_line_error(code, err, needle)
+
+
+def test_class_names_from_the_config_map_raw_label_values(capsys, tmp_path):
+    """A model trained with task.names writes prob_benign / prob_melanoma; the labels file holds 0 / 1."""
+    labels, signal, noise = _cohort()
+    for name, df in (("a", signal), ("b", noise)):
+        df.rename(columns={"prob_0": "prob_benign", "prob_1": "prob_melanoma"}).to_csv(tmp_path / f"{name}.csv",
+                                                                                       index=False)
+    labels.rename(columns={"label": "dx", "patient_id": "lesion"}).to_csv(tmp_path / "labels.csv", index=False)
+    (tmp_path / "cfg.yaml").write_text("task: {label: dx, names: {0: benign, 1: melanoma}}\ndata: {id: lesion}\n"
+                                       "modalities: [tabular]\ntabular: {numeric: [x]}\n")
+    files = [tmp_path / "a.csv", tmp_path / "b.csv", "--labels", tmp_path / "labels.csv", "--n-boot", 50]
+    code, out, err = run_cli(capsys, "compare", *files, "--label-column", "dx", "--id-column", "lesion")
+    one_line_error(code, err, "pass the config (--config)")
+    code, out, err = run_cli(capsys, "compare", *files, "--config", tmp_path / "cfg.yaml", "--out",
+                             tmp_path / "r.json")
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["positive"] == "melanoma"
+    want = roc_auc_score(labels["label"], signal["prob_1"])
+    assert r["auroc"]["a"]["value"] == pytest.approx(want)

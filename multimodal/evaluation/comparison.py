@@ -114,13 +114,16 @@ def _drops(**counts: int) -> dict[str, int]:
 def compare(predictions: Union[Mapping[str, PathOrFrame], Sequence[PathOrFrame]], labels: PathOrFrame,
             label_column: str = "label", id_column: str = "patient_id", n_boot: int = 2000, seed: int = 0,
             group_column: Optional[str] = None, positive: Optional[str] = None,
-            names: Optional[Sequence[str]] = None, all_pairs: bool = False) -> dict:
+            names: Optional[Sequence[str]] = None, all_pairs: bool = False,
+            class_names: Optional[Mapping[str, str]] = None) -> dict:
     """AUROC with a 95% bootstrap CI per prediction file, and paired differences against the first
     (the reference), or between all pairs. Binary: AUROC of prob_<positive> (default: the last class);
     more classes: macro one-vs-rest AUROC, or one class against the rest with `positive`.
 
     Only patients that are labelled and scored (status ok) by every file count, so every number is
-    on the same patients; `files[name]["dropped"]` says how many rows were left out and why."""
+    on the same patients; `files[name]["dropped"]` says how many rows were left out and why.
+    `class_names`: the config's task.names (label value → the class name the files' prob_ columns
+    carry), when the labels file holds the raw values."""
     items = _named(predictions, names)
     if n_boot < 1:
         raise UserError(f"n_boot must be at least 1, got {n_boot}")
@@ -142,10 +145,12 @@ def compare(predictions: Union[Mapping[str, PathOrFrame], Sequence[PathOrFrame]]
     if len(paired) < MIN_PAIRED:
         raise UserError(f"only {len(paired)} patients are labelled and scored (status ok) by every file; "
                         f"at least {MIN_PAIRED} are needed")
-    truth = pd.Series([_text(v) for v in lab.loc[paired, label_column]], index=paired)
+    named = {_text(k): v for k, v in (class_names or {}).items()}
+    truth = pd.Series([named.get(_text(v), _text(v)) for v in lab.loc[paired, label_column]], index=paired)
     unknown = sorted(set(truth) - set(classes))
     if len(classes) > 1 and unknown:
-        raise UserError(f"{lsource}: label values {unknown[:5]} are not among the predicted classes {classes}")
+        hint = "" if class_names else "; with task.names, pass the config (--config) to map label values to names"
+        raise UserError(f"{lsource}: label values {unknown[:5]} are not among the predicted classes {classes}{hint}")
     if positive is None and len(classes) <= 2:
         positive = classes[-1]
     positive = None if positive is None else _text(positive)
