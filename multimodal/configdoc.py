@@ -37,7 +37,7 @@ def _default(field) -> str:
         return "(section)"
     if value is PydanticUndefined:
         return ""
-    return json.dumps(value, default=str)
+    return json.dumps(value, default=lambda v: v.model_dump(exclude_none=True) if isinstance(v, BaseModel) else str(v))
 
 
 def _section(title: str, model: type[BaseModel], out: list[str]) -> None:

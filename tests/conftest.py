@@ -23,7 +23,8 @@ SYNTH_CONFIG = config_path()  # the synthetic cohort's config, package data besi
 # Small enough to train in seconds on 2 CPU cores; the real settings are in SYNTH_CONFIG.
 # The suite tests the joint network by default; tests/test_strategies.py covers the per-modality ones.
 TINY = {"image.size": 32, "image.token_grid": 1, "image.augment": None, "text.vocab_size": 200,
-        "train.epochs": 2, "train.batch_size": 16, "fusion.layers": 1, "fusion.strategy": "joint"}
+        "train.epochs": 2, "train.batch_size": 16, "fusion.layers": 1, "fusion.strategy": "joint",
+        "train.alone": {}}
 
 
 def shared(*parts) -> Path:

@@ -254,3 +254,18 @@ def test_crossfit_folds_are_scored_by_their_own_networks_and_weighted_per_kind(c
     assert float(m.net.temperature) == pytest.approx(tc) and float(m.net.logit_bias[0]) == pytest.approx(b[0])
     out = m.save(tmp_path / "model")
     assert np.array_equal(_probs(m.predict(cohort["test"])), _probs(DiagnosisModel.load(out).predict(cohort["test"])))
+
+
+def test_a_network_of_one_modality_trains_with_that_modalitys_alone_settings(cohort):
+    """train.alone: the tabular network of a strategy, and a tabular-only run, take their own epochs;
+    the networks that read images keep the recipe's."""
+    from multimodal import DiagnosisModel
+
+    alone = {"train.alone": {"tabular": {"epochs": 4, "min_epochs": 4}}, "train.epochs": 2}
+    m = DiagnosisModel.from_config(SYNTH_CONFIG, **(BOW | alone | {"fusion.strategy": "unimodal"}))
+    m.fit(cohort["train"], cohort["val"], progress=False)
+    ran = {tuple(r["modalities"]): r["epochs"] for r in m.metrics["training"]["members"]}
+    assert ran == {("image",): 2, ("text",): 2, ("tabular",): 4}
+    one = DiagnosisModel.from_config(SYNTH_CONFIG, **(BOW | alone | {"modalities": ["tabular"]}))
+    one.fit(cohort["train"], cohort["val"], progress=False)
+    assert len(one.metrics["training"]["history"]) == 4 and one.config.train.epochs == 2  # the config as written

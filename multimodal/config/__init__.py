@@ -137,6 +137,16 @@ class FusionConfig(_Strict):
         return self
 
 
+class AloneConfig(_Strict):
+    """What a network that reads one modality only trains with, in place of the train section's values
+    (null: the train section's)."""
+
+    epochs: Optional[int] = Field(None, ge=1)
+    min_epochs: Optional[int] = Field(None, ge=1)
+    patience: Optional[int] = Field(None, ge=1)
+    lr: Optional[float] = Field(None, gt=0)
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(20, ge=1)
     """Maximum epochs (early stopping may end sooner)."""
@@ -188,6 +198,13 @@ class TrainConfig(_Strict):
     patient; calibration and the operating point are then fitted on each record's out-of-fold logits
     (those of the one member that did not train on it), and preprocessing (vocabulary, scaler
     statistics; no labels) on every training record. Needs ensemble <= round(1 / val_fraction)."""
+    alone: dict[Literal["image", "text", "tabular"], AloneConfig] = {
+        "tabular": AloneConfig(epochs=40, min_epochs=1, patience=8)}
+    """Settings for a network that reads one modality only (a `modalities=` run of one, or a fusion
+    strategy's per-modality network), by modality, in place of epochs, min_epochs, patience and lr
+    above. A recipe's epochs suit its slowest learner: three epochs of a fine-tuned CNN left HAM10000's
+    tabular network at 0.810 hold-out AUROC, against 0.825 when it stopped early by itself (epoch 25
+    of 40). {} trains every network with the values above."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N."""
     amp: bool = True

@@ -53,9 +53,14 @@ def fold_members(cfg: Config, n_splits: int) -> list[list[int]]:
 
 
 def member_config(cfg: Config, modalities: tuple[str, ...], seed_offset: int) -> Config:
-    """The config one member trains with: its modalities and its seed."""
+    """The config one network trains with: its modalities, its seed, and for a network of one modality
+    that modality's train.alone settings."""
     out = cfg.model_copy(deep=True)
     out.modalities, out.train.seed = list(modalities), cfg.train.seed + seed_offset
+    alone = cfg.train.alone.get(modalities[0]) if len(modalities) == 1 else None
+    for name, value in (alone.model_dump() if alone else {}).items():
+        if value is not None:
+            setattr(out.train, name, value)
     return out
 
 

@@ -91,7 +91,7 @@ def train_members(net, prep: Preprocessing, cfg: Config, splits: list[Split], pr
     split or (crossfit) on the split of its seed offset."""
     nets = members(net)
     if len(nets) == 1:
-        return train_network(net, prep, cfg, *splits[0], progress=progress)
+        return train_network(net, prep, member_config(cfg, tuple(cfg.modalities), 0), *splits[0], progress=progress)
     plan = member_plan(cfg)
     teach = cfg.fusion.teacher_weight > 0
     order = sorted(range(len(nets)), key=lambda i: teach and len(plan[i][0]) > 1)  # teachers first
