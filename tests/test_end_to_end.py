@@ -126,8 +126,8 @@ def test_auxiliary_modality_heads_train_and_round_trip(cohort, tmp_path):
 def test_min_epochs_bounds_checkpoint_choice(cohort, epochs, min_epochs):
     from conftest import SYNTH_CONFIG
 
-    model = DiagnosisModel.from_config(SYNTH_CONFIG, modalities="tabular",
-                                       **{"train.epochs": epochs, "train.min_epochs": min_epochs})
+    model = DiagnosisModel.from_config(SYNTH_CONFIG, modalities="tabular",  # the train section's own epochs
+                                       **{"train.epochs": epochs, "train.min_epochs": min_epochs, "train.alone": {}})
     t = model.fit(cohort["train"], cohort["val"], progress=False).metrics["training"]
     assert t["best_epoch"] == epochs and len(t["history"]) == epochs
 
