@@ -62,3 +62,20 @@ def test_fit_bias_undoes_class_weight_shift():
     p_tb = 1 / (1 + np.exp(-(shifted[:, 0] / t + b[0])))
     ece = [expected_calibration_error(y, np.stack([1 - p, p], 1), "binary") for p in (p_t, p_tb)]
     assert ece[1] < 0.02 < ece[0]
+
+
+def test_roc_axes_name_the_classes_not_an_encoded_label(tmp_path, monkeypatch):
+    """With task.names the positive class is 'melanoma'; scikit-learn's default axis label said
+    'Positive label: 1'."""
+    from matplotlib.figure import Figure
+    from multimodal.evaluation.plots import write_plots
+
+    seen = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (
+        seen.append((self.axes[0].get_title(), self.axes[0].get_xlabel())), save(self, *a, **k))[1])
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 80)
+    write_plots(y, np.clip(y * 0.3 + rng.random(80) * 0.7, 0, 1), "binary", ["benign", "melanoma"], tmp_path)
+    title, xlabel = seen[0]
+    assert title == "ROC, melanoma against benign" and "Positive label" not in xlabel and "specificity" in xlabel

@@ -34,7 +34,10 @@ def write_plots(y: np.ndarray, probs: np.ndarray, task: str, classes: list[str],
     if points:
         ax.legend(loc="lower right")
     ax.plot([0, 1], [0, 1], ls=":", c="grey")
-    ax.set_title("ROC")
+    # scikit-learn's labels name the positive label as the encoded 1, not the class (task.names)
+    ax.set_xlabel("false positive rate (1 − specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title("ROC" if task != "binary" else f"ROC, {classes[1]} against {classes[0]}")
     atomic_file(out / "roc.png", lambda t: fig.savefig(t, dpi=110, bbox_inches="tight", format="png"))
 
     fig = Figure(figsize=(5, 5))
