@@ -43,7 +43,6 @@ def cross_validate(estimator, records, folds: int = 5, out: Optional[str] = None
     rec = load_records(records, cfg, labels=True)
     fold = fold_of(rec, cfg, folds, cfg.train.seed)
     rows, per_fold, t0 = [None] * folds, [], time.perf_counter()
-    fold_cuts = [None] * folds
     for k in range(folds):
         model = estimator.clone()
         model.fit(rec.subset(np.flatnonzero(fold != k)), None, progress=progress)
@@ -56,7 +55,6 @@ def cross_validate(estimator, records, folds: int = 5, out: Optional[str] = None
         ok = ~np.isnan(P).any(1) if P.ndim == 2 else ~np.isnan(P)
         m = compute_metrics(y[ok], P[ok], cfg.task.type, model.classes, n_boot=200, seed=cfg.train.seed,
                             thresholds=model.prep.labels.thresholds)
-        fold_cuts[k] = model.prep.labels.thresholds
         per_fold.append({"fold": k + 1, "n_test": int(ok.sum()), "auroc": m["overall"]["auroc"]["value"],
                          "best_epoch": model.metrics["training"]["best_epoch"],
                          "thresholds": model.prep.labels.thresholds})
@@ -72,7 +70,7 @@ def cross_validate(estimator, records, folds: int = 5, out: Optional[str] = None
     groups = patients(rec.df, cfg)[keep][ok]
     row_cuts = None
     if cfg.task.type != "multiclass":  # each record decided at its own fold's cut, as its pred column was
-        by_fold = [cuts(fold_cuts[k], cfg.task.type, len(model.classes)) for k in range(folds)]
+        by_fold = [cuts(f["thresholds"], cfg.task.type, len(model.classes)) for f in per_fold]
         row_cuts = np.stack([by_fold[k] for k in fold])[keep][ok]
     pooled = compute_metrics(y[ok], P[ok], cfg.task.type, model.classes, n_boot=n_boot, seed=cfg.train.seed,
                              thresholds=row_cuts, groups=groups)

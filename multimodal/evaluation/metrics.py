@@ -67,15 +67,15 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, task: str, classes: list[s
                     n_boot: int = 1000, seed: int = 0, thresholds=None, groups=None) -> dict:
     """Binary: AUROC/AUPRC/F1 of the positive (second) class. Multiclass/multilabel: macro over classes.
     F1 and accuracy are at the model's `thresholds` (binary, multilabel; or a row of them per record,
-    see cuts). CIs resample patients
-    (`groups`, else rows) with replacement; a resample where a metric is undefined is skipped for it.
+    see cuts). CIs resample patients (`groups`, else rows) with replacement; a resample where a
+    metric is undefined is skipped for it.
     Binary and multilabel also get `operating_point`: sensitivity, specificity, PPV, NPV, F1 at the cut."""
     P = prob_matrix(probs, task)
     Y = onehot(np.asarray(y), task, P.shape[1])
-    point = point_metrics(Y, P, task, thresholds)
-    boots = {k: [] for k in point}
     T = None if task == "multiclass" else cuts(thresholds, task, P.shape[1])
     per_row = T is not None and T.ndim == 2
+    point = point_metrics(Y, P, task, T)
+    boots = {k: [] for k in point}
     for idx in resamples(len(Y), n_boot, seed, groups):
         for k, v in point_metrics(Y[idx], P[idx], task, T[idx] if per_row else T).items():
             if np.isfinite(v):
