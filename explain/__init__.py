@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
 from .types import PatientExplanation
@@ -33,13 +32,14 @@ class Explanations(list):
 
 
 def model_info(model, model_dir=None) -> dict:
-    """What a report says about the model: never anything from the patients' DICOM headers."""
+    """What a report says about the model: never anything from the patients' DICOM headers. "created" is
+    when the model was trained (its metrics.json), not when the report was written (the page footer)."""
     from multimodal.model.artifact import library_versions
 
     info = {"name": model.config.name, "model_dir": str(model_dir) if model_dir else None,
             "classes": list(model.classes), "modalities": list(model.config.modalities),
             "fusion": model.config.fusion.type, "versions": library_versions(),
-            "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "created": (getattr(model, "metrics", None) or {}).get("trained")}
     if getattr(model.net, "weighted", False):
         from multimodal.model.build import member_plan
 

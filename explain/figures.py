@@ -16,6 +16,26 @@ POS_RGB = (220, 38, 38)   # towards target
 NEG_RGB = (37, 99, 235)   # against target
 OUTLIER_PERCENTILE = 99.0
 """Heatmap colour limits are ±(this percentile of |attribution|), so one extreme pixel cannot wash out the rest."""
+SMOOTH_FRACTION = 0.04
+"""Reports draw each image map blurred by a Gaussian of σ = this fraction of the image's shorter side: raw
+Integrated Gradients is pixel speckle that a reader takes for texture. The value is the one the pointing
+game and deletion on the demo cohort chose (benchmarks/explain_maps.py, BENCHMARKS.md); the JSON beside
+the page keeps the raw map."""
+
+
+def smooth_maps(maps, fraction: float = SMOOTH_FRACTION):
+    """[..., H, W] signed maps (tensor or array, returned as given) blurred over H and W; fraction 0 = unchanged."""
+    import torch
+    from torchvision.transforms.functional import gaussian_blur
+
+    t = torch.as_tensor(maps, dtype=torch.float32)
+    sigma = fraction * min(t.shape[-2:])
+    if sigma <= 0:
+        return maps
+    size = min(2 * int(np.ceil(3 * sigma)) + 1, 2 * ((min(t.shape[-2:]) - 1) // 2) + 1)
+    flat = t.reshape(-1, 1, *t.shape[-2:])
+    out = gaussian_blur(flat, [size, size], [sigma, sigma]).reshape(t.shape)
+    return out if isinstance(maps, torch.Tensor) else out.numpy().astype(np.asarray(maps).dtype)
 
 
 def _signed(x: float) -> str:
@@ -133,4 +153,4 @@ def _clip_label(s: str, n: int = 42) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-__all__ = ["image_figure", "feature_chart", "POS_RGB", "NEG_RGB"]
+__all__ = ["image_figure", "feature_chart", "smooth_maps", "POS_RGB", "NEG_RGB", "SMOOTH_FRACTION"]

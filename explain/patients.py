@@ -33,11 +33,13 @@ import torch.nn as nn
 
 from multimodal.data.batches import RecordDataset, one_line
 from multimodal.data.preprocess.text import clean
-from multimodal.data.batches import make_loader
+from multimodal.data.batches import make_loader, to_device
+from multimodal.evaluation.metrics import cuts, predicted
 from multimodal.model.network import members
 
 from .attribution import (METHODS, _BatchResult, _cuda_safe, _fixed_target, _select, attribute_batch, class_probs,
                           eval_mode, gradcam_layers)
+from .budget import largest_row, rows_per_pass
 from .types import PatientExplanation
 
 
@@ -134,11 +136,35 @@ def _raw_value(v) -> str:
     return str(v).strip()
 
 
-def _probs_pred(p: np.ndarray, classes: list[str], task: str) -> tuple[dict[str, float], str]:
+def _probs_pred(p: np.ndarray, classes: list[str], task: str, thresholds) -> tuple[dict[str, float], str]:
+    """The class(es) the model calls at its stored operating point, as `predict` does: a page must never
+    headline a class the prediction file does not."""
     probs = {c: float(v) for c, v in zip(classes, p)}
+    decided = predicted(p[None], task, thresholds)[0]
     if task == "multilabel":
-        return probs, ";".join(c for c, v in zip(classes, p) if v >= 0.5)
-    return probs, classes[int(np.argmax(p))]
+        return probs, ";".join(c for c, d in zip(classes, decided) if d)
+    return probs, classes[int(np.argmax(decided))]
+
+
+def _cut(target: int, classes: list[str], task: str, thresholds) -> Optional[float]:
+    """The operating point as a cut-off on P(target); multiclass calls the most probable class, so it has none."""
+    if task == "multiclass":
+        return None
+    t = cuts(thresholds, task, len(classes))
+    if task == "binary":
+        return float(t[0]) if target == 1 else float(1 - t[0])
+    return float(t[target])
+
+
+def _true_labels(model, rec, rows: list[int]) -> list[Optional[str]]:
+    """Each row's label in the model's class names, None where the records have no (known) label."""
+    labels = model.prep.labels
+    if not all(c in rec.df.columns for c in labels.columns):
+        return [None] * len(rows)
+    y = labels.encode(rec.df.iloc[rows])
+    if model.config.task.type == "multilabel":
+        return [None if np.isnan(r).any() else ";".join(c for c, v in zip(model.classes, r) if v) for r in y]
+    return [model.classes[int(v)] if v >= 0 else None for v in y]
 
 
 def _view_labels(row, cfg, n: int) -> list[str]:
@@ -163,12 +189,14 @@ def _explanations(model, rec, res: _BatchResult, method: str, ablation: bool, ne
     abl = _ablation(net, batch, res.probs, res.target, task) if ablation else None
     att = _attention(net, batch)
     votes = _member_votes(model, net, batch, res.target)
+    truth, thresholds = _true_labels(model, rec, res.rows), model.prep.labels.thresholds
     out = []
     for b, i in enumerate(res.rows):
         row = rec.row(i)
-        probs, pred = _probs_pred(res.probs[b].numpy(), classes, task)
+        probs, pred = _probs_pred(res.probs[b].numpy(), classes, task, thresholds)
         e = PatientExplanation(id=str(row[cfg.data.id]), target=classes[int(res.target[b])], probs=probs,
-                               pred=pred, method=method)
+                               pred=pred, method=method, label=truth[b],
+                               threshold=_cut(int(res.target[b]), classes, task, thresholds))
         has = {m: bool(p[b]) for m, p in res.present.items()}
         totals: dict[str, float] = {}
         if has.get("image"):
@@ -241,6 +269,10 @@ def iter_batches(model, records, *, target=None, method: str = "ig", n_steps: in
             res = None
             if ok.any():
                 good = _select(batch, ok)
+                if kw["internal_batch_size"] is None:
+                    one = to_device(_select(good, largest_row(good)), device)
+                    kw["internal_batch_size"] = rows_per_pass(net, one, n_steps * batch_size, device,
+                                                              model.config.image.max_images)
                 try:
                     res = attribute_batch(model, good, **kw)
                     for e, i in zip(_explanations(model, rec, res, method, ablation, net), res.rows):
@@ -271,8 +303,8 @@ def explain(model, records, *, target: Union[str, int, None] = None, method: str
     when the negative class is asked for), not its probability.
     method: "ig" (joint multimodal Integrated Gradients) or "gradcam" (Grad-CAM image maps,
     Integrated Gradients for text and tabular). n_steps: IG path steps; internal_batch_size:
-    at most this many (step × patient) rows per forward/backward pass (None: all n_steps ×
-    batch_size at once). ablation: also compute `modality_ablation` (one extra forward pass per
+    at most this many (step × patient) rows per forward/backward pass (None: as many as fit half the
+    memory available, measured on the first record: explain.budget). ablation: also compute `modality_ablation` (one extra forward pass per
     modality and batch). Records that fail to load (or to attribute) come back with `error` set.
     Runs in eval mode and fp32 on the model's device.
     """

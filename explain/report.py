@@ -30,7 +30,7 @@ import numpy as np
 from multimodal.formats import strict_json as _strict_json
 from multimodal.formats import to_jsonable
 
-from .figures import NEG_RGB, POS_RGB, feature_chart, image_figure
+from .figures import NEG_RGB, POS_RGB, SMOOTH_FRACTION, feature_chart, image_figure, smooth_maps
 from .types import PatientExplanation
 
 MODALITIES = ("image", "text", "tabular")
@@ -271,6 +271,8 @@ def _patient_context(e: PatientExplanation, modalities: list[str]) -> dict:
         "target": str(e.target),
         "pred": pred,
         "pred_prob": pred_prob,
+        "operating": _operating_context(e),
+        "label": None if e.label is None else str(e.label),
         "probs": probs,
         "method": _method_name(e.method),
         "method_key": str(e.method or "").lower(),
@@ -288,6 +290,17 @@ def _patient_context(e: PatientExplanation, modalities: list[str]) -> dict:
         "pos_rgb": "rgb(%d, %d, %d)" % POS_RGB,
         "neg_rgb": "rgb(%d, %d, %d)" % NEG_RGB,
     }
+
+
+def _operating_context(e: PatientExplanation) -> Optional[dict]:
+    """Where P(target) stands against the model's operating point: the side it falls on and how far, so a
+    score just under a screening cut-off reads as just under it, not as a confident negative."""
+    cut, p = _finite(e.threshold), _finite((e.probs or {}).get(e.target))
+    if cut is None or p is None:
+        return None
+    gap = p - cut
+    return {"cut": cut, "p": p, "gap": abs(gap), "called": gap >= 0,
+            "side": "at or above" if gap >= 0 else "below"}
 
 
 def _members(e: PatientExplanation) -> list[dict]:
@@ -310,18 +323,21 @@ def _modality_context(e: PatientExplanation, mods: list[str], present: dict) -> 
                      "ablation": _finite(e.modality_ablation.get(m)),
                      "attention": _finite(e.attention.get(m))})
 
-    def segments(key: str) -> list[dict]:
-        vals = [(r, r[key]) for r in rows if r["present"] and r[key] is not None and r[key] > 0]
-        total = sum(v for _, v in vals)
-        if total <= 0:
-            return []
-        return [{"m": r["m"], "label": r["label"], "colour": r["colour"], "value": v,
-                 "width": round(100 * v / total, 2)} for r, v in vals]
-
-    return {"rows": rows, "share_bar": segments("share"), "attention_bar": segments("attention"),
-            "has_ablation": any(r["ablation"] is not None for r in rows),
+    return {"rows": rows, "effect": _effect_bars(rows), "has_ablation": any(r["ablation"] is not None for r in rows),
             "has_attention": any(r["attention"] is not None for r in rows),
             "has_share": any(r["share"] is not None for r in rows)}
+
+
+def _effect_bars(rows: list[dict]) -> list[dict]:
+    """The page's one contribution summary: how far P(target) moves when each modality is removed. Unlike
+    the attribution share it does not grow with a modality's number of inputs (pixels against a handful of
+    features), and it is the same whichever attribution method drew the maps. Bars are signed (red: the
+    modality supported the explained class) and share one scale, the largest effect, at least 0.05."""
+    shown = [r for r in rows if r["present"] and r["ablation"] is not None]
+    scale = max([abs(r["ablation"]) for r in shown] + [0.05])
+    return [{"label": r["label"], "colour": r["colour"], "value": r["ablation"],
+             "sign": "pos" if r["ablation"] > 0 else ("neg" if r["ablation"] < 0 else "none"),
+             "width": round(50 * abs(r["ablation"]) / scale, 2)} for r in shown]
 
 
 def _text_context(e: PatientExplanation) -> dict:
@@ -364,11 +380,12 @@ def _images_context(e: PatientExplanation) -> dict:
     items = []
     for i, img in enumerate(e.images[:MAX_IMAGES]):
         amap = e.image_maps[i] if i < len(e.image_maps) else None
-        png, note = image_figure(np.asarray(img), None if amap is None else np.asarray(amap, dtype=np.float64))
+        shown = None if amap is None else smooth_maps(np.asarray(amap, dtype=np.float64), SMOOTH_FRACTION)
+        png, note = image_figure(np.asarray(img), shown)
         label = e.image_labels[i] if i < len(e.image_labels) else f"image {i + 1}"
         items.append({"n": i + 1, "label": label, "png": png, "note": note,
                       "shape": "×".join(str(s) for s in np.shape(img))})
-    return {"figures": items, "n_omitted": max(0, len(e.images) - MAX_IMAGES)}
+    return {"figures": items, "n_omitted": max(0, len(e.images) - MAX_IMAGES), "smooth_pct": 100 * SMOOTH_FRACTION}
 
 
 # -- parquet ------------------------------------------------------------------------------------------------------

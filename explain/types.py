@@ -14,6 +14,11 @@ class PatientExplanation:
     """Class the attributions explain (binary: the positive class unless asked otherwise)."""
     probs: dict[str, float] = field(default_factory=dict)
     pred: Optional[str] = None
+    """The class(es) called at the model's operating point (what `predict` writes)."""
+    threshold: Optional[float] = None
+    """The operating point as a cut-off on P(target) (binary, multilabel); None for multiclass (argmax)."""
+    label: Optional[str] = None
+    """The true label, where the records have one."""
     method: str = "ig"
     images: list[np.ndarray] = field(default_factory=list)
     """Model-input images in display space, [H, W] or [H, W, 3] in [0, 1]."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from datetime import datetime, timezone
 
 from pathlib import Path
 from typing import Optional, Union
@@ -122,8 +123,9 @@ class DiagnosisModel:
 
         keep = self.prep if reuse_preprocessing else None
         val_rec = None if val is None else self.records(val, labels=True)
-        self.prep, self.net, self.metrics = fit(self.config, self.records(train, labels=True), val_rec, keep,
-                                                progress)
+        self.prep, self.net, metrics = fit(self.config, self.records(train, labels=True), val_rec, keep, progress)
+        # metrics.json, not the weights: two runs of one config still give byte-identical model.safetensors
+        self.metrics = {"trained": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **metrics}
         return self
 
     def clone(self) -> "DiagnosisModel":

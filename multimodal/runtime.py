@@ -99,3 +99,27 @@ def tune_malloc() -> bool:
         return all(libc.mallopt(k, v) == 1 for k, v in _SETTINGS)
     except (OSError, ValueError, AttributeError):  # not glibc, or no confstr name on this platform
         return False
+
+
+def available_memory(device=None) -> int:
+    """Bytes a job may still allocate on `device` before it is killed or fails: on CUDA the driver's free
+    memory; on the CPU the kernel's MemAvailable, less where a cgroup (a container, a batch scheduler's
+    job) caps the process lower, since that cap is where the OOM killer strikes without a word."""
+    if device is not None and getattr(device, "type", str(device)).startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        cap = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if cap != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = min(free, int(cap) - used)
+    except (OSError, ValueError):
+        pass
+    return max(int(free), 0)

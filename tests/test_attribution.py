@@ -285,6 +285,66 @@ def test_ablation_matches_predict_with_absent(model, two):
         assert e.modality_ablation["text"] == pytest.approx(f - t, abs=1e-5)
 
 
+def test_pages_call_the_class_predict_calls_at_the_operating_point(model, data, few):
+    """The explanation's `pred` is predict's decision at the stored cut-off, not the most probable class,
+    with the cut-off, the true label and the model's own training date beside it."""
+    df, ex = few
+    from explain import model_info
+
+    pos = model.classes[1]
+    p = np.array([e.probs[pos] for e in ex])
+    cut = float(np.sort(p)[len(p) // 2])        # half the patients on each side, none at argmax's 0.5 split
+    labels = model.prep.labels
+    saved, labels.thresholds = labels.thresholds, [cut]
+    try:
+        recs = _abs_images(df, data["dir"])
+        again = explain(model, recs, n_steps=2, ablation=False)
+        preds = model.predict(recs)["pred"].tolist()
+    finally:
+        labels.thresholds = saved
+    assert [e.pred for e in again] == preds
+    assert [e.pred == pos for e in again] == [bool(v >= cut) for v in p]
+    assert all(e.threshold == pytest.approx(cut) for e in again)
+    truth = [model.classes[labels.encode(df.iloc[[i]])[0]] for i in range(len(df))]
+    assert [e.label for e in again] == truth
+    trained = model_info(model)["created"]
+    assert trained == model.metrics["trained"] and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", trained)
+
+
+def test_ig_rows_per_pass_fit_half_the_available_memory(model, two, monkeypatch, caplog):
+    """Captum's default (every step of every patient in one pass) was OOM-killed without a word."""
+    import logging
+
+    import explain.budget as budget
+    from multimodal.data.batches import Collate, RecordDataset
+
+    rec = model.records(two)
+    ds = RecordDataset(rec, model.prep, model.config.modalities, model.config)
+    collate = Collate(model.prep, model.config.modalities, model.config)
+    one, three = collate([ds[0]]), collate([ds[0]] * 3)
+    per_row, once = budget.row_bytes(model.net, one)
+    assert per_row > model.prep.image.mean.numel() * 48 * 48 * 4            # at least the pixels it keeps
+    assert budget.saved_bytes(model.net, three) == pytest.approx(once + 3 * per_row, rel=0.05)
+    both = collate([ds[0], ds[1]])
+    assert budget.largest_row(both).tolist() == (
+        [True, False] if (both["image_mask"][0].sum(), both["text_mask"][0].sum()) >=
+        (both["image_mask"][1].sum(), both["text_mask"][1].sum()) else [False, True])
+    views = int(one["image_mask"].sum())
+    free = (7.5 * per_row * 2 / views + once) * budget.OVERHEAD / budget.MEMORY_SHARE
+    monkeypatch.setattr(budget, "available_memory", lambda device: int(free))
+    with caplog.at_level(logging.INFO, logger="mmdx"):
+        assert budget.rows_per_pass(model.net, one, 64, torch.device("cpu"), max_views=2) == 7   # sized for 2 images
+        bounded = explain(model, two, n_steps=8, ablation=False)
+    assert "explain: 7 Integrated Gradients rows per pass" in caplog.text
+    assert budget.rows_per_pass(model.net, one, 5, torch.device("cpu")) == 5     # never more than a batch holds
+    monkeypatch.setattr(budget, "available_memory", lambda device: 0)
+    assert budget.rows_per_pass(model.net, one, 64, torch.device("cpu")) == 1     # one row at least, and said so
+    whole = explain(model, two, n_steps=8, ablation=False, internal_batch_size=16)
+    for a, b in zip(bounded, whole):
+        np.testing.assert_allclose(a.feature_scores, b.feature_scores, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a.image_maps[0], b.image_maps[0], rtol=1e-3, atol=1e-6)
+
+
 def test_gradcam_maps(model, two):
     recs = two
     ex = explain(model, recs, method="gradcam", n_steps=4)

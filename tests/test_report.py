@@ -402,3 +402,48 @@ def test_delta_quality_bands():
 
     assert delta_quality(0.01)["level"] == "good" and delta_quality(-0.1)["level"] == "fair"
     assert delta_quality(0.5)["level"] == "poor" and delta_quality(None) is None and delta_quality(float("nan")) is None
+
+
+def test_a_score_just_under_the_cut_off_reads_as_under_it_with_the_true_label(tmp_path):
+    """A melanoma 0.018 under a screening cut-off was headlined 'not melanoma, probability 0.886'."""
+    e = PatientExplanation(id="m1", target="melanoma", probs={"benign": 0.918, "melanoma": 0.082}, pred="benign",
+                           threshold=0.1, label="melanoma", features=["age"], feature_values=["70"],
+                           feature_scores=[0.2], modality_share={"tabular": 1.0},
+                           modality_ablation={"image": 0.03, "tabular": -0.06})
+    write_reports([e], tmp_path, model_info={"name": "m", "modalities": ["image", "tabular"]})
+    page = _page(tmp_path / f"patient_{safe_name(e.id)}.html")
+    text = " ".join(page.text.split())
+    assert "P(melanoma) = 0.082, 0.018 below the operating point 0.100" in text
+    assert "True label: melanoma" in text
+    assert "not recorded in the model directory" in text         # no training date given: not the report's date
+    raw = (tmp_path / f"patient_{safe_name(e.id)}.html").read_text(encoding="utf-8")
+    bars = re.findall(r'<span class="(pos|neg|none)" style="width: ([\d.]+)%"></span>', raw)
+    assert bars == [("neg", "50.0")]                               # the patient has no image: tabular only, largest
+
+
+def test_effect_bars_share_one_signed_scale(tmp_path):
+    e = _full_patient()
+    write_reports([e], tmp_path, model_info=MODEL_INFO)
+    raw = (tmp_path / f"patient_{safe_name(e.id)}.html").read_text(encoding="utf-8")
+    bars = re.findall(r'<span class="(pos|neg|none)" style="width: ([\d.]+)%"></span>', raw)
+    # image +0.21 (the largest: half the track), text +0.15, tabular -0.02
+    assert bars == [("pos", "50.0"), ("pos", str(round(50 * 0.15 / 0.21, 2))), ("neg", str(round(50 * 0.02 / 0.21, 2)))]
+    assert 'id="operating"' not in raw and "True label" in raw and "not in the records" in raw  # no cut-off stored
+
+
+def test_drawn_maps_are_smoothed_and_the_json_keeps_the_raw_map(tmp_path):
+    from explain.figures import SMOOTH_FRACTION, smooth_maps
+
+    spike = np.zeros((2, 50, 60))
+    spike[0, 20, 30], spike[1, 5, 7] = 1.0, -2.0
+    out = smooth_maps(spike, SMOOTH_FRACTION)
+    assert out.shape == spike.shape and out.dtype == spike.dtype
+    assert np.unravel_index(np.argmax(out[0]), (50, 60)) == (20, 30) and out[0].max() < 0.2   # spread, not moved
+    assert out[0].sum() == pytest.approx(1.0, abs=1e-4) and out[1].min() < 0 and (out[0] > 0.01).sum() > 9
+    assert smooth_maps(spike, 0.0) is spike
+    e = _full_patient()
+    write_reports([e], tmp_path, model_info=MODEL_INFO)
+    stored = json.loads((tmp_path / "attributions" / f"{safe_name(e.id)}.json").read_text())
+    np.testing.assert_allclose(stored["image_maps"][1], np.asarray(e.image_maps[1], np.float32).round(6), atol=1e-6)
+    assert f"smoothed (a Gaussian of σ = {100 * SMOOTH_FRACTION:.0f}% of the image side)" in _page(
+        tmp_path / f"patient_{safe_name(e.id)}.html").text.replace("\n", " ")
