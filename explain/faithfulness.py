@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from multimodal.data.batches import to_device
 from multimodal.data.imageio import read_image
-from multimodal.data.preprocess.image import split_paths
+from multimodal.data.preprocess.image import placement, split_paths
 from multimodal.synth import LAB, PHRASE
 
 from .attribution import eval_mode
@@ -85,10 +85,10 @@ def lesion_in_input(row, truth, cfg, root: Path) -> Optional[tuple[int, tuple[fl
         return None
     if index >= cfg.image.max_images:
         return None
-    W, H = (float(v) for v in str(truth["image_size"]).split(","))
+    W, H = (int(float(v)) for v in str(truth["image_size"]).split(","))
     x0, y0, x1, y1 = (float(v) for v in str(truth["lesion_box"]).split(","))
-    s = cfg.image.size
-    return index, (x0 * s / W, y0 * s / H, x1 * s / W, y1 * s / H)
+    rh, rw, top, left = placement(H, W, cfg.image.size, cfg.image.resize)
+    return index, (left + x0 * rw / W, top + y0 * rh / H, left + x1 * rw / W, top + y1 * rh / H)
 
 
 def peak(m: np.ndarray, absolute: bool = False) -> tuple[float, float]:

@@ -60,7 +60,11 @@ class ImageConfig(_Strict):
     in_chans: Literal[1, 3] = 1
     """1 (grayscale: CT, MR, X-ray) or 3 (colour: dermoscopy, pathology)."""
     size: int = Field(128, ge=16, le=4096)
-    """Images are resized to size x size pixels."""
+    """Images are resized to size x size pixels, as `resize` says."""
+    resize: Literal["squash", "pad", "crop"] = "squash"
+    """How a non-square image becomes size x size: squash (stretch both sides; a round lesion turns oval),
+    pad (fit the longer side, black bars on the shorter) or crop (fill the shorter side, keep the centre).
+    Measured on HAM10000 (BENCHMARKS.md): see the README's image section for which to use."""
     token_grid: int = Field(4, ge=1)
     """Feature maps larger than this are average-pooled to token_grid x token_grid tokens per image."""
     max_images: int = Field(4, ge=1)

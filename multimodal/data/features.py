@@ -45,6 +45,8 @@ def identity(cfg: Config, encoder, weights_digest: str, prep=None) -> str:
              "max_images": ic.max_images, "mean": ic.mean, "std": ic.std, "views": ic.cache_views,
              "limits": ic.limits.model_dump(), "jpeg_draft": ic.jpeg_draft,
              "normalise": prep.image.state() if prep is not None and prep.image is not None else None}
+    if ic.resize != "squash":  # squash, what every cache written so far holds, keeps its keys
+        facts["resize"] = ic.resize
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

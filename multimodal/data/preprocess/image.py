@@ -35,6 +35,28 @@ def record_paths(cells) -> list[str]:
     return [p for cell in cells for p in split_paths(cell)]
 
 
+def placement(h: int, w: int, size: int, mode: str) -> tuple[int, int, int, int]:
+    """Where an h x w image lands in the size x size model input: (resized height, width, top, left).
+    squash stretches both sides to size; pad fits the longer side and centres the image on black (the
+    attribution baseline, so padding carries no evidence); crop fills the shorter side and keeps the centre
+    (negative offsets). The one geometry that preprocessing and any box mapped into the input share."""
+    if mode == "squash" or h == w:
+        return size, size, 0, 0
+    scale = size / (max(h, w) if mode == "pad" else min(h, w))
+    rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
+    return rh, rw, (size - rh) // 2, (size - rw) // 2
+
+
+def sized(t: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """[C, H, W] → [C, size, size] by `placement`."""
+    rh, rw, top, left = placement(*t.shape[-2:], size, mode)
+    if tuple(t.shape[-2:]) != (rh, rw):
+        t = F.interpolate(t[None], size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)[0]
+    if top >= 0 and left >= 0:
+        return F.pad(t, (left, size - rw - left, top, size - rh - top)) if (rh, rw) != (size, size) else t
+    return t[:, -min(top, 0): -min(top, 0) + size, -min(left, 0): -min(left, 0) + size]
+
+
 def oriented(x: torch.Tensor, n: int) -> torch.Tensor:
     """[V, C, H, W] → [V, n, C, H, W]: identity, h-flip, v-flip, both, then the same turned 90°. The
     cached views (image.cache_views) and the scored ones (image.predict_flips) are these, in this order."""
@@ -58,10 +80,7 @@ class ImagePreprocessor:
         t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
         if t.shape[0] != self.cfg.in_chans:
             t = t.mean(0, keepdim=True) if self.cfg.in_chans == 1 else t.expand(3, -1, -1)
-        size = (self.cfg.size, self.cfg.size)
-        if tuple(t.shape[-2:]) != size:
-            t = F.interpolate(t[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-        return t.clamp_(0, 1)
+        return sized(t, self.cfg.size, self.cfg.resize).clamp_(0, 1)
 
     def decoded_bytes(self, cells: list, groups: int = 1) -> int:
         """What load() (groups=1) or load_groups() returns for these cells takes in memory, bounded
