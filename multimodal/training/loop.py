@@ -112,10 +112,12 @@ def validation_score(y: np.ndarray, probs: np.ndarray, task: str) -> float:
 
 
 def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records, progress: bool = True,
-        teachers: Optional[dict] = None) -> dict:
+        teachers: Optional[dict] = None, networks: int = 0) -> dict:
     """Train `net` on `train`, early-stopped on `val`'s AUROC, and restore its best epoch's weights.
     `teachers`: {modality: a trained network of that modality alone}; each modality's auxiliary head of
-    `net` is then pulled towards its teacher's logits (fusion.teacher_weight, uni-modal teachers)."""
+    `net` is then pulled towards its teacher's logits (fusion.teacher_weight, uni-modal teachers).
+    `networks`: how many networks the whole run trains, this one first: its first batches then say
+    what the run will cost (0: say nothing)."""
     tc, task = cfg.train, cfg.task.type
     seed_everything(tc.seed)
     device = distributed.device_for_rank(resolve_device(tc.device))
@@ -146,6 +148,8 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records, pro
             sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         bar = progress_bar(train_dl, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", enabled=progress)
+        if epoch == 0 and progress and networks:
+            bar = CostEstimate(bar, len(train_dl), len(val_dl), tc.epochs, networks)
         seen, loss_sum = stepper.epoch(bar, bad_rows)
         if main:
             out = run_inference(net, val_dl, device, task, amp)
@@ -178,6 +182,41 @@ def fit(net, prep: Preprocessing, cfg: Config, train: Records, val: Records, pro
             "train_seconds": time.perf_counter() - t_start, "n_train": len(train) - n_bad,
             "n_val": len(val) - val_failed, "skipped_records": n_bad, "skipped_val_records": val_failed,
             "device": str(device), "processes": distributed.world_size(), "amp": str(amp).replace("torch.", "")}
+
+
+class CostEstimate:
+    """The first epoch's batches, passed through; after the fourth, one line of what training will cost
+    at most, from the second to fourth batches (the first pays one-off start-up). A forward-only
+    validation batch of twice the size counts as 2/3 of a training batch. An upper bound: early
+    stopping ends most networks sooner, and a strategy's single-modality networks are cheaper."""
+
+    PROBE = 4
+
+    def __init__(self, bar, batches: int, val_batches: int, epochs: int, networks: int):
+        self.bar, self.batches, self.val_batches, self.epochs, self.networks = bar, batches, val_batches, epochs, networks
+
+    def __iter__(self):
+        t1 = None
+        for k, batch in enumerate(self.bar):
+            if k == 1:
+                t1 = time.perf_counter()
+            elif k == self.PROBE and t1 is not None:
+                self.say((time.perf_counter() - t1) / (self.PROBE - 1))
+            yield batch
+
+    def say(self, per_batch: float) -> None:
+        epoch = per_batch * (self.batches + 2 / 3 * self.val_batches)
+        total = epoch * self.epochs * self.networks
+        nets = f" × {self.networks} networks" if self.networks > 1 else ""
+        say(f"cost estimate: {per_batch:.2g} s per batch, an epoch about {_duration(epoch)}; at most "
+            f"{self.epochs} epochs{nets} ≈ {_duration(total)}")
+
+    def set_postfix(self, **kw) -> None:
+        self.bar.set_postfix(**kw)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def datasets(net, prep: Preprocessing, cfg: Config, train: tuple, val: tuple, main: bool, progress: bool):

@@ -91,7 +91,8 @@ def train_members(net, prep: Preprocessing, cfg: Config, splits: list[Split], pr
     split or (crossfit) on the split of its seed offset."""
     nets = members(net)
     if len(nets) == 1:
-        return train_network(net, prep, member_config(cfg, tuple(cfg.modalities), 0), *splits[0], progress=progress)
+        return train_network(net, prep, member_config(cfg, tuple(cfg.modalities), 0), *splits[0], progress=progress,
+                             networks=1)
     plan = member_plan(cfg)
     teach = cfg.fusion.teacher_weight > 0
     order = sorted(range(len(nets)), key=lambda i: teach and len(plan[i][0]) > 1)  # teachers first
@@ -104,7 +105,7 @@ def train_members(net, prep: Preprocessing, cfg: Config, splits: list[Split], pr
         teachers = {mods[0]: nets[j] for j, (mods, off) in enumerate(plan)
                     if len(mods) == 1 and off == offset} if teach and len(modalities) > 1 else None
         runs[i] = train_network(member, prep, mcfg, *splits[offset % len(splits)], progress=progress,
-                                teachers=teachers)
+                                teachers=teachers, networks=len(nets) if i == order[0] else 0)
     summary = dict(runs[0])
     summary["train_seconds"] = sum(r["train_seconds"] for r in runs)
     if len(splits) > 1:  # crossfit: the folds' hold-outs partition the records, and every one trains some network
