@@ -22,7 +22,7 @@ class _LogLines:
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         self.every = float(os.environ.get("MMDX_PROGRESS_SECONDS", "30")) if every is None else every
         self.n, self.t0 = 0, time.perf_counter()
-        self._last = self.t0
+        self._last, self._said = self.t0, 0  # when the last line was written, and the count it gave
         self._postfix = ""
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             self.total = len(iterable)
@@ -40,6 +40,7 @@ class _LogLines:
             self._line(now)
 
     def _line(self, now: float) -> None:
+        self._said = self.n
         of = f"/{self.total}" if self.total else ""
         rate = self.n / max(now - self.t0, 1e-9)
         log.info("%s: %d%s %s (%.1f %s/s)%s", self.desc, self.n, of, self.unit, rate, self.unit,
@@ -49,7 +50,9 @@ class _LogLines:
         self._postfix = " ".join(f"{k}={v}" for k, v in kw.items())
 
     def close(self) -> None:
-        if self.n and time.perf_counter() - self.t0 >= self.every:
+        """The final count, for a run long enough to have lines at all, unless the last line gave it
+        already: the last update of a run used to be written twice, once by update and once here."""
+        if self.n != self._said and time.perf_counter() - self.t0 >= self.every:
             self._line(time.perf_counter())
 
     @staticmethod

@@ -84,6 +84,9 @@ def test_kill_9_then_resume_gives_every_row_once(capsys, model_dir, big_records,
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()
+    # kill -9 leaves the run's lock file (the kernel drops its flock): the --resume below takes it over,
+    # and removes it on its exit (no leftovers at the end)
+    assert (out.parent / f".{out.name}.mmdx-lock").is_file()
     # a part counts once its journal entry exists: one killed between the two is computed again
     n_left = sum(part.with_suffix(".json").exists() for part in parts.glob("part-*.parquet"))
     n_chunks = -(-len(pd.read_csv(big_records)) // 6)

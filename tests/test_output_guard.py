@@ -166,8 +166,10 @@ def test_second_run_on_the_same_out_is_refused(capsys, tiny_model, cohort, tmp_p
     finally:
         holder.kill()
         holder.wait()
+    assert (tmp_path / ".p.csv.mmdx-lock").is_file()  # what the killed holder left
     code, _, _ = run(capsys, "predict", "--model", m, "--records", cohort["test"], "--out", target)
     assert code == 0 and target.is_file()
+    assert not (tmp_path / ".p.csv.mmdx-lock").exists()  # taken over, and removed on exit
     with output.claim(target), output.claim(target):  # one process may claim its own target twice
         pass
 
