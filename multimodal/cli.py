@@ -36,11 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("overrides", nargs="*", help="key=value config overrides")
     cf.set_defaults(fn=commands.config)
 
-    def common(sp, model=True):
-        if model:
-            sp.add_argument("--model", required=True, help="model directory written by `mmdx train`")
-            sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-        sp.add_argument("--records", required=True, help="CSV or Parquet, one row per patient")
+    def common(sp, source=None, records=("--records",), records_help="CSV or Parquet, one row per patient"):
+        """`source`: the group --model belongs to (evaluate: it or --predictions); else it is required."""
+        (source or sp).add_argument("--model", required=source is None, help="model directory written by `mmdx train`")
+        sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+        sp.add_argument(*records, dest="records", required=True, help=records_help)
         sp.add_argument("--image-root", default=None, help="folder relative image paths resolve against")
         sp.add_argument("--batch-size", type=int, default=64)
         sp.add_argument("--workers", type=int, default=None,
@@ -74,11 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--out", required=True, help="the .onnx file to write (beside the model directory, not in it)")
     xp.set_defaults(fn=commands.export)
 
-    ev = sub.add_parser("evaluate", help="AUROC/AUPRC/accuracy/F1/ECE with 95%% bootstrap CIs, and plots")
-    common(ev)
+    ev = sub.add_parser("evaluate", help="AUROC/AUPRC/accuracy/F1/ECE with 95%% bootstrap CIs, and plots, of a "
+                                         "model or of a predictions file")
+    scored = ev.add_mutually_exclusive_group(required=True)
+    scored.add_argument("--predictions", default=None, metavar="FILE",
+                        help="score this predictions file instead of a model: written by mmdx predict, mmdx cv "
+                             "(predictions.csv) or mmdx baselines (columns id, prob_<class>...), joined with "
+                             "--records on the id; the same metrics, bootstrap and resamples as --model")
+    common(ev, scored, ("--records", "--labels"), "records with the true labels (CSV or Parquet)")
     ev.add_argument("--out", default=None, help="write metrics JSON here")
     ev.add_argument("--n-boot", type=int, default=1000)
     ev.add_argument("--plots", default=None, help="folder for roc.png and reliability.png")
+    ev.add_argument("--threshold", type=float, default=None,
+                    help="--predictions, binary: the operating point (default: the file's threshold column, "
+                         "else the cut its pred column was decided at, else 0.5; printed with the metrics)")
+    join_options(ev, "--predictions: ")
     ev.set_defaults(fn=commands.evaluate)
 
     ex = sub.add_parser("explain", help="per-patient attributions as self-contained HTML reports")
@@ -94,19 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cap on (step x patient) rows per forward/backward pass, to bound memory")
     ex.set_defaults(fn=commands.explain)
 
-    co = sub.add_parser("compare", help="AUROCs of prediction files with paired bootstrap differences")
-    co.add_argument("predictions", nargs="+", help="files written by `mmdx predict`; the first is the reference")
+    co = sub.add_parser("compare", help="AUROCs of prediction files with paired bootstrap differences: how much "
+                                        "the first file (the reference) beats each other one")
+    co.add_argument("predictions", nargs="+", help="files written by `mmdx predict`; the first is the reference, "
+                                                   "and each difference is reference minus other (positive: the "
+                                                   "reference is better)")
     co.add_argument("--labels", required=True, help="records file with the true labels")
-    co.add_argument("--config", default=None, help="the model's config: label and id columns, and task.names "
-                                                    "to read label values as class names")
-    co.add_argument("--label-column", default=None, help="default: the config's task.label, else label")
-    co.add_argument("--id-column", default=None, help="default: the config's data.id, else patient_id")
-    co.add_argument("--group-column", default=None, help="resample these groups (patients) instead of rows")
-    co.add_argument("--positive", default=None,
-                    help="class scored one-vs-rest (default: the last class if binary, else macro over classes)")
+    join_options(co)
     co.add_argument("--names", nargs="+", default=None, help="one name per prediction file (after the files)")
-    co.add_argument("--n-boot", type=int, default=2000)
-    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--n-boot", type=int, default=1000, help="resamples (default 1000, as evaluate)")
+    co.add_argument("--seed", type=int, default=None,
+                    help="of the resamples (default: the config's train.seed, as evaluate, else 0)")
     co.add_argument("--all-pairs", action="store_true", help="every pair, not only each file vs the first")
     co.add_argument("--out", default=None, help="write the comparison as JSON here")
     co.set_defaults(fn=commands.compare)
@@ -138,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--seed", type=int, default=0)
     de.set_defaults(fn=commands.demo)
     return p
+
+
+def join_options(sp, prefix: str = "") -> None:
+    """How a predictions file meets its labels (compare, evaluate --predictions): one set of options, one meaning."""
+    sp.add_argument("--config", default=None, help=prefix + "the model's config: label, id and group columns, "
+                    "task.names to read label values as class names, and train.seed for the resamples")
+    sp.add_argument("--label-column", default=None, help=prefix + "default: the config's task.label, else label")
+    sp.add_argument("--id-column", default=None, help=prefix + "default: the config's data.id, else patient_id")
+    sp.add_argument("--group-column", default=None, help=prefix + "resample these groups (patients) instead of "
+                    "rows (default: the config's data.group)")
+    sp.add_argument("--positive", default=None, help=prefix + "class scored against the rest (default: the last "
+                    "class if binary, else macro over classes)")
 
 
 class _Format(logging.Formatter):

@@ -57,7 +57,8 @@ def command_inputs(args, cfg=None) -> list:
     there is a model, against --image-root)."""
     if cfg is None and getattr(args, "model", None):
         cfg = stored_config(args.model, args.image_root)
-    named = [getattr(args, k, None) for k in ("records", "val", "predict", "config", "model", "onnx", "image_weights")]
+    named = [getattr(args, k, None)
+             for k in ("records", "val", "predict", "predictions", "config", "model", "onnx", "image_weights")]
     weights = [w for w in (getattr(s, "pretrained", None) for s in (cfg.image, cfg.text)) if isinstance(w, str)] \
         if cfg else []  # a section is None when its modality is not used
     root = getattr(args, "image_root", None)

@@ -111,18 +111,66 @@ def export(a) -> None:
           f"of PyTorch on an example batch); use it with mmdx predict --onnx")
 
 
-def evaluate(a) -> None:
-    from multimodal.evaluation.metrics import format_table
-    from multimodal.output import guard, write_json
+PREDICTIONS_ONLY = ("config", "threshold", "positive", "label_column", "id_column", "group_column")
 
+
+def evaluate(a) -> None:
+    from multimodal.output import guard
+
+    given = [f"--{k.replace('_', '-')}" for k in PREDICTIONS_ONLY if getattr(a, k) is not None]
+    if a.predictions is None and given:
+        raise UserError(f"{', '.join(given)} only go{'es' if len(given) == 1 else ''} with evaluate --predictions "
+                        f"(a model directory brings its own columns, classes and threshold)")
     targets = ([a.out] if a.out else []) + [Path(a.plots) / n for n in ("roc.png", "reliability.png") if a.plots]
     inputs = _inputs(a)
     if targets:
         guard(targets, "file", inputs)
-    model = _load(a, defer_network=True)
-    m = model.evaluate(a.records, n_boot=a.n_boot, batch_size=a.batch_size, workers=a.workers, progress=not a.quiet,
-                       plots_dir=a.plots)
+    if a.predictions is not None:
+        m = _evaluate_file(a)
+    else:
+        model = _load(a, defer_network=True)
+        m = model.evaluate(a.records, n_boot=a.n_boot, batch_size=a.batch_size, workers=a.workers,
+                           progress=not a.quiet, plots_dir=a.plots)
+    _report(a, m, inputs)
+
+
+def _evaluate_file(a) -> dict:
+    """evaluate --predictions: the file scored as evaluate --model scores a model's outputs."""
+    from multimodal.evaluation.scorefile import evaluate_predictions
+
+    join, task = _join_columns(a)
+    if task == "multilabel":
+        raise UserError(f"--config {a.config}: a multilabel task; evaluate --predictions scores binary and "
+                        f"multiclass predictions (use evaluate --model)")
+    return evaluate_predictions(a.predictions, a.records, positive=a.positive, threshold=a.threshold,
+                                n_boot=a.n_boot, plots_dir=a.plots, **join)
+
+
+def _join_columns(a) -> tuple[dict, str | None]:
+    """How a predictions file is joined with the labels and resampled (compare, evaluate --predictions):
+    the columns given, else the config's task.label, data.id, data.group, task.names and train.seed
+    (what evaluate --model uses), else label, patient_id, no groups and seed 0; and the config's task."""
+    label, ident, group, names, seed, task = "label", "patient_id", None, None, 0, None
+    if a.config:
+        from multimodal.config import load_config
+
+        cfg = load_config(a.config)
+        label, ident, group, names = cfg.label_columns()[0], cfg.data.id, cfg.data.group, cfg.task.names
+        seed, task = cfg.train.seed, cfg.task.type
+    given_seed = getattr(a, "seed", None)
+    return {"label_column": a.label_column or label, "id_column": a.id_column or ident,
+            "group_column": a.group_column or group, "class_names": names,
+            "seed": seed if given_seed is None else given_seed}, task
+
+
+def _report(a, m: dict, inputs) -> None:
+    """What evaluate prints and writes, from a model or a predictions file alike."""
+    from multimodal.evaluation.metrics import format_table
+    from multimodal.output import write_json
+
     print(format_table(m))
+    if m.get("threshold_from"):
+        print(f"operating point from {m['threshold_from']}")
     if m.get("against_members"):
         from multimodal.evaluation.stacking import format_against
 
@@ -170,16 +218,9 @@ def compare(a) -> None:
     if a.out:
         guard(a.out, "file", inputs)
     names = [n.strip() for part in a.names for n in part.split(",") if n.strip()] if a.names else None
-    label, ident, classes = "label", "patient_id", None
-    if a.config:
-        from multimodal.config import load_config
-
-        cfg = load_config(a.config)
-        label, ident, classes = cfg.label_columns()[0], cfg.data.id, cfg.task.names
-    report = compare_predictions(a.predictions, a.labels, label_column=a.label_column or label,
-                                 id_column=a.id_column or ident, n_boot=a.n_boot, seed=a.seed,
-                                 group_column=a.group_column, positive=a.positive, names=names,
-                                 all_pairs=a.all_pairs, class_names=classes)
+    join, _ = _join_columns(a)
+    report = compare_predictions(a.predictions, a.labels, n_boot=a.n_boot, positive=a.positive, names=names,
+                                 all_pairs=a.all_pairs, **join)
     print(format_report(report))
     if a.out:
         write_json(report, a.out, inputs)

@@ -105,8 +105,8 @@ def _against(cohort: dict, config: Path, preds: dict, work: Path, out: Path) -> 
     gaps = {}
     for label, other in (("best single modality", best_single), ("mean of single-modality models", mean),
                          ("best baseline", best_baseline)):
-        d = next(c for c in report["comparisons"] if c["a"] == other)  # other − fusion
-        gaps[label] = {"value": -d["value"], "ci95": [-d["ci95"][1], -d["ci95"][0]], "other": other}
+        d = next(c for c in report["comparisons"] if c["b"] == other)  # fusion − other
+        gaps[label] = {"value": d["value"], "ci95": d["ci95"], "other": other}
         print(f"      fusion minus the {label} ({other}): {gaps[label]['value']:+.3f} "
               f"[{gaps[label]['ci95'][0]:+.3f}, {gaps[label]['ci95'][1]:+.3f}]")
     print(f"      (paired bootstrap; baselines' predictions → {out / 'baselines'})")

@@ -106,7 +106,7 @@ def test_cli_writes_one_prediction_file_per_baseline_that_compare_reads(capsys, 
     assert "mean_of_baselines.csv" in out and _digest(inputs) == before  # nothing of the user's touched
     code, out, err = run_cli(capsys, "compare", tmp_path / "bl" / "mean_of_baselines.csv",
                              tmp_path / "bl" / "lr_tabular.csv", "--labels", tmp_path / "labels.csv")
-    assert code == 0 and "mean_of_baselines (reference)" in out and "lr_tabular - mean_of_baselines" in out, err
+    assert code == 0 and "mean_of_baselines (reference)" in out and "mean_of_baselines - lr_tabular" in out, err
     code, _, err = run_cli(capsys, *args[:-1], tmp_path)  # --out holding the inputs
     one_line_error(code, err, "holds an input of this run")
     code, _, err = run_cli(capsys, *args, "task.type=multiclass")

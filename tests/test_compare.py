@@ -35,12 +35,16 @@ def test_auroc_is_sklearns_with_ties_and_per_column():
 
 def test_a_planted_gap_is_found_and_identical_files_differ_by_exactly_zero():
     labels, signal, noise = _cohort()
-    r = compare({"noise": noise, "signal": signal, "signal again": signal.copy()}, labels, n_boot=500, all_pairs=True)
-    gap, _, same = r["comparisons"]
-    assert (gap["a"], gap["b"]) == ("signal", "noise") and r["reference"] == "noise"
+    r = compare({"signal": signal, "noise": noise, "signal again": signal.copy()}, labels, n_boot=500, all_pairs=True)
+    gap, same, _ = r["comparisons"]  # reference minus each other file: positive when the reference is better
+    assert (gap["a"], gap["b"]) == ("signal", "noise") and r["reference"] == "signal"
     assert gap["ci95"][0] > 0 and gap["p_le_0"] < 0.05 and gap["value"] > 0.3
-    assert (same["a"], same["b"]) == ("signal again", "signal")
+    assert gap["value"] == pytest.approx(r["auroc"]["signal"]["value"] - r["auroc"]["noise"]["value"])
+    assert (same["a"], same["b"]) == ("signal", "signal again")
     assert same["value"] == 0 and same["ci95"] == [0.0, 0.0] and same["p_le_0"] == 1
+    worse = compare({"noise": noise, "signal": signal}, labels, n_boot=500)["comparisons"][0]  # a worse reference
+    assert (worse["a"], worse["b"]) == ("noise", "signal") and worse["value"] == pytest.approx(-gap["value"])
+    assert worse["ci95"][1] < 0 and worse["p_le_0"] > 0.95
     lo, hi = r["auroc"]["signal"]["ci95"]
     assert lo < r["auroc"]["signal"]["value"] < hi and r["n"] == 300 and r["positive"] == "1"
     assert r["auroc"]["signal"]["value"] == pytest.approx(roc_auc_score(labels["label"], signal["prob_1"]))
@@ -54,9 +58,10 @@ def test_a_planted_gap_is_found_and_identical_files_differ_by_exactly_zero():
 def test_all_pairs_and_reference_only():
     labels, signal, noise = _cohort()
     three = {"a": noise, "b": signal, "c": signal}
-    assert [(c["a"], c["b"]) for c in compare(three, labels, n_boot=50)["comparisons"]] == [("b", "a"), ("c", "a")]
-    pairs = [(c["a"], c["b"]) for c in compare(three, labels, n_boot=50, all_pairs=True)["comparisons"]]
-    assert pairs == [("b", "a"), ("c", "a"), ("c", "b")]
+    assert [(c["a"], c["b"]) for c in compare(three, labels, n_boot=50)["comparisons"]] == [("a", "b"), ("a", "c")]
+    r = compare(three, labels, n_boot=50, all_pairs=True)
+    assert [(c["a"], c["b"]) for c in r["comparisons"]] == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert "then each later pair as earlier - later file; positive = the first named is better" in format_report(r)
 
 
 def test_the_join_is_paired_whatever_the_row_order_and_drops_an_error_row_from_every_file():
@@ -152,10 +157,17 @@ def test_cli_happy_path_writes_strict_json(capsys, cohort, prediction_files, tmp
     code, out, err = run_cli(capsys, "compare", "--labels", cohort["test"], d / "tiny.csv", d / "noisy.parquet",
                              "--names", "tiny,noisy", "--n-boot", 200, "--out", tmp_path / "cmp.json")
     assert code == 0, err
-    assert "tiny (reference)" in out and "noisy - tiny" in out and f"comparison written to {tmp_path}" in out
+    assert "tiny (reference)" in out and "tiny - noisy" in out and f"comparison written to {tmp_path}" in out
+    assert "how much the reference (tiny, the first file) beats each other file" in out
+    assert "positive = the reference is better" in out and "p(<=0)" not in out
     r = json.loads((tmp_path / "cmp.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    c = r["comparisons"][0]
+    assert f"share of resamples where tiny is not better: {c['p_le_0']:.4f}" in out
+    assert "tiny - noisy" in out.splitlines()[-2] and f"{c['value']:+.3f}" in out.splitlines()[-2]
+    assert c["value"] == pytest.approx(r["auroc"]["tiny"]["value"] - r["auroc"]["noisy"]["value"])
+    assert r["difference"].startswith("a - b: how much a beats b")
     n_test = len(pd.read_csv(cohort["test"]))
-    assert r["n"] == n_test and r["files"]["tiny"]["rows"] == n_test and r["comparisons"][0]["a"] == "noisy"
+    assert r["n"] == n_test and r["files"]["tiny"]["rows"] == n_test and (c["a"], c["b"]) == ("tiny", "noisy")
     api = compare({"tiny": d / "tiny.csv", "noisy": d / "noisy.parquet"}, cohort["test"], n_boot=200)
     assert r["auroc"] == api["auroc"] and r["comparisons"] == api["comparisons"]  # JSON floats round-trip
 

@@ -81,6 +81,22 @@ def test_cv_writes_one_out_of_fold_row_per_record(capsys, two_per_patient, tmp_p
     code, cmp_out, err = run_cli(capsys, "compare", out / "predictions.csv", out / "predictions.csv", "--labels",
                                  two_per_patient, "--group-column", "patient", "--n-boot", 50, "--names", "a", "b")
     assert code == 0, err
+    # the out-of-fold file scored again: cv's pooled numbers, each record at its own fold's cut (read off
+    # its pred column), and compare's AUROC CI
+    code, _, err = run_cli(capsys, "evaluate", "--predictions", out / "predictions.csv", "--labels", two_per_patient,
+                           "--group-column", "patient", "--n-boot", 50, "--out", tmp_path / "again.json")
+    assert code == 0, err
+    again = json.loads((tmp_path / "again.json").read_text())
+    for k, s in m["pooled"]["overall"].items():
+        assert [again["overall"][k]["value"], *again["overall"][k]["ci95"]] == pytest.approx(
+            [s["value"], *s["ci95"]], abs=1e-12), k
+    assert {k: v for k, v in again["operating_point"].items() if k != "threshold"} == \
+        {k: v for k, v in op.items() if k != "threshold"}
+    from multimodal.evaluation.comparison import compare
+
+    paired = compare({"a": out / "predictions.csv", "b": out / "predictions.csv"}, two_per_patient,
+                     group_column="patient", n_boot=50)
+    assert again["overall"]["auroc"]["ci95"] == pytest.approx(paired["auroc"]["a"]["ci95"], abs=1e-12)
 
 
 def test_empty_group_cells_are_each_their_own_patient_everywhere(two_per_patient):

@@ -112,3 +112,26 @@ def test_operating_point_can_be_chosen_again_and_saved(thresholded, cohort, tmp_
     assert again.prep.labels.thresholds == [t] and again.config.task.threshold == "specificity:0.9"
     spec = again.evaluate(cohort["val"], n_boot=20)["operating_point"]["specificity"]["value"]
     assert spec >= 0.9
+
+
+def test_predictions_file_is_scored_at_the_models_cut(capsys, thresholded, cohort, tmp_path):
+    """evaluate --predictions on what predict wrote: task.names read from the config, and the decisions
+    of its pred column (the sensitivity:0.95 cut, which the file does not name) are the ones scored."""
+    import yaml
+
+    model, d = thresholded
+    cfg = yaml.safe_load(SYNTH_CONFIG.read_text())
+    cfg["task"]["names"] = {0: "healthy", 1: "sick"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_cli(capsys, "predict", "--model", d, "--records", cohort["test"], "--out", tmp_path / "p.csv")[0] == 0
+    common = ["--n-boot", 100, "--quiet"]
+    run_cli(capsys, "evaluate", "--model", d, "--records", cohort["test"], "--out", tmp_path / "m.json", *common)
+    code, out, err = run_cli(capsys, "evaluate", "--predictions", tmp_path / "p.csv", "--labels", cohort["test"],
+                             "--config", tmp_path / "cfg.yaml", "--out", tmp_path / "f.json", *common)
+    assert code == 0, err
+    by_model, by_file = (json.loads((tmp_path / f).read_text()) for f in ("m.json", "f.json"))
+    t = model.prep.labels.thresholds[0]
+    assert t != 0.5 and by_file["operating_point"].pop("threshold") >= t == by_model["operating_point"].pop("threshold")
+    for key in ("overall", "per_class", "operating_point", "n", "n_errors", "n_unlabelled"):
+        assert by_file[key] == by_model[key], key
+    assert list(by_file["per_class"]) == ["healthy", "sick"] and "from the file's pred column" in out

@@ -31,6 +31,7 @@ def cross_validate(estimator, records, folds: int = 5, out: Optional[str] = None
     scikit-learn's model selection clones its estimator); return per-fold and pooled out-of-fold
     metrics (95% CIs over patients) and the out-of-fold predictions (one row per record, in input
     order). `out`: a folder for predictions.csv and metrics.json."""
+    from multimodal.evaluation.comparison import id_order
     from multimodal.evaluation.metrics import compute_metrics, cuts
     from multimodal.output import check_dir_target
     from multimodal.data.records import load_records
@@ -67,13 +68,14 @@ def cross_validate(estimator, records, folds: int = 5, out: Optional[str] = None
     _, y = labelled(rec, model.prep)
     P = _probs(oof, model.classes, cfg.task.type)[keep]
     ok = ~np.isnan(P).any(1) if P.ndim == 2 else ~np.isnan(P)
-    groups = patients(rec.df, cfg)[keep][ok]
+    order = id_order(rec.df[cfg.data.id].to_numpy()[keep][ok])  # resampled as evaluate and compare do
+    groups = patients(rec.df, cfg)[keep][ok][order]
     row_cuts = None
     if cfg.task.type != "multiclass":  # each record decided at its own fold's cut, as its pred column was
         by_fold = [cuts(f["thresholds"], cfg.task.type, len(model.classes)) for f in per_fold]
-        row_cuts = np.stack([by_fold[k] for k in fold])[keep][ok]
-    pooled = compute_metrics(y[ok], P[ok], cfg.task.type, model.classes, n_boot=n_boot, seed=cfg.train.seed,
-                             thresholds=row_cuts, groups=groups)
+        row_cuts = np.stack([by_fold[k] for k in fold])[keep][ok][order]
+    pooled = compute_metrics(y[ok][order], P[ok][order], cfg.task.type, model.classes, n_boot=n_boot,
+                             seed=cfg.train.seed, thresholds=row_cuts, groups=groups)
     result = {"folds": folds, "seed": cfg.train.seed, "per_fold": per_fold, "pooled": pooled,
               "n_records": len(rec), "n_patients": int(len(set(patients(rec.df, cfg)))),
               "seconds": time.perf_counter() - t0}
