@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         (source or sp).add_argument("--model", required=source is None, help="model directory written by `mmdx train`")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
         sp.add_argument(*records, dest="records", required=True, help=records_help)
-        sp.add_argument("--image-root", default=None, help="folder relative image paths resolve against")
+        sp.add_argument("--image-root", default=None,
+                        help="folder relative image paths resolve against (itself relative to the current folder)")
         sp.add_argument("--batch-size", type=int, default=64)
         sp.add_argument("--workers", type=int, default=None,
                         help="DataLoader processes decoding records (default: none on 2 cores, else up to 4 "
@@ -187,6 +188,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tune_malloc()
     args = build_parser().parse_args(argv)
+    if getattr(args, "image_root", None):  # a path on the command line means the shell's folder, as everywhere
+        args.image_root = os.path.abspath(args.image_root)
     if getattr(args, "workers", 0) is None:
         args.workers = default_workers()
     _logging(getattr(args, "quiet", False), args.verbose)

@@ -90,3 +90,16 @@ def test_no_dicom_header_values_in_output(capsys, tiny_model, cohort, tmp_path):
     assert "broken_phi.dcm" in written  # the error names the file...
     for text in (out, err, written):  # ...but no header value
         assert "SYNTH^PATIENT" not in text and "Synthetic General" not in text and str(ds.PatientBirthDate) not in text
+
+
+def test_a_relative_image_root_on_the_command_line_is_the_shells(capsys, tiny_model, cohort, tmp_path, monkeypatch):
+    """`--image-root ../data/images` from a project folder resolved against the records file's folder
+    instead, and every image was 'not found'. A config's data.image_root still means the records' folder."""
+    tiny_model.save(tmp_path / "m")
+    (tmp_path / "elsewhere").mkdir()
+    pd.read_csv(cohort["test"], dtype=str).iloc[:6].to_csv(tmp_path / "elsewhere" / "r.csv", index=False)
+    monkeypatch.chdir(cohort["dir"].parent)
+    code, out, err = run(capsys, "predict", "--model", tmp_path / "m", "--records", tmp_path / "elsewhere" / "r.csv",
+                         "--image-root", cohort["dir"].name, "--out", tmp_path / "p.csv")
+    assert code == 0, err
+    assert (pd.read_csv(tmp_path / "p.csv")["status"] == "ok").all()
