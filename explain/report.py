@@ -323,8 +323,7 @@ def _modality_context(e: PatientExplanation, mods: list[str], present: dict) -> 
                      "ablation": _finite(e.modality_ablation.get(m)),
                      "attention": _finite(e.attention.get(m))})
 
-    return {"rows": rows, "effect": _effect_bars(rows), "has_ablation": any(r["ablation"] is not None for r in rows),
-            "has_attention": any(r["attention"] is not None for r in rows),
+    return {"rows": rows, "effect": _effect_bars(rows), "has_attention": any(r["attention"] is not None for r in rows),
             "has_share": any(r["share"] is not None for r in rows)}
 
 
