@@ -384,10 +384,11 @@ def _pil_pixels(im, p, name):
                 out /= 65535
             elif not (out.size and np.nanmin(out) >= 0 and np.nanmax(out) <= 1):
                 out = _minmax(out[None])[0]
+            out = np.nan_to_num(out, nan=0.0)  # only float pixels can be NaN
         elif mode in ("1", "L", "LA", "La"):
             out = np.asarray(im.convert("L"), dtype=np.float32) / np.float32(255)
         else:  # RGB, RGBA, P, PA, CMYK, YCbCr, ...: colour
             out = np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255)
     except Exception as e:
         raise RecordError(f"cannot decode image {name}: {_reason(e, p, name)}") from None
-    return np.ascontiguousarray(np.nan_to_num(out, nan=0.0), dtype=np.float32)
+    return np.ascontiguousarray(out, dtype=np.float32)
