@@ -150,3 +150,16 @@ def test_integer_category_in_an_all_numeric_dataframe_is_seen_as_fitted(tmp_path
     ds = RecordDataset(m.records(df.iloc[300:]), m.prep, m.config.modalities, m.config)
     assert [int(ds[i]["cat"][0]) for i in range(5)] == stage[300:305].tolist()  # index k = category k
     assert m.metrics["training"]["best_val_auroc"] > 0.99
+
+
+def test_nullable_frames_predict_as_the_file_does(tiny_model, cohort, monkeypatch):
+    """A frame of pandas' nullable string columns (what Dask and Spark hand over) marks missing cells
+    pd.NA; they must read as missing, as in the records file, not as the text "<NA>"."""
+    monkeypatch.setattr(tiny_model.config.data, "image_root", str(cohort["val"].parent))
+    plain = pd.read_csv(cohort["val"], dtype=str)
+    plain.loc[:4, "age"] = None
+    nullable = plain.astype("string")
+    assert nullable["age"].isna().sum() >= 5 and nullable["age"].dtype == "string"
+    want, got = tiny_model.predict(plain), tiny_model.predict(nullable)
+    assert (got["status"] == "ok").all(), got["error"].dropna().head()
+    pd.testing.assert_frame_equal(got, want)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+import numpy as np
 import pandas as pd
 
 from multimodal.config import Config
@@ -80,8 +81,21 @@ def load_records(path: Union[str, Path, pd.DataFrame], config: Config, *, labels
                  image_root: Optional[Union[str, Path]] = None) -> Records:
     """Read and check a records file. `labels=True` also requires the label column(s)."""
     if isinstance(path, pd.DataFrame):
-        return checked(path.reset_index(drop=True), config, "records", Path.cwd(), labels, image_root)
+        return checked(_plain_missing(path.reset_index(drop=True)), config, "records", Path.cwd(), labels, image_root)
     return checked(read_table(path), config, str(path), Path(path).resolve().parent, labels, image_root)
+
+
+def _plain_missing(df: pd.DataFrame) -> pd.DataFrame:
+    """pandas' nullable columns (string, Int64, boolean: what Dask, Spark's toPandas and
+    dtype_backend="pyarrow" give) mark a missing cell pd.NA, which the preprocessing would read as the
+    text "<NA>"; as object columns with NaN they read as a records file does."""
+    nullable = [c for c in df.columns if getattr(df[c].dtype, "na_value", None) is pd.NA]
+    if not nullable:
+        return df
+    df = df.copy()
+    for c in nullable:
+        df[c] = df[c].astype(object).where(df[c].notna(), np.nan)
+    return df
 
 
 def iter_record_chunks(path: Union[str, Path], config: Config, rows: int,
