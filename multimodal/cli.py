@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue an interrupted run on the same records, model and --out")
     pr.add_argument("--chunk-rows", type=int, default=10_000,
                     help="records read, predicted and saved per step (memory and resume granularity)")
+    pr.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="local: this process (or each torchrun rank); ray: Ray Data actors, on a local Ray "
+                         "(127.0.0.1 only) or --ray-address's cluster, into a .parquet --out "
+                         "(pip install 'mmdx[ray]')")
+    pr.add_argument("--ray-address", default=None,
+                    help="--engine ray: an existing cluster, as ray.init takes it (default: start a local one)")
+    pr.add_argument("--ray-workers", type=int, default=2,
+                    help="--engine ray: actors, each loading the model once and using one core")
     pr.set_defaults(fn=commands.predict)
 
     xp = sub.add_parser("export", help="write the network as ONNX, for a faster CPU forward pass (predict --onnx)")

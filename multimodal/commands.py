@@ -88,6 +88,8 @@ def predict(a) -> None:
     from multimodal.output import guard
 
     guard(a.out, "file", _inputs(a))  # before the model loads
+    if a.engine == "ray":
+        return _predict_ray(a)
     shard = distributed.state()
     if shard.world > 1 and a.device is None and not a.onnx:
         a.device = f"cuda:{shard.local_rank}"  # falls back to cpu where there is no GPU
@@ -97,6 +99,20 @@ def predict(a) -> None:
     if shard.rank == 0:
         again = f", {s['reused_chunks']} of {s['chunks']} chunks kept from the interrupted run" if s["reused_chunks"] else ""
         print(f"wrote {s['rows']} rows to {a.out} ({s['ok']} ok, {s['errors']} errors){again}")
+
+
+def _predict_ray(a) -> None:
+    """predict --engine ray (multimodal.raydata): the same file, scored by Ray Data actors."""
+    from multimodal.raydata import predict_ray
+
+    if a.resume:
+        raise UserError("--resume goes with --engine local; a Ray job recomputes the batches it lost by itself")
+    if a.device not in (None, "cpu"):
+        raise UserError(f"--device {a.device}: --engine ray scores on the CPUs of its actors")
+    s = predict_ray(a.model, a.records, a.out, address=a.ray_address, num_workers=a.ray_workers,
+                    batch_size=a.batch_size, onnx=a.onnx, image_root=a.image_root, progress=not a.quiet)
+    workers = f"{s['workers']} Ray worker" + ("s" if s["workers"] != 1 else "")
+    print(f"wrote {s['rows']} rows to {a.out} ({s['ok']} ok, {s['errors']} errors) with {workers}")
 
 
 def export(a) -> None:

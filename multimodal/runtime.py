@@ -37,6 +37,8 @@ from pathlib import Path
 TELEMETRY_OFF = {"ORT_DISABLE_TELEMETRY": "1",  # ONNX Runtime (predict --onnx, export)
                  "HF_HUB_DISABLE_TELEMETRY": "1",  # huggingface_hub, and transformers and timm through it
                  "HF_XET_TELEMETRY_ENABLED": "0",  # hf_xet's transfer reports, when the hub downloads a model
+                 "RAY_USAGE_STATS_ENABLED": "0",  # Ray's usage reports (predict --engine ray's local cluster)
+                 "RAY_USAGE_STATS_PROMPT_ENABLED": "0",  # and its prompt asking to turn them on
                  "DO_NOT_TRACK": "1"}
 # Where a dependency would write under $HOME → a folder of mmdx's cache. The variable is set only if
 # neither it nor a variable the library prefers (the names after it) is set by the user.

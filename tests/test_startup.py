@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-HEAVY = ["torch", "timm", "transformers", "sklearn", "captum", "matplotlib", "scipy", "pydicom", "jinja2"]
+HEAVY = ["torch", "timm", "transformers", "sklearn", "captum", "matplotlib", "scipy", "pydicom", "jinja2", "ray"]
 
 
 def _loaded_after(code: str) -> list[str]:
