@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 EQUAL_WORK = {"modalities": "image,tabular", "image.encoder": "resnet18", "image.pretrained": None,
               "image.size": 128, "image.max_images": 4, "image.token_grid": 2, "train.epochs": 1,
-              "train.min_epochs": 1, "train.batch_size": 64}
+              "train.min_epochs": 1, "train.batch_size": 64, "train.ensemble": 1, "fusion.strategy": "joint",
+              "image.predict_flips": 1}
 MMDX = Path(sys.executable).with_name("mmdx")
 
 
@@ -73,42 +74,61 @@ def _auroc(pred_csv: Path, labels: pd.DataFrame) -> float:
     return float(roc_auc_score(labels["label_malignant"].astype(int)[ok], p["prob_1"][ok]))
 
 
+def collated(model, rec) -> tuple[list, int, float]:
+    """The batches predict would build (every view and mirror the config scores), the number of
+    images in them, and the seconds decoding and collating took."""
+    from multimodal.data.batches import RecordDataset, make_loader
+
+    cfg, t = model.config, time.perf_counter()
+    batches = list(make_loader(RecordDataset(rec, model.prep, cfg.modalities, cfg), cfg, model.prep, False,
+                               model.device, 64))
+    return batches, int(sum(b["image_mask"].sum() for b in batches)), time.perf_counter() - t
+
+
+def bare_cnn(model):
+    """The plain timm CNN of the model's (first) image network, NCHW fp32: what a user would write."""
+    import timm
+
+    from multimodal.model.network import members
+
+    cfg, enc = model.config, next(n for n in members(model.net) if "image" in n.encoders).encoders["image"]
+    plain = timm.create_model(cfg.image.encoder, pretrained=False, num_classes=0, global_pool="",
+                              in_chans=cfg.image.in_chans).eval()
+    plain.load_state_dict({k: v.contiguous() for k, v in enc.backbone.state_dict().items()})
+    return plain, enc
+
+
+def timed_rate(fn, xs: list, n_img: int) -> tuple[float, list]:
+    """images/s of fn over xs (after one warm-up call), and its outputs."""
+    import torch
+
+    with torch.inference_mode():
+        fn(xs[0])
+        t = time.perf_counter()
+        ys = [fn(x) for x in xs]
+        return n_img / (time.perf_counter() - t), ys
+
+
 def forward_rates(model, records: Path, threads: int, onnx_path: Path) -> dict:
     import torch
 
-    from multimodal.data.batches import RecordDataset
     from multimodal.model.export import OnnxNetwork
-    from multimodal.data.batches import make_loader
 
     torch.set_num_threads(threads)
-    cfg, rec = model.config, model.records(records)
-    t = time.perf_counter()
-    batches = list(make_loader(RecordDataset(rec, model.prep, cfg.modalities, cfg), cfg, model.prep, False,
-                               model.device, 64))
-    decode_s = time.perf_counter() - t
-    n_img = int(sum(b["image_mask"].sum() for b in batches))
+    rec = model.records(records)
+    batches, n_img, decode_s = collated(model, rec)
     net = model.net.eval()
     out = {"n_records": len(rec), "n_images": n_img, "decode_images_per_s": n_img / decode_s}
 
     def rate(fn, xs):
-        """images/s of fn over xs (after one warm-up call), and its outputs."""
-        with torch.inference_mode():
-            fn(xs[0])
-            t = time.perf_counter()
-            ys = [fn(x) for x in xs]
-            return n_img / (time.perf_counter() - t), ys
+        return timed_rate(fn, xs, n_img)
 
     def run(fn, name):  # a network over the collated batches → P(positive) per record
         out[f"{name}_images_per_s"], probs = rate(lambda b: torch.sigmoid(fn(b).float()[:, 0]), batches)
         return torch.cat(probs).numpy()
 
     # the reference: what a user writes, the bare timm CNN (NCHW, fp32) over the same batches' present images
-    import timm
-
-    enc = net.encoders["image"]
-    plain = timm.create_model(cfg.image.encoder, pretrained=False, num_classes=0, global_pool="",
-                              in_chans=cfg.image.in_chans).eval()
-    plain.load_state_dict({k: v.contiguous() for k, v in enc.backbone.state_dict().items()})
+    plain, enc = bare_cnn(model)
     present = [b["image"][b["image_mask"]].contiguous() for b in batches]
     out["forward_eager_images_per_s"], ref = rate(plain, present)
     cl = plain.to(memory_format=torch.channels_last)
@@ -117,6 +137,8 @@ def forward_rates(model, records: Path, threads: int, onnx_path: Path) -> dict:
     with torch.inference_mode():
         mine = [enc.backbone.forward_features(x.contiguous(memory_format=torch.channels_last)) for x in present]
     out["max_abs_diff_channels_last"] = float(max((a - b).abs().max() for a, b in zip(ref, mine)))
+    out["forward_onnxruntime_cnn_images_per_s"] = bare_onnx_rate(plain, present, onnx_path.with_name("cnn.onnx"),
+                                                                 threads, n_img)
     net_probs = run(net, "forward_network")
     ort = run(OnnxNetwork(onnx_path, model, threads), "forward_onnxruntime")
     out["max_abs_diff_onnxruntime"] = float(np.abs(ort - net_probs).max())
@@ -137,6 +159,25 @@ def forward_rates(model, records: Path, threads: int, onnx_path: Path) -> dict:
     return out
 
 
+def bare_onnx_rate(cnn, present: list, path: Path, threads: int, n_img: int) -> float:
+    """images/s of ONNX Runtime running the bare CNN (exported here, batch axis free) over the same
+    present images: the reference for `predict --onnx`, as the eager CNN is for `predict`."""
+    import onnxruntime as ort
+    import torch
+
+    torch.onnx.export(cnn, (present[0],), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    xs = [x.numpy() for x in present]
+    session.run(None, {"x": xs[0]})
+    t = time.perf_counter()
+    for x in xs:
+        session.run(None, {"x": x})
+    return n_img / (time.perf_counter() - t)
+
+
 def cli_rates(model_dir: Path, onnx_path: Path, records: Path, labels: pd.DataFrame, n_img: int, work: Path,
               threads: int) -> dict:
     out = {}
@@ -152,15 +193,6 @@ def cli_rates(model_dir: Path, onnx_path: Path, records: Path, labels: pd.DataFr
         out[f"cli_{name}_auroc"] = _auroc(pred, labels)
     dt, _ = _timed([str(MMDX), "--help"], threads)
     out["help_seconds"] = dt
-    # 2 processes x 1 thread under torchrun against 1 process x 2 threads, same chunks
-    one = work / "pred_one.csv"
-    two = work / "pred_two.csv"
-    chunk = ["--chunk-rows", "128", "--onnx", str(onnx_path)]
-    out["one_process_seconds"], _ = _timed(base + ["--out", str(one)] + chunk, threads)
-    out["two_process_seconds"], _ = _timed([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                            "--nproc_per_node=2", str(MMDX), *base[1:], "--out", str(two)] + chunk,
-                                           max(1, threads // 2))
-    out["sharded_identical"] = one.read_bytes() == two.read_bytes()
     return out
 
 
@@ -190,7 +222,9 @@ def markdown(r: dict) -> str:
             ("pure forward, the same CNN channels_last", f["forward_channels_last_images_per_s"]),
             ("pure forward, the mmdx network (CNN channels_last + fusion), as predict runs it",
              f["forward_network_images_per_s"]),
-            ("pure forward, ONNX Runtime (`mmdx export`)", f["forward_onnxruntime_images_per_s"]),
+            ("pure forward, ONNX Runtime, the bare CNN (the reference for `--onnx`)",
+             f["forward_onnxruntime_cnn_images_per_s"]),
+            ("pure forward, ONNX Runtime, the mmdx network (`mmdx export`)", f["forward_onnxruntime_images_per_s"]),
             ("decode + collate only", f["decode_images_per_s"]),
             ("in-process `predict`", f["api_predict_images_per_s"]),
             ("in-process `predict`, ONNX Runtime", f["api_predict_onnx_images_per_s"]),
@@ -218,15 +252,52 @@ def markdown(r: dict) -> str:
               f"{c['cli_eager_auroc']:.4f}, ONNX {c['cli_onnx_auroc']:.4f} (difference "
               f"{c['cli_onnx_auroc'] - c['cli_eager_auroc']:+.4f}).",
               f"- `mmdx --help`: {c['help_seconds']:.2f} s (process start included).",
-              f"- torchrun, 2 processes × 1 thread: {c['two_process_seconds']:.1f} s against "
-              f"{c['one_process_seconds']:.1f} s for 1 process × 2 threads "
-              f"({c['one_process_seconds'] / c['two_process_seconds']:.2f}×); output byte-identical: "
-              f"{'yes' if c['sharded_identical'] else 'NO'}.",
+              *[f"- torchrun, 2 processes × 1 thread, `--onnx`, {v['rows']:,} rows: {v['two_process_seconds']:.1f} s "
+                f"against {v['one_process_1_thread_seconds']:.1f} s for 1 process × 1 thread and "
+                f"{v['one_process_seconds']:.1f} s for 1 process × 2 threads; output byte-identical to the "
+                f"1-thread process's: {'yes' if v['sharded_identical'] else 'NO'}." for v in r["sharding"].values()],
               "- Max RSS of `mmdx predict` (tabular-only model, rows repeated): " +
               ", ".join(f"{int(n):,} rows {v['max_rss_mb']} MB ({v['seconds']:.0f} s)" for n, v in m.items()) +
               (f"; growth {list(m.values())[-1]['max_rss_mb'] - list(m.values())[0]['max_rss_mb']} MB." if len(m) > 1
                else "."), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + bars(r))
+
+
+def bars(r: dict) -> list[str]:
+    """Issue #30's ratios, each against its bar, and the fixed costs that bound them on a short job."""
+    f, c, st, rc = r["forward"], r["cli"], r["startup"], r["recommended"]
+    onnx_ratio = c["cli_onnx_images_per_s"] / f["forward_onnxruntime_cnn_images_per_s"]
+    rows = [("`mmdx predict` ÷ eager forward (ResNet-18)", c["cli_eager_images_per_s"] / f["forward_eager_images_per_s"],
+             "≥ 0.8"),
+            ("`mmdx predict --onnx` ÷ ONNX Runtime forward of the bare CNN (ResNet-18)", onnx_ratio, "≥ 0.8"),
+            *[(f"the same, {v['rows']:,} rows (the records {k}× over, 64-row chunks)",
+               int(k) * f["n_images"] / f["forward_onnxruntime_cnn_images_per_s"] / v["one_process_seconds"], "")
+              for k, v in r["sharding"].items() if k != "1"],
+            ("`mmdx predict --onnx` ÷ `mmdx predict` (ResNet-18)",
+             c["cli_onnx_images_per_s"] / c["cli_eager_images_per_s"], "> 1"),
+            ("recommended config: `mmdx predict` ÷ eager forward", rc["eager_forward_seconds"] / rc["cli_eager_seconds"],
+             "≥ 0.8"),
+            ("recommended config: `mmdx predict --onnx` ÷ ONNX Runtime forward",
+             rc["onnx_forward_seconds"] / rc["cli_onnx_seconds"], "≥ 0.8"),
+            *[(f"torchrun 2 × 1 thread ÷ 1 process × 1 thread (wall time), {v['rows']:,} rows",
+               v["two_process_seconds"] / v["one_process_1_thread_seconds"], "≤ 0.6") for v in r["sharding"].values()],
+            *[(f"Ray Data 2 actors × 1 thread ÷ 1 process × 1 thread (wall time), {v['rows']:,} rows; same ids and "
+               f"order: {'yes' if v['ray_same_ids'] else 'NO'}, probabilities within {v['ray_max_abs_diff']:.1e}",
+               v["ray_2_workers_seconds"] / v["one_process_1_thread_seconds"], "") for v in r["sharding"].values()]]
+    n = f["n_images"]
+    return ["### Against issue #30's bars", "", "| ratio | measured | bar |", "|---|---|---|",
+            *[f"| {name} | {v:.2f} | {bar} |" for name, v, bar in rows], "",
+            f"- The recommended config (`configs/ham10000.yaml`: {rc['networks']} networks, "
+            f"measured {rc.get('date', r['date'])} while another job shared the cores: the ratios only; "
+            f"{rc['cnn_passes_per_view']} of them "
+            f"CNNs, {rc['n_views']} views with the mirrors): the bare EfficientNet-Lite0 doing the same "
+            f"{rc['cnn_passes_per_view'] * rc['n_views']:,} passes takes {rc['eager_forward_seconds']:.0f} s eager and "
+            f"{rc['onnx_forward_seconds']:.0f} s in ONNX Runtime; `mmdx predict` {rc['cli_eager_seconds']:.0f} s, "
+            f"`--onnx` {rc['cli_onnx_seconds']:.0f} s, end to end.",
+            f"- Fixed costs on this machine: `python -c 'import torch'` {st['import_torch_seconds']:.1f} s; torchrun's "
+            f"launcher with two ranks that only import torch and join a gloo group {st['torchrun_noop_seconds']:.1f} s. "
+            f"ONNX Runtime's forward of the {n:,} images takes {n / f['forward_onnxruntime_cnn_images_per_s']:.1f} s "
+            f"on both cores, and decoding them costs {n / f['decode_images_per_s']:.1f} core-seconds more.", ""]
 
 
 def main(argv=None) -> int:
@@ -238,6 +309,8 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the section from benchmarks/results/throughput.json, measuring nothing")
+    ap.add_argument("--keep-recommended", action="store_true",
+                    help="reuse the saved run's recommended-config rows (they take 15-30 min) instead of measuring")
     a = ap.parse_args(argv)
     saved = ROOT / "benchmarks" / "results" / "throughput.json"
     if a.report_only:
@@ -253,6 +326,7 @@ def main(argv=None) -> int:
 
     from bench_report import write_section
     from multimodal import DiagnosisModel
+    from throughput_scale import recommended, sharding, startup
 
     torch.set_num_threads(a.threads)
     t0, work = time.perf_counter(), Path(a.work)
@@ -266,7 +340,10 @@ def main(argv=None) -> int:
     labels = pd.read_csv(val, dtype=str)
     report = {"date": time.strftime("%Y-%m-%d"), "threads": a.threads, "cores": os.cpu_count(), "forward": forward,
               "cli": cli_rates(model_dir, onnx_path, val, labels, forward["n_images"], work, a.threads),
-              "memory": memory(ham / "records_train.csv", work, [int(n) for n in a.rows.split(",")], a.threads)}
+              "memory": memory(ham / "records_train.csv", work, [int(n) for n in a.rows.split(",")], a.threads),
+              "startup": startup(a.threads), "recommended": (json.loads(saved.read_text())["recommended"] if a.keep_recommended
+                              else recommended(ham, work, a.threads)),
+              "sharding": {str(k): sharding(model_dir, onnx_path, val, work, a.threads, k) for k in (1, 4)}}
     report["seconds"] = time.perf_counter() - t0
     saved.write_text(json.dumps(report, indent=1))
     write_section(Path(a.markdown), "throughput", markdown(report))
