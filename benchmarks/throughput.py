@@ -15,7 +15,9 @@ kept under benchmarks/results/work/throughput. What is compared:
   one DataLoader worker; `mmdx --help`;
 - max RSS of `mmdx predict` at 10k and 100k records (rows repeated; a tabular-only model so that the
   run measures the job's memory, not decoding time);
-- torchrun with 2 processes (1 thread each) against 1 process (2 threads).
+- torchrun with 2 processes (1 thread each) and Ray Data with 2 actors against 1 process, at the
+  records as they are and 4x over; the shipped HAM10000 config; the fixed start costs
+  (benchmarks/throughput_scale.py), and a table of issue #30's bars.
 """
 from __future__ import annotations
 
@@ -170,12 +172,7 @@ def bare_onnx_rate(cnn, present: list, path: Path, threads: int, n_img: int) -> 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    xs = [x.numpy() for x in present]
-    session.run(None, {"x": xs[0]})
-    t = time.perf_counter()
-    for x in xs:
-        session.run(None, {"x": x})
-    return n_img / (time.perf_counter() - t)
+    return timed_rate(lambda x: session.run(None, {"x": x}), [x.numpy() for x in present], n_img)[0]
 
 
 def cli_rates(model_dir: Path, onnx_path: Path, records: Path, labels: pd.DataFrame, n_img: int, work: Path,
