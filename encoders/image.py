@@ -18,6 +18,7 @@ from multimodal.config import ImageConfig
 from multimodal.data.batches import IMAGE_KEYS
 
 from .base import ENCODERS, Tokens
+from .fold import fold_batchnorm
 from .weights import Weights, create_backbone, resolve, timm_arch
 from .weights import pretrained_stats  # noqa: F401  (re-exported)
 
@@ -77,6 +78,7 @@ class TimmImageEncoder(nn.Module):
         self.backbone.to(memory_format=torch.channels_last)
         self.output_dim = self.backbone.num_features
         self.token_grid = token_grid
+        self.probe_shape = (in_chans, image_size, image_size)
         self._seq, stages = _flat_sequence(self.backbone)
         self.cut = self._cut_index(freeze, stages)
         with torch.no_grad():
@@ -85,7 +87,8 @@ class TimmImageEncoder(nn.Module):
             x = torch.zeros(1, in_chans, image_size, image_size).uniform_(generator=torch.Generator().manual_seed(0))
             whole = self.backbone.forward_features(x)
             # a meta-device build (shapes only: see model/artifact.py) has no values to compare
-            self.sequential = whole.is_meta or torch.allclose(self._run(x, 0, len(self._seq)), whole, atol=1e-5)
+            flat = whole if whole.is_meta else self._run(x, 0, len(self._seq))
+            self.sequential = flat.shape == whole.shape and (whole.is_meta or torch.allclose(flat, whole, atol=1e-5))
             self.backbone.train(was)
         if not self.sequential and self.cut not in (0, len(self._seq)):
             raise ValueError(f"{model_name}: partial freezing (image.freeze={freeze}) is not supported for this "
@@ -119,6 +122,18 @@ class TimmImageEncoder(nn.Module):
         if not stages or n < 1 or n > len(stages):
             raise ValueError(f"image.freeze={n}: the model has {len(stages)} stages")
         return stages[-n]
+
+    def fold_batchnorm_(self) -> int:
+        """Fold the backbone's BatchNorms into the convolutions before them, in place (encoders/fold.py):
+        for an inference copy only, as the folded backbone has none left to train or save."""
+        probe = torch.zeros(2, *self.probe_shape).uniform_(generator=torch.Generator().manual_seed(0))
+        was = self.backbone.training
+        self.backbone.eval()
+        folded = fold_batchnorm(self.backbone, probe.to(next(self.backbone.parameters()).device),
+                                lambda x: self.backbone.forward_features(x.contiguous(memory_format=torch.channels_last)))
+        self.backbone.train(was)
+        self._seq, _ = _flat_sequence(self.backbone)  # a BatchNorm that was a top-level child is gone there too
+        return folded
 
     @property
     def frozen(self) -> list[nn.Module]:

@@ -21,7 +21,7 @@ from multimodal.evaluation.metrics import predicted
 from multimodal.inference.forward import infer_records, member_logits, resolve_device, scored
 from multimodal.model import artifact
 from multimodal.model.build import member_plan
-from multimodal.model.network import uncalibrated
+from multimodal.model.network import for_inference, state_version, uncalibrated
 
 RecordsLike = Union[str, Path, pd.DataFrame, Records]
 
@@ -45,7 +45,16 @@ class DiagnosisModel:
 
     @net.setter
     def net(self, value) -> None:
-        self._net, self._build = value, None
+        self._net, self._build, self._fast = value, None, None
+
+    def _predictor(self):
+        """The network predict and evaluate run: a copy of `net` made faster for inference (see
+        model.network.for_inference), made again whenever `net` has changed since."""
+        net = self.net
+        version = state_version(net)
+        if self._fast is None or self._fast[0] is not net or self._fast[1] != version:
+            self._fast = (net, version, for_inference(net))
+        return self._fast[2]
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -162,7 +171,7 @@ class DiagnosisModel:
         """`net`: a module other than the model's own (an ensemble member) on the same inputs."""
         self._require_trained()
         early = self.engine is None and self._build is not None  # decode while the network builds
-        return infer_records(lambda: net or self.engine or self.net, rec, self.config, self.prep, self.device,
+        return infer_records(lambda: net or self.engine or self._predictor(), rec, self.config, self.prep, self.device,
                              batch_size=batch_size, workers=workers, progress=progress, absent=absent,
                              logits=logits, early=early)
 
@@ -235,7 +244,7 @@ class DiagnosisModel:
         """fusion.strategy unimodal / auto: the fused output beside its own single-modality networks."""
         from multimodal.evaluation.stacking import against_members
 
-        z, _ = member_logits(self.net, rec, self.config, self.prep, self.device, batch_size=batch_size,
+        z, _ = member_logits(self._predictor(), rec, self.config, self.prep, self.device, batch_size=batch_size,
                              workers=workers, absent=absent)
         groups = shared_patients(rec.df, self.config)
         return against_members(y, P, z, member_plan(self.config), self.config.task.type, n_boot,

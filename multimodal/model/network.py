@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -176,6 +178,23 @@ class MemberOutputs(nn.Module):
 def members(net: nn.Module) -> list[DiagnosisNet]:
     """The DiagnosisNets inside `net`: its ensemble members, or `net` itself."""
     return list(net.members) if isinstance(net, Ensemble) else [net]
+
+
+def for_inference(net: nn.Module) -> nn.Module:
+    """A copy of `net` to predict with: its CNNs' BatchNorms folded into their convolutions
+    (encoders/fold.py; 1.12x the images/s of ResNet-18 on 2 CPU cores, outputs within 1e-6). A copy,
+    because the folded network cannot be trained or saved as the model directory's weights."""
+    fast = copy.deepcopy(net).eval()
+    for m in fast.modules():
+        if hasattr(m, "fold_batchnorm_"):
+            m.fold_batchnorm_()
+    return fast
+
+
+def state_version(net: nn.Module) -> tuple:
+    """Changes whenever a weight or buffer of `net` is replaced or changed in place (calibration
+    refitted, `uncalibrated`, a user's fine-tuning): when a copy made by for_inference is stale."""
+    return tuple((t.data_ptr(), t._version) for t in itertools.chain(net.parameters(), net.buffers()))
 
 
 def over_view_groups(batch: dict, forward, extra_outputs: bool = False) -> torch.Tensor:
