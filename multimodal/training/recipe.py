@@ -24,7 +24,7 @@ from multimodal.evaluation.evaluate import scored_metrics
 from multimodal.evaluation.operating import thresholds_for
 from multimodal.inference.forward import infer_records, member_logits, probabilities, resolve_device, scored
 from multimodal.model.build import build_network, fold_members, member_config, member_plan
-from multimodal.model.network import members, uncalibrated
+from multimodal.model.network import for_inference, members, uncalibrated
 from multimodal.progress import say
 from multimodal.training.loop import fit as train_network
 from multimodal.training.loop import seed_everything
@@ -123,10 +123,13 @@ def _device(net) -> torch.device:
 
 def fold_network(net, cfg: Config, n_splits: int) -> list[torch.nn.Module]:
     """The network that scores each hold-out split: the whole one on a shared hold-out; with crossfit,
-    fold j's own networks (fold_members), so no hold-out record is scored by a network trained on it."""
+    fold j's own networks (fold_members), so no hold-out record is scored by a network trained on it.
+    Each as predict will run it (for_inference), so the operating point and calibration fitted on these
+    logits are those of the probabilities predict returns, to the last bit."""
     if n_splits == 1:
-        return [net]
-    return [members(net)[idx[0]] if len(idx) == 1 else net.subset(idx) for idx in fold_members(cfg, n_splits)]
+        return [for_inference(net)]
+    return [for_inference(members(net)[idx[0]] if len(idx) == 1 else net.subset(idx))
+            for idx in fold_members(cfg, n_splits)]
 
 
 def holdout_logits(net, prep: Preprocessing, cfg: Config, splits: list[Split]):
