@@ -60,6 +60,7 @@ def fit(cfg: Config, train: Records, val: Optional[Records] = None, prep: Option
     seed_everything(tc.seed)  # weight init is part of what the seed fixes
     net = build_network(cfg, prep).to(device)  # an ensemble's own buffers (weights, calibration) too
     summary = train_members(net, prep, cfg, splits, progress)
+    net.eval()  # fitted: a network to predict and explain with, as a loaded one is (no dropout)
     if not distributed.is_main():  # rank 0 calibrates, scores and saves
         return Fitted(prep, net, {"training": summary})
     if getattr(net, "weighted", False):
