@@ -17,6 +17,9 @@ Outputs per patient
     modality_ablation: target probability minus target probability with the modality hidden
     through the fusion's missing-modality mask (`net(batch, absent=[m])`).
     attention: last-block CLS attention mass per modality (attention fusion only; {} otherwise).
+    members: a fusion strategy's networks (unimodal / auto): each one's weight, its own probability and
+    its part of the attributions above (word_scores, feature_scores, image_maps of what it reads, and
+    their signed sum per modality), from the same one Integrated Gradients pass split by network.
 A modality a patient lacks gets no entry anywhere (no maps/words/features, no share/ablation/attention).
 """
 from __future__ import annotations
@@ -38,7 +41,7 @@ from multimodal.evaluation.metrics import cuts, predicted
 from multimodal.model.network import members
 
 from .attribution import (METHODS, _BatchResult, _cuda_safe, _fixed_target, _select, attribute_batch, class_probs,
-                          eval_mode, gradcam_layers)
+                          eval_mode, gradcam_layers, split_by_member)
 from .budget import largest_row, rows_per_pass
 from .types import PatientExplanation
 
@@ -74,8 +77,7 @@ def _member_votes(model, net, batch: dict, tgt: torch.Tensor) -> Optional[list[l
     """A fusion strategy's networks (fusion.strategy unimodal / auto), per patient: each one's
     modalities, mixture weight and own calibrated probability of the explained class, None where it
     does not speak for the patient (it sees none of the patient's inputs and never learnt what their
-    absence says). A per-modality network sees one modality only, so the fused output's attributions
-    to that modality are its attributions, scaled by how much the mixture leans on it."""
+    absence says). Its part of the attributions is added by `_member_scores`."""
     if not getattr(net, "weighted", False) or "image_group" in batch:
         return None
     from multimodal.model.build import member_plan
@@ -198,26 +200,20 @@ def _explanations(model, rec, res: _BatchResult, method: str, ablation: bool, ne
                                pred=pred, method=method, label=truth[b],
                                threshold=_cut(int(res.target[b]), classes, task, thresholds))
         has = {m: bool(p[b]) for m, p in res.present.items()}
-        totals: dict[str, float] = {}
+        units = _Units(model, row, batch, b, has)
         if has.get("image"):
-            views = batch["image_mask"][b].nonzero(as_tuple=True)[0].tolist()
-            e.images = [_display(model, batch["image"][b, v]) for v in views]
-            e.image_labels = _view_labels(row, cfg, len(views))
-            e.image_maps = [res.image[b, v].numpy().astype(np.float32) for v in views]
-            if method == "ig":
-                totals["image"] = float(sum(np.abs(m).sum() for m in e.image_maps))
+            e.images = [_display(model, batch["image"][b, v]) for v in units.views]
+            e.image_labels = _view_labels(row, cfg, len(units.views))
         if has.get("text"):
-            text = clean(row[cfg.text.column], cfg.text.max_chars)
-            enc = batch["text_encodings"][b]
-            tok = res.text[b].numpy()
-            e.words, e.word_scores = merge_words(text, enc, tok)
-            totals["text"] = float(np.abs(tok[np.array(enc.attention_mask[: len(tok)], bool)]).sum())
+            e.words = units.words
         if has.get("tabular"):
-            t = model.prep.tabular
-            e.features = list(t.features)
-            e.feature_values = [_raw_value(row[c]) for c in t.features]
-            e.feature_scores = [float(v) for v in res.tabular[b].numpy()]
-            totals["tabular"] = float(np.abs(res.tabular[b].numpy()).sum())
+            e.features = list(model.prep.tabular.features)
+            e.feature_values = [_raw_value(row[c]) for c in e.features]
+        scores, totals = units.scores({"image": res.image, "text": res.text, "tabular": res.tabular}, absolute=True)
+        e.image_maps, e.word_scores, e.feature_scores = (scores.get(k, []) for k in (
+            "image_maps", "word_scores", "feature_scores"))
+        if method != "ig":
+            totals.pop("image", None)  # Grad-CAM maps are not on the Integrated Gradients scale
         s = sum(totals.values())
         e.modality_share = {m: (v / s if s > 0 else 0.0) for m, v in totals.items()}
         if abl is not None:
@@ -226,8 +222,52 @@ def _explanations(model, rec, res: _BatchResult, method: str, ablation: bool, ne
             e.attention = {m: float(att[m][b]) for m in att if has.get(m)}
         e.convergence_delta = float(res.delta[b]) if res.delta is not None else None
         e.members = votes[b] if votes is not None else []
+        for vote, part in zip(e.members, res.members or []):
+            vote.update(_member_scores(units, part, method))
         out.append(e)
     return out
+
+
+class _Units:
+    """One patient's reported units, for the whole model's attributions and each network's alike: the
+    images (views), the words of the report and the tabular features it has."""
+
+    def __init__(self, model, row, batch: dict, b: int, has: dict[str, bool]):
+        self.b, self.has = b, has
+        self.views = batch["image_mask"][b].nonzero(as_tuple=True)[0].tolist() if has.get("image") else []
+        if has.get("text"):
+            self.text = clean(row[model.config.text.column], model.config.text.max_chars)
+            self.encoding = batch["text_encodings"][b]
+            self.words = [self.text[s:e] for s, e in word_spans(self.text)]
+
+    def scores(self, tensors: dict, absolute: bool) -> tuple[dict[str, list], dict[str, float]]:
+        """(image_maps / word_scores / feature_scores of the modalities the patient has and `tensors`
+        holds, each modality's total: sum of |score| where `absolute`, else signed) over the units:
+        pixels of the maps, the report's tokens, the features."""
+        b, out, totals = self.b, {}, {}
+        agg = (lambda a: float(np.abs(a).sum())) if absolute else (lambda a: float(np.sum(a, dtype=np.float64)))
+        if self.has.get("image") and tensors.get("image") is not None:
+            out["image_maps"] = [tensors["image"][b, v].numpy().astype(np.float32) for v in self.views]
+            totals["image"] = sum(agg(m) for m in out["image_maps"])
+        if self.has.get("text") and tensors.get("text") is not None:
+            tok = tensors["text"][b].numpy()
+            out["word_scores"] = merge_words(self.text, self.encoding, tok)[1]
+            totals["text"] = agg(tok[np.array(self.encoding.attention_mask[: len(tok)], bool)])
+        if self.has.get("tabular") and tensors.get("tabular") is not None:
+            out["feature_scores"] = [float(v) for v in tensors["tabular"][b].numpy()]
+            totals["tabular"] = agg(tensors["tabular"][b].numpy())
+        return out, totals
+
+
+def _member_scores(units: _Units, part: dict[str, torch.Tensor], method: str) -> dict:
+    """One network's part of the patient's attributions (explain/attribution.py, split_by_member): its
+    image_maps / word_scores / feature_scores, aligned with the page's images, words and features, for
+    the modalities it reads and the patient has, and `attribution`: their signed sum per modality, in
+    logit units (Grad-CAM maps are not, so they get no sum)."""
+    scores, totals = units.scores(part, absolute=False)
+    if method != "ig":
+        totals.pop("image", None)
+    return scores | {"attribution": totals}
 
 
 def _error(model, rec, i: int, msg: str, target, method: str) -> PatientExplanation:
@@ -252,15 +292,16 @@ def iter_batches(model, records, *, target=None, method: str = "ig", n_steps: in
     device = next(net.parameters()).device
     ds = RecordDataset(rec, model.prep, model.config.modalities, model.config, views="first")
     dl = make_loader(ds, model.config, model.prep, False, device, batch_size)
-    cam_layers = None
-    if method == "gradcam" and "image" in net.modalities:
-        cam_layers = gradcam_layers(net, model.config, device)
     from multimodal.progress import bar as progress_bar
 
     bar = progress_bar(total=len(ds), desc=f"explain ({method})", unit="rec", enabled=progress)
-    kw = dict(target=target, method=method, n_steps=n_steps, internal_batch_size=internal_batch_size, net=net,
-              cam_layers=cam_layers)
     with eval_mode(net), _cuda_safe(device), torch.autocast(device.type, enabled=False):
+        split = split_by_member(net)  # made in eval mode: a copy keeps the mode it was made in
+        cam_layers = None
+        if method == "gradcam" and "image" in net.modalities:
+            cam_layers = gradcam_layers(split, model.config, device)
+        kw = dict(target=target, method=method, n_steps=n_steps, internal_batch_size=internal_batch_size, net=split,
+                  cam_layers=cam_layers)
         for batch in dl:
             idx, ok = batch["index"].tolist(), batch["ok"]
             by_row: dict[int, PatientExplanation] = {
@@ -271,7 +312,7 @@ def iter_batches(model, records, *, target=None, method: str = "ig", n_steps: in
                 good = _select(batch, ok)
                 if kw["internal_batch_size"] is None:
                     one = to_device(_select(good, largest_row(good)), device)
-                    kw["internal_batch_size"] = rows_per_pass(net, one, n_steps * batch_size, device,
+                    kw["internal_batch_size"] = rows_per_pass(split, one, n_steps * batch_size, device,
                                                               model.config.image.max_images)
                 try:
                     res = attribute_batch(model, good, **kw)

@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-import numpy as np
-
 from multimodal.formats import strict_json as _strict_json
 from multimodal.formats import to_jsonable
 
-from .figures import NEG_RGB, POS_RGB, SMOOTH_FRACTION, feature_chart, image_figure, smooth_maps
+from .figures import NEG_RGB, POS_RGB
+from .sections import finite as _finite
+from .sections import fmt_num as _fmt_num
+from .sections import fmt_signed as _fmt_signed
+from .sections import images_section, member_sections, member_summary, tabular_section, text_section
 from .types import PatientExplanation
 
 MODALITIES = ("image", "text", "tabular")
@@ -50,11 +51,6 @@ METHOD_NAMES = {
     "attention": "Attention weights",
     "gradcam": "Grad-CAM for images, Integrated Gradients for text and tabular",
 }
-
-MAX_IMAGES = 16
-"""Images rendered per patient (multi-frame studies can have many); the rest are listed as omitted."""
-MAX_FEATURE_BARS = 20
-"""Bars in the tabular chart; every feature is still listed in the table below it."""
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
@@ -161,23 +157,6 @@ def _environment():
     return env
 
 
-def _fmt_num(x: Any, digits: int = 3) -> str:
-    f = _finite(x)
-    if f is None:
-        return "n/a"
-    if f != 0 and (abs(f) < 10 ** -digits or abs(f) >= 1e5):
-        return f"{f:.{max(digits - 1, 1)}e}"
-    return f"{f:.{digits}f}"
-
-
-def _fmt_signed(x: Any, digits: int = 3) -> str:
-    f = _finite(x)
-    if f is None:
-        return "n/a"
-    s = _fmt_num(f, digits)
-    return s if s.startswith("-") else "+" + s
-
-
 def _fmt_pct(x: Any, digits: int = 1) -> str:
     f = _finite(x)
     return "n/a" if f is None else f"{100 * f:.{digits}f}%"
@@ -186,14 +165,6 @@ def _fmt_pct(x: Any, digits: int = 1) -> str:
 def _fmt_prob(x: Any) -> Optional[str]:
     f = _finite(x)
     return None if f is None else f"{f:.3f}"
-
-
-def _finite(x: Any) -> Optional[float]:
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 # -- page contexts ------------------------------------------------------------------------------------------------
@@ -276,7 +247,7 @@ def _patient_context(e: PatientExplanation, modalities: list[str]) -> dict:
         "probs": probs,
         "method": _method_name(e.method),
         "method_key": str(e.method or "").lower(),
-        "members": _members(e),
+        "members": member_sections(e),
         "convergence_delta": _finite(e.convergence_delta),
         "has_delta": e.convergence_delta is not None,
         "delta_quality": delta_quality(e.convergence_delta),
@@ -284,9 +255,9 @@ def _patient_context(e: PatientExplanation, modalities: list[str]) -> dict:
         "labels": {m: MODALITY_LABELS.get(m, m.capitalize()) for m in mods},
         "present": present,
         "modality": _modality_context(e, mods, present),
-        "images": _images_context(e) if "image" in mods and present["image"] else None,
-        "text": _text_context(e) if "text" in mods and present["text"] else None,
-        "tabular": _tabular_context(e) if "tabular" in mods and present["tabular"] else None,
+        "images": images_section(e) if "image" in mods and present["image"] else None,
+        "text": text_section(e) if "text" in mods and present["text"] else None,
+        "tabular": tabular_section(e) if "tabular" in mods and present["tabular"] else None,
         "pos_rgb": "rgb(%d, %d, %d)" % POS_RGB,
         "neg_rgb": "rgb(%d, %d, %d)" % NEG_RGB,
     }
@@ -301,13 +272,6 @@ def _operating_context(e: PatientExplanation) -> Optional[dict]:
     gap = p - cut
     return {"cut": cut, "p": p, "gap": abs(gap), "called": gap >= 0,
             "side": "at or above" if gap >= 0 else "below"}
-
-
-def _members(e: PatientExplanation) -> list[dict]:
-    """A fusion strategy's networks as the page and the parquet summary show them: name, weight and
-    its own P(target), None where it does not speak for the patient."""
-    return [{"network": str(n.get("network", "")), "weight": _finite(n.get("weight")),
-             "probability": _finite(n.get("probability"))} for n in (e.members or [])]
 
 
 def _modality_context(e: PatientExplanation, mods: list[str], present: dict) -> dict:
@@ -339,54 +303,6 @@ def _effect_bars(rows: list[dict]) -> list[dict]:
              "width": round(50 * abs(r["ablation"]) / scale, 2)} for r in shown]
 
 
-def _text_context(e: PatientExplanation) -> dict:
-    scores = [_finite(s) for s in e.word_scores]
-    scores += [None] * (len(e.words) - len(scores))
-    finite = [abs(s) for s in scores if s is not None]
-    vmax = max(finite) if finite else 0.0
-    words = []
-    for w, s in zip(e.words, scores):
-        if s is None or vmax == 0:
-            words.append({"w": str(w), "style": "", "title": "attribution: n/a" if s is None else "attribution: 0",
-                          "sign": "none", "alpha": 0.0})
-            continue
-        alpha = round(abs(s) / vmax, 3)
-        rgb = POS_RGB if s > 0 else NEG_RGB
-        style = "background-color: rgba(%d, %d, %d, %.3f)" % (*rgb, alpha * 0.85)
-        if alpha > 0.6:
-            style += "; color: #fff"
-        words.append({"w": str(w), "style": style, "title": f"attribution: {_fmt_signed(s, 4)}",
-                      "sign": "pos" if s > 0 else ("neg" if s < 0 else "none"), "alpha": alpha})
-    top = sorted((i for i, s in enumerate(scores) if s is not None and s != 0), key=lambda i: -abs(scores[i]))[:5]
-    return {"words": words, "vmax": vmax, "mismatch": len(e.word_scores) != len(e.words),
-            "top": [{"w": str(e.words[i]), "score": scores[i]} for i in top]}
-
-
-def _tabular_context(e: PatientExplanation) -> dict:
-    n = len(e.features)
-    values = [str(v) for v in e.feature_values] + ["n/a"] * (n - len(e.feature_values))
-    scores = [_finite(s) for s in e.feature_scores] + [None] * (n - len(e.feature_scores))
-    order = sorted(range(n), key=lambda i: -abs(scores[i]) if scores[i] is not None else 1.0)
-    rows = [{"feature": str(e.features[i]), "value": values[i], "score": scores[i],
-             "sign": "pos" if (scores[i] or 0) > 0 else ("neg" if (scores[i] or 0) < 0 else "none")}
-            for i in order]
-    shown = [r for r in rows if r["score"] is not None][:MAX_FEATURE_BARS]
-    chart = feature_chart(shown) if shown and any(r["score"] != 0 for r in shown) else None
-    return {"rows": rows, "chart": chart, "n_omitted": max(0, sum(r["score"] is not None for r in rows) - len(shown))}
-
-
-def _images_context(e: PatientExplanation) -> dict:
-    items = []
-    for i, img in enumerate(e.images[:MAX_IMAGES]):
-        amap = e.image_maps[i] if i < len(e.image_maps) else None
-        shown = None if amap is None else smooth_maps(np.asarray(amap, dtype=np.float64), SMOOTH_FRACTION)
-        png, note = image_figure(np.asarray(img), shown)
-        label = e.image_labels[i] if i < len(e.image_labels) else f"image {i + 1}"
-        items.append({"n": i + 1, "label": label, "png": png, "note": note,
-                      "shape": "×".join(str(s) for s in np.shape(img))})
-    return {"figures": items, "n_omitted": max(0, len(e.images) - MAX_IMAGES), "smooth_pct": 100 * SMOOTH_FRACTION}
-
-
 # -- parquet ------------------------------------------------------------------------------------------------------
 def _write_parquet(explanations: list[PatientExplanation], names: list[str], path: Path) -> Optional[Path]:
     try:
@@ -404,7 +320,7 @@ def _write_parquet(explanations: list[PatientExplanation], names: list[str], pat
         pred, pred_prob = _prediction(e)
         row = {"id": str(e.id), "file": name, "target": str(e.target), "pred": pred, "pred_prob": pred_prob,
                "probs": json.dumps(to_jsonable(e.probs), allow_nan=False), "method": e.method,
-               "members": json.dumps(_members(e), allow_nan=False),
+               "members": json.dumps(member_summary(e), allow_nan=False),
                "convergence_delta": _finite(e.convergence_delta), "error": e.error,
                "n_images": len(e.images), "n_words": len(e.words), "n_features": len(e.features)}
         for m in mods:

@@ -40,12 +40,23 @@ class PatientExplanation:
     """Fusion CLS-token attention mass per modality (last block), a cheaper second view."""
     members: list[dict] = field(default_factory=list)
     """A fusion strategy's networks: {"network": its modalities, "weight": its share of the mixture,
-    "probability": its own calibrated P(target), or None where it does not speak for the patient}."""
+    "probability": its own calibrated P(target), or None where it does not speak for the patient}, and
+    its part of the attributions above (what reached the prediction through its inputs; the members'
+    parts add up to them): "image_maps", "word_scores", "feature_scores" for the modalities it reads
+    and the patient has, aligned with `images`, `words`, `features`, and "attribution": their signed
+    sum per modality (logit units; Integrated Gradients only)."""
     convergence_delta: Optional[float] = None
     error: Optional[str] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["images"] = [list(np.shape(a)) for a in self.images]  # shapes only; pixels live in the report
-        d["image_maps"] = [np.asarray(m, dtype=np.float32).round(6).tolist() for m in self.image_maps]
+        d["image_maps"] = _maps(self.image_maps)
+        for n in d["members"]:
+            if "image_maps" in n:
+                n["image_maps"] = _maps(n["image_maps"])
         return d
+
+
+def _maps(maps: list) -> list:
+    return [np.asarray(m, dtype=np.float32).round(6).tolist() for m in maps]
