@@ -177,7 +177,8 @@ class DiagnosisModel:
 
     def predict(self, records: RecordsLike, batch_size: int = 64, workers: int = 0, progress: bool = False,
                 absent: Optional[list[str]] = None) -> pd.DataFrame:
-        """One row per input record, in input order: id, prob_<class>..., pred, status, error.
+        """One row per input record, in input order: id, prob_<class>..., pred, status, error; with
+        task.conformal also prediction_set (class names joined by `|`, "" when empty) and set_size.
 
         `absent` hides modalities for every patient (missing-modality robustness checks)."""
         rec = self.records(records)
@@ -224,6 +225,13 @@ class DiagnosisModel:
         else:
             pred = [classes[int(i)] for i in decided.argmax(1)]
         df["pred"] = np.where(ok, pred, None)
+        if self.prep.labels.conformal is not None:
+            from multimodal.evaluation.conformal import prediction_sets, set_text
+
+            sets = prediction_sets(out["probs"], self.prep.labels.conformal["cuts"])
+            df["prediction_set"] = np.where(ok, set_text(sets, classes), None)
+            df["set_size"] = pd.array(np.where(ok, sets.sum(1), 0), dtype="Int64")
+            df.loc[~ok, "set_size"] = pd.NA
         df["status"] = np.where(ok, "ok", "error")
         df["error"] = [e if e else (None if k else "prediction failed") for e, k in zip(out["errors"], ok)]
         return df

@@ -125,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--seed", type=int, default=None,
                     help="of the resamples (default: the config's train.seed, as evaluate, else 0)")
     co.add_argument("--all-pairs", action="store_true", help="every pair, not only each file vs the first")
+    co.add_argument("--test", nargs="+", default=None, metavar="TEST",
+                    help="beside the paired bootstrap: delong (DeLong's test of each AUROC difference), mcnemar "
+                         "(McNemar's exact test of the decisions at each file's operating point); e.g. delong,mcnemar")
+    co.add_argument("--margin", type=float, default=None, metavar="M",
+                    help="non-inferiority (reference - other > -M) and superiority (> +M) at this AUROC margin, "
+                         "one-sided at 2.5%%")
+    co.add_argument("--by", nargs="+", default=None, metavar="COLUMN",
+                    help="subgroup tables by these columns of the labels file, e.g. sex,location: n, AUROC, "
+                         "sensitivity and specificity with CIs per group")
     co.add_argument("--out", default=None, help="write the comparison as JSON here")
     co.set_defaults(fn=commands.compare)
 

@@ -185,6 +185,10 @@ def _report(a, m: dict, inputs) -> None:
     from multimodal.output import write_json
 
     print(format_table(m))
+    if m.get("conformal"):
+        from multimodal.evaluation.conformal import format_sets
+
+        print(format_sets(m["conformal"]))
     if m.get("threshold_from"):
         print(f"operating point from {m['threshold_from']}")
     if m.get("against_members"):
@@ -233,14 +237,19 @@ def compare(a) -> None:
     inputs = [a.labels, *a.predictions, *([a.config] if a.config else [])]
     if a.out:
         guard(a.out, "file", inputs)
-    names = [n.strip() for part in a.names for n in part.split(",") if n.strip()] if a.names else None
+    names, tests, by = (_listed(x) for x in (a.names, a.test, a.by))
     join, _ = _join_columns(a)
     report = compare_predictions(a.predictions, a.labels, n_boot=a.n_boot, positive=a.positive, names=names,
-                                 all_pairs=a.all_pairs, **join)
+                                 all_pairs=a.all_pairs, tests=tests or (), margin=a.margin, by=by or (), **join)
     print(format_report(report))
     if a.out:
         write_json(report, a.out, inputs)
         print(f"comparison written to {a.out}")
+
+
+def _listed(values) -> list[str] | None:
+    """Values given space or comma separated (--names a,b or --names a b), as one list."""
+    return [v.strip() for part in values for v in part.split(",") if v.strip()] if values else None
 
 
 def baselines(a) -> None:

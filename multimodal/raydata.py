@@ -166,7 +166,10 @@ class Scorer:
             frame = pd.DataFrame({"id": one.df[self.model.config.data.id].to_numpy()})
             for c in self.model.classes:
                 frame[f"prob_{c}"] = np.nan
-            return frame.assign(pred=None, status="error", error=why)
+            frame["pred"] = None
+            if self.model.prep.labels.conformal is not None:  # task.conformal: predict's set columns, empty
+                frame["prediction_set"], frame["set_size"] = None, pd.array([pd.NA], dtype="Int64")
+            return frame.assign(status="error", error=why)
 
 
 def _arrow(frame: pd.DataFrame):

@@ -37,6 +37,19 @@ class TaskConfig(_Strict):
     threshold: Union[float, str] = 0.5
     """Binary/multilabel operating point: a probability, `youden`, `sensitivity:0.9` or `specificity:0.95`,
     chosen on the validation records at fit time and saved with the model; `pred` uses it."""
+    conformal: Optional[float] = Field(None, gt=0, lt=1)
+    """Binary/multiclass: split-conformal prediction sets at this coverage (e.g. 0.9): the classes whose
+    calibrated probability reaches a cut fitted on the calibration records (the hold-out, out-of-fold
+    under crossfit; the validation records when given), where the operating point is fitted, so that
+    the set holds the true class for at least this share of new patients from the same population.
+    `predict` writes each record's set (`prediction_set`, class names joined by `|`, "" for an empty set)
+    and its `set_size`; `evaluate` reports empirical coverage and mean set size with CIs."""
+    conformal_by_class: Union[bool, Literal["auto"]] = "auto"
+    """true: one cut per class (Mondrian), so coverage holds within each class, the rare one included;
+    false: one cut for all (coverage holds on average, typically below target in a rare class). auto:
+    per class when the task is imbalanced (the rarest class under half its even share, 1 / (2 x
+    classes), of the calibration records: below 25% in a binary task) and every class has the
+    (1 - coverage) / coverage records a finite cut needs (9 at 0.9); else one cut."""
 
     @field_validator("names", mode="before")
     @classmethod
@@ -54,6 +67,9 @@ class TaskConfig(_Strict):
         if not labels or any(not str(c).strip() for c in labels):
             raise ValueError("task.label must name a column")
         parse_rule(self.threshold)
+        if self.conformal is not None and self.type == "multilabel":
+            raise ValueError("task.conformal makes prediction sets for binary and multiclass tasks (one true class "
+                             "per record)")
         if self.type == "multiclass" and self.threshold != 0.5:
             raise ValueError("task.threshold applies to binary and multilabel tasks; multiclass predicts the most "
                              "probable class")

@@ -5,12 +5,15 @@ what decides is the difference on the *same* patients. So every prediction file 
 labels on id, only patients that every file scored are kept, and one set of bootstrap resamples (of
 patients, or of whole groups when a patient has several records) serves every model, which makes
 the differences paired. benchmarks/bench_stats.py uses the same resampling code, and
-`mmdx evaluate --predictions` (multimodal.evaluation.scorefile) the same reading and joining.
+`mmdx evaluate --predictions` (multimodal.evaluation.scorefile) the same reading and joining
+(multimodal.evaluation.joining). DeLong's and McNemar's tests and the margins are in
+multimodal.evaluation.significance, the subgroup tables in multimodal.evaluation.subgroups.
 
-Only numpy and pandas: `from multimodal import compare` must not need a model or torch here.
+Only numpy, pandas and scipy: `from multimodal import compare` must not need a model or torch here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -18,11 +21,14 @@ import numpy as np
 import pandas as pd
 
 from multimodal.errors import UserError
-from multimodal.data.records import read_table
 from multimodal.evaluation.bootstrap import bootstrap_stats, ci95, difference
+from multimodal.evaluation.joining import (PathOrFrame, as_text, class_truth, groups_of, id_order, need_columns,
+                                           operating_point, positive_class, read_labels, read_predictions)
+from multimodal.evaluation.significance import delong_difference, format_tests, margin_tests, mcnemar
+from multimodal.evaluation.subgroups import MISSING, format_subgroups, subgroup_tables
 
 MIN_PAIRED = 10
-PathOrFrame = Union[str, Path, pd.DataFrame]
+TESTS = ("delong", "mcnemar")  # beside the paired bootstrap, which always runs
 
 
 # -- paired bootstrap -------------------------------------------------------------------------------------------
@@ -38,104 +44,6 @@ def auroc(Y: np.ndarray, S: np.ndarray) -> float:
         n0 = len(y) - n1
         out.append((rank[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
     return float(np.mean(out))
-
-
-# -- reading and joining ----------------------------------------------------------------------------------------
-def as_text(v) -> str:
-    """Ids and labels as the engine spells them: 7, 7.0 and "7" are the same patient or class."""
-    if isinstance(v, (float, np.floating)) and float(v).is_integer():
-        v = int(v)
-    return str(v).strip()
-
-
-def _table(obj: PathOrFrame, what: str) -> tuple[pd.DataFrame, str]:
-    if isinstance(obj, pd.DataFrame):
-        return obj.reset_index(drop=True), what
-    path = Path(obj)
-    if not path.is_file():
-        raise UserError(f"{what} file not found: {path}")
-    return read_table(path), str(path)
-
-
-def _need(df: pd.DataFrame, source: str, *cols: str) -> None:
-    for c in cols:
-        if c not in df.columns:
-            raise UserError(f"{source}: no column {c!r} (file has: {', '.join(map(str, df.columns[:12]))})")
-
-
-def _ids(df: pd.DataFrame, col: str, source: str) -> pd.Index:
-    ids = pd.Index([as_text(v) for v in df[col]])
-    dup = ids[ids.duplicated()]
-    if len(dup):
-        raise UserError(f"{source}: id {dup[0]!r} appears more than once; ids must name one record each")
-    return ids
-
-
-def read_predictions(obj: PathOrFrame, name: str, id_column: str) -> dict:
-    """Probabilities indexed by id, the ids it scored (status ok and finite probabilities), and the
-    whole table indexed the same way (its pred, threshold and fold columns, where it has them)."""
-    df, source = _table(obj, f"predictions {name!r}")
-    cols = [c for c in df.columns if str(c).startswith("prob_")]
-    if not cols:
-        raise UserError(f"{source}: no prob_<class> columns (expected a file written by `mmdx predict`)")
-    id_col = "id" if "id" in df.columns else id_column
-    _need(df, source, id_col)
-    probs = df[cols].apply(pd.to_numeric, errors="coerce")
-    probs.index = df.index = _ids(df, id_col, source)
-    probs.columns = [str(c)[5:] for c in cols]
-    status = df["status"].astype(str).str.strip().to_numpy() if "status" in df.columns else np.full(len(df), "ok")
-    ok = (status == "ok") & np.isfinite(probs.to_numpy()).all(1)
-    return {"source": source, "probs": probs, "ok": probs.index[ok], "n_rows": len(df), "frame": df}
-
-
-def read_labels(labels: PathOrFrame, id_column: str, label_column: str, group_column: Optional[str] = None) -> dict:
-    """The labels file indexed by id (as text), and the ids whose label is not empty."""
-    lab, source = _table(labels, "labels")
-    _need(lab, source, id_column, label_column, *([group_column] if group_column else []))
-    lab.index = _ids(lab, id_column, source)
-    return {"frame": lab, "source": source, "column": label_column,
-            "labelled": lab.index[lab[label_column].notna().to_numpy()]}
-
-
-def class_truth(lab: dict, ids: pd.Index, classes: list[str], class_names: Optional[Mapping] = None) -> pd.Series:
-    """The class each id's label names, spelled as the prob_<class> columns spell it: `class_names`
-    (the config's task.names) maps raw label values (0/1) to names. A value no column names is the
-    user's mistake (another label column, or a config forgotten), refused in one line."""
-    named = {as_text(k): v for k, v in (class_names or {}).items()}
-    truth = pd.Series([named.get(as_text(v), as_text(v)) for v in lab["frame"].loc[ids, lab["column"]]], index=ids)
-    unknown = sorted(set(truth) - set(classes))
-    if len(classes) > 1 and unknown:
-        hint = "" if class_names else "; with task.names, pass the config (--config) to map label values to names"
-        raise UserError(f"{lab['source']}: label values {unknown[:5]} are not among the predicted classes "
-                        f"{classes}{hint}")
-    return truth
-
-
-def positive_class(positive, classes: list[str]) -> Optional[str]:
-    """The class scored against the rest: `positive`, else the last class when there are at most two
-    (prob_<positive> is the second column `mmdx predict` writes), else None (macro over classes)."""
-    if positive is None and len(classes) <= 2:
-        positive = classes[-1]
-    positive = None if positive is None else as_text(positive)
-    if positive is not None and positive not in classes:
-        raise UserError(f"positive class {positive!r} is not among the predicted classes {classes}")
-    return positive
-
-
-def groups_of(lab: dict, ids: pd.Index, group_column: Optional[str]) -> Optional[list[str]]:
-    """The group (patient) of each id, resampled whole; an empty cell is its record's own group, as in
-    multimodal.data.splits.patients, so a config's data.group groups alike here and in evaluate."""
-    if not group_column:
-        return None
-    cells = [as_text(v) if pd.notna(v) else "" for v in lab["frame"].loc[ids, group_column]]
-    return [f"group:{g}" if g else f"id:{i}" for i, g in zip(ids, cells)]
-
-
-def id_order(ids) -> np.ndarray:
-    """The order rows are resampled in: by id, as text. With one seed, `compare` and `evaluate` (from
-    a model or a predictions file) then draw the same patients from the same file, and no file's row
-    order changes a CI."""
-    return np.argsort(np.array([as_text(v) for v in ids], dtype=object), kind="stable")
 
 
 def _named(predictions, names: Optional[Sequence[str]]) -> list[tuple[str, PathOrFrame]]:
@@ -172,7 +80,8 @@ def compare(predictions: Union[Mapping[str, PathOrFrame], Sequence[PathOrFrame]]
             label_column: str = "label", id_column: str = "patient_id", n_boot: int = 1000, seed: int = 0,
             group_column: Optional[str] = None, positive: Optional[str] = None,
             names: Optional[Sequence[str]] = None, all_pairs: bool = False,
-            class_names: Optional[Mapping[str, str]] = None) -> dict:
+            class_names: Optional[Mapping[str, str]] = None, tests: Sequence[str] = (),
+            margin: Optional[float] = None, by: Sequence[str] = ()) -> dict:
     """AUROC with a 95% bootstrap CI per prediction file, and paired differences of the first (the
     reference) minus each other file, or of every earlier file minus every later one (`all_pairs`):
     positive means the first named is better (SIGN, also in the result as "difference"). Binary:
@@ -184,11 +93,17 @@ def compare(predictions: Union[Mapping[str, PathOrFrame], Sequence[PathOrFrame]]
     `class_names`: the config's task.names (label value → the class name the files' prob_ columns
     carry), when the labels file holds the raw values. The resamples are those of `evaluate` with
     the same n_boot, seed and groups (rows in id order, see id_order), so a file's AUROC CI is the same
-    in both."""
+    in both.
+
+    Beside the bootstrap (multimodal.evaluation.significance): `tests` "delong" (DeLong's test of each
+    difference, binary or one class) and "mcnemar" (McNemar's exact test of the decisions at each
+    file's operating point, see operating_point); `margin`: non-inferiority and superiority of a over b
+    at that AUROC margin; `by`: subgroup tables by these columns of the labels file
+    (multimodal.evaluation.subgroups)."""
     items = _named(predictions, names)
-    if n_boot < 1:
-        raise UserError(f"n_boot must be at least 1, got {n_boot}")
+    tests, by = _checked_options(tests, margin, n_boot), _as_list(by)
     lab = read_labels(labels, id_column, label_column, group_column)
+    need_columns(lab["frame"], lab["source"], *by)
     preds = {name: read_predictions(obj, name, id_column) for name, obj in items}
     order = [n for n, _ in items]
     classes = _same_classes(preds, order[0])
@@ -216,7 +131,7 @@ def compare(predictions: Union[Mapping[str, PathOrFrame], Sequence[PathOrFrame]]
     point, boots = stat(np.arange(len(paired))), bootstrap_stats(codes, stat, n_boot, seed, groups)
     missing = np.full(n_boot, np.nan)
     pairs = [(order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order)) if all_pairs or i == 0]
-    return {
+    result = {
         "n": len(paired), "n_groups": len(set(groups)) if groups else len(paired), "group_column": group_column,
         "metric": "auroc" if len(targets) == 1 else "macro one-vs-rest auroc", "positive": positive,
         "classes": classes, "reference": order[0], "n_boot": n_boot, "seed": seed,
@@ -226,6 +141,13 @@ def compare(predictions: Union[Mapping[str, PathOrFrame], Sequence[PathOrFrame]]
         "comparisons": [{"a": a, "b": b} | difference(point[a] - point[b], boots.get(a, missing), boots.get(b, missing))
                         for a, b in pairs],
     }
+    if not (tests or margin is not None or by):
+        return result
+    paired_set = _Paired(preds, paired, classes, positive, Y, S, truth, groups)
+    _add_tests(result, paired_set, boots, tests, margin)
+    if by:
+        _add_subgroups(result, paired_set, lab, by, pairs, seed)
+    return result
 
 
 def _same_classes(preds: dict, ref: str) -> list[str]:
@@ -250,6 +172,108 @@ def _accounting(lab: dict, preds: dict, paired: pd.Index) -> dict:
     lab_unl = ~lab["frame"].index.isin(lab["labelled"])
     return {"labels": {"source": lab["source"], "rows": len(lab["frame"]), "paired": len(paired), "dropped": _drops(
         without_label=lab_unl.sum(), not_scored_by_every_file=(~lab_unl).sum() - len(paired))}, "files": files}
+
+
+# -- beside the bootstrap: DeLong, McNemar, margins, subgroups --------------------------------------------------
+@dataclass
+class _Paired:
+    """What the tests beside the bootstrap read: the paired records' files, outcome and scores."""
+    preds: dict
+    ids: pd.Index
+    classes: list
+    positive: Optional[str]
+    Y: np.ndarray
+    S: dict
+    truth: pd.Series
+    groups: Optional[list]
+
+
+def _as_list(values: Union[str, Sequence[str]]) -> list[str]:
+    """`"delong,mcnemar"` from Python means what `--test delong,mcnemar` does."""
+    return [v.strip() for v in values.split(",") if v.strip()] if isinstance(values, str) else list(values)
+
+
+def _checked_options(tests: Union[str, Sequence[str]], margin: Optional[float], n_boot: int) -> list[str]:
+    if n_boot < 1:
+        raise UserError(f"n_boot must be at least 1, got {n_boot}")
+    tests = _as_list(tests)
+    for t in tests:
+        if t not in TESTS:
+            raise UserError(f"--test {t}: choose from {', '.join(TESTS)} (the paired bootstrap always runs)")
+    if margin is not None and not 0 <= margin < 1:
+        raise UserError(f"--margin {margin}: an AUROC margin is between 0 and 1, e.g. 0.02")
+    return list(dict.fromkeys(tests))
+
+
+def _add_tests(r: dict, d: _Paired, boots: dict, tests: list, margin: Optional[float]) -> None:
+    """DeLong, the margins and McNemar for each comparison, into the result (see compare)."""
+    if "delong" in tests and (d.positive is None or min(d.Y.sum(), len(d.Y) - d.Y.sum()) < 2):
+        raise UserError("--test delong compares AUROCs of one class with at least 2 records of each outcome; "
+                        "give --positive for a task of more classes")
+    if "delong" in tests and d.groups and len(set(d.groups)) < len(d.groups):
+        r["delong_note"] = (f"{len(d.groups)} records of {len(set(d.groups))} patients: DeLong takes records as "
+                            f"independent, which makes its SE too small; read the bootstrap's")
+    ops = _decisions(d) if "mcnemar" in tests else {}
+    missing = np.full(r["n_boot"], np.nan)
+    for c in r["comparisons"]:
+        a, b = c["a"], c["b"]
+        diffs = boots.get(a, missing) - boots.get(b, missing)
+        if "delong" in tests:
+            c["delong"] = delong_difference(d.Y[:, 0], d.S[a][:, 0], d.S[b][:, 0], diffs)
+        if margin is not None:
+            c["margin"] = margin_tests(a, b, c, diffs, margin, c.get("delong"))
+        if ops:
+            c["mcnemar"] = mcnemar(ops[a]["correct"], ops[b]["correct"])
+    r["tests"], r["margin"] = ["bootstrap", *tests], margin
+    if ops:
+        r["operating_points"] = {n: o["point"] for n, o in ops.items()}
+
+
+def _decisions(d: _Paired) -> dict:
+    """Each file's decisions, right or wrong per record, and its cut: one class at the file's operating
+    point (operating_point, as `evaluate --predictions` reads it), more classes the most probable one."""
+    out = {}
+    for name, p in d.preds.items():
+        if d.positive is None:
+            best = np.array(d.classes)[p["probs"].loc[d.ids, d.classes].to_numpy().argmax(1)]
+            out[name] = {"correct": best == d.truth.to_numpy(), "point": {"threshold": None, "from": "argmax"}}
+            continue
+        s = d.S[name][:, 0]
+        cut, source = operating_point(p, d.ids, s, d.positive, len(d.classes) == 2)
+        cut = np.broadcast_to(np.ravel(np.asarray(cut, dtype=float)), s.shape)
+        shown = sorted(set(cut.tolist()))
+        out[name] = {"cut": cut, "correct": (s >= cut) == d.Y[:, 0].astype(bool),
+                     "point": {"threshold": shown[0] if len(shown) == 1 else shown, "from": source}}
+    return out
+
+
+def _add_subgroups(r: dict, d: _Paired, lab: dict, by: Sequence[str], pairs: list, seed: int) -> None:
+    """Tables by the labels file's columns `by`: each file's AUROC and, for one class, sensitivity and
+    specificity at its operating point, on the same resamples within each group (subgroup_tables)."""
+    from multimodal.evaluation.operating import confusion_metrics
+
+    ops = _decisions(d) if d.positive is not None else {}
+
+    def stat(idx):
+        counts = d.Y[idx].sum(0)
+        out = {}
+        for name, s in d.S.items():
+            out[(name, "auroc")] = auroc(d.Y[idx], s[idx]) if ((counts > 0) & (counts < len(idx))).all() else np.nan
+            if ops:
+                m = confusion_metrics(d.Y[idx, 0], s[idx, 0], ops[name]["cut"][idx])
+                out[(name, "sensitivity")], out[(name, "specificity")] = m["sensitivity"], m["specificity"]
+        return out
+
+    one = d.positive is not None
+    outcome = np.where(d.Y[:, 0], "positives", "negatives") if one else d.truth.to_numpy().astype(str)
+    columns = {c: [as_text(v) if pd.notna(v) and as_text(v) else MISSING for v in lab["frame"].loc[d.ids, c]]
+               for c in by}
+    r["by"] = list(by)
+    r["subgroups"], r["subgroup_warnings"] = subgroup_tables(
+        columns, outcome, ["positives", "negatives"] if one else d.classes, stat, list(d.S), pairs, r["n_boot"],
+        seed, d.groups)
+    if ops:
+        r.setdefault("operating_points", {n: o["point"] for n, o in ops.items()})
 
 
 def _interval(v: float, ci: list, sign: str = "+") -> str:
@@ -278,4 +302,4 @@ def format_report(r: dict) -> str:
                  if len(r["comparisons"]) <= len(r["auroc"]) - 1 else "(reference - other AUROC [95% CI], then each "
                  "later pair as earlier - later file; positive = the first named is better)")
     lines += [f"  {a:{w}s}{b}" for a, b in diffs]
-    return "\n".join(lines)
+    return "\n".join(lines + format_tests(r) + format_subgroups(r))

@@ -4,7 +4,7 @@ model directory.
 
 It is `evaluate --model` without the forward pass, so that a file kept from any run can be scored
 again, and scored like the rest: it is read and joined with the labels on id as `mmdx compare` joins
-them (multimodal.evaluation.comparison), and the numbers come from compute_metrics, which
+them (multimodal.evaluation.joining), and the numbers come from compute_metrics, which
 `evaluate --model` calls too, on the rows in the same (id) order with the same seed and groups. On the
 file `predict` wrote for the same records they are `evaluate --model`'s, and a file's AUROC CI is the
 one `compare` prints for it. No model is loaded and no network built.
@@ -14,15 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-import numpy as np
 import pandas as pd
 
 from multimodal.errors import UserError
-from multimodal.evaluation.comparison import (as_text, class_truth, groups_of, id_order, positive_class,
-                                              read_labels, read_predictions)
+from multimodal.evaluation.joining import (class_truth, groups_of, id_order, operating_point, positive_class,
+                                           read_labels, read_predictions)
 from multimodal.evaluation.metrics import compute_metrics
 
-DEFAULT_CUT = 0.5  # task.threshold's default: what `predict` decides at unless the config chose another
 REST = "rest"  # the negative class when one class of several is scored against the others
 
 
@@ -37,9 +35,10 @@ def evaluate_predictions(predictions: Union[str, Path, pd.DataFrame], labels: Un
     Binary (two prob_ columns, or `positive` against the rest): AUROC/AUPRC of prob_<positive>
     (default: the last class, as `predict` writes it), F1, accuracy and sensitivity/specificity at
     `threshold`; without it, the file's `threshold` column, else the cut its `pred` column was decided
-    at (see _pred_cut), else 0.5. More classes: macro over classes, decided by the most probable one.
+    at (joining.operating_point), else 0.5. More classes: macro over classes, decided by the most probable one.
     Every prediction row needs a row in `labels` and every labelled record a prediction, so a file
-    made for other records is refused, not scored on the few ids they share."""
+    made for other records is refused, not scored on the few ids they share. A prediction_set column
+    (task.conformal) adds the sets' empirical coverage and mean size ("conformal")."""
     if n_boot < 1:
         raise UserError(f"--n-boot must be at least 1, got {n_boot}")
     pred = read_predictions(predictions, "predictions", id_column)
@@ -62,9 +61,15 @@ def evaluate_predictions(predictions: Union[str, Path, pd.DataFrame], labels: Un
         task = "binary"
         names = [next(c for c in classes if c != positive), positive] if len(classes) == 2 else [REST, positive]
         y, P = (truth == positive).to_numpy().astype(int), pred["probs"].loc[rows, positive].to_numpy()
-        cut, source = _operating_point(pred, rows, P, positive, len(classes) == 2, threshold)
-    m = compute_metrics(y, P, task, names, n_boot=n_boot, seed=seed, thresholds=cut,
-                        groups=groups_of(lab, rows, group_column))
+        cut, source = operating_point(pred, rows, P, positive, len(classes) == 2, threshold)
+    groups = groups_of(lab, rows, group_column)
+    m = compute_metrics(y, P, task, names, n_boot=n_boot, seed=seed, thresholds=cut, groups=groups)
+    if "prediction_set" in pred["frame"].columns:  # written by a model with task.conformal
+        from multimodal.evaluation.conformal import parse_sets, set_metrics
+
+        sets = parse_sets(pred["frame"].loc[rows, "prediction_set"].tolist(), classes, pred["source"])
+        m["conformal"] = set_metrics(truth.map(classes.index).to_numpy(), sets, classes, n_boot=n_boot, seed=seed,
+                                     groups=groups)
     labelled = pred["probs"].index.isin(lab["labelled"])
     m["n_errors"] = int(labelled.sum()) - len(rows)
     m["n_unlabelled"] = int((~labelled).sum())
@@ -89,40 +94,3 @@ def _same_records(pred: dict, lab: dict) -> None:
         if len(missing):
             raise UserError(f"{lack} has no row for {len(missing)} of the ids in {have} (e.g. {missing[0]!r}); "
                             f"score a predictions file against the records it was made for")
-
-
-def _operating_point(pred: dict, rows: pd.Index, p: np.ndarray, positive: str, two_classes: bool,
-                     threshold: Optional[float]) -> tuple:
-    """The cut (one, or one per row) and where it came from, in words for the report."""
-    frame, source = pred["frame"], pred["source"]
-    if threshold is not None:
-        if not 0 <= threshold <= 1:
-            raise UserError(f"--threshold {threshold}: a probability cut is between 0 and 1")
-        return [float(threshold)], "--threshold"
-    if "threshold" in frame.columns:
-        t = pd.to_numeric(frame.loc[rows, "threshold"], errors="coerce").to_numpy(float)
-        if not np.isfinite(t).all():
-            raise UserError(f"{source}: the threshold column has empty or non-numeric cells; give --threshold")
-        return (t[:, None] if len(set(t)) > 1 else [float(t[0])]), "the file's threshold column"
-    if two_classes and "pred" in frame.columns:
-        return _pred_cut(frame, rows, p, positive, source), "the file's pred column"
-    return [DEFAULT_CUT], f"{DEFAULT_CUT} (the file has no threshold or pred column)"
-
-
-def _pred_cut(frame: pd.DataFrame, rows: pd.Index, p: np.ndarray, positive: str, source: str):
-    """The cut the file's pred column was decided at, so that its decisions are the ones scored: the
-    model's own threshold, which the file does not name. 0.5 where the decisions agree with it (the
-    default), else the lowest probability called positive (the same decisions); one per fold in an
-    out-of-fold file (its fold column), each fold's model having chosen its own."""
-    called = np.array([as_text(v) == positive for v in frame.loc[rows, "pred"]])
-    folds = frame.loc[rows, "fold"].astype(str).to_numpy() if "fold" in frame.columns else np.zeros(len(rows))
-    cuts = np.empty(len(rows))
-    for f in np.unique(folds):
-        here = folds == f
-        pos, neg = p[here & called], p[here & ~called]
-        if len(pos) and len(neg) and pos.min() <= neg.max():
-            raise UserError(f"{source}: its pred column is not a cut of prob_{positive} (a record called "
-                            f"{positive} has no higher probability than one that is not); give --threshold")
-        low, high = (neg.max() if len(neg) else -np.inf), (pos.min() if len(pos) else np.inf)
-        cuts[here] = DEFAULT_CUT if low < DEFAULT_CUT <= high else high if len(pos) else np.nextafter(low, np.inf)
-    return cuts[:, None] if len(set(cuts)) > 1 else [float(cuts[0])]

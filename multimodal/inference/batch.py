@@ -133,7 +133,8 @@ def predict_file(model, records, out, *, chunk_rows: int = 10_000, resume: bool 
     if resume and model.model_dir is None:
         raise UserError("--resume needs a model loaded from its directory (its checksums identify it)")
     parts, t0 = journal.parts_dir(out), time.perf_counter()
-    columns = ["id", *(f"prob_{c}" for c in model.classes), "pred", "status", "error"]
+    sets = ("prediction_set", "set_size") if model.prep.labels.conformal is not None else ()  # task.conformal
+    columns = ["id", *(f"prob_{c}" for c in model.classes), "pred", *sets, "status", "error"]
     with claim(out) if shard.rank == 0 else contextlib.nullcontext():
         ident = journal.identity(model, records, chunk_rows, batch_size, out, columns)
         reused = journal.prepare(parts, ident, resume) if shard.rank == 0 else 0

@@ -3,8 +3,8 @@
 Split (a patient-grouped hold-out, crossfit folds, or the user's validation records) → fit the
 preprocessing on training patients only → build the network → train it, or each ensemble member or
 fusion-strategy network in turn → weigh a strategy's networks on the hold-out → temperature scaling →
-the operating point → validation metrics. DiagnosisModel.fit calls `fit` once and stores what it
-returns; nothing here calls back into the API."""
+the operating point (and task.conformal's prediction-set cuts) → validation metrics. DiagnosisModel.fit
+calls `fit` once and stores what it returns; nothing here calls back into the API."""
 from __future__ import annotations
 
 import logging
@@ -68,10 +68,9 @@ def fit(cfg: Config, train: Records, val: Optional[Records] = None, prep: Option
     val_rec, rec, y, z = holdout_logits(net, prep, cfg, splits)
     if tc.calibrate:
         summary.update(calibrate(net, z, y, cfg))
-    # calibrated as the network does it (float32): one set of probabilities for threshold and metrics
-    z = torch.as_tensor(z, dtype=torch.float32) / net.temperature.cpu() + net.logit_bias.cpu()
-    P = probabilities(z, cfg.task.type).double().numpy()
+    P = calibrated(net, z, cfg.task.type)
     summary.update(set_thresholds(prep, cfg, y, P))
+    summary.update(set_conformal(prep, cfg, y, P))
     validation = scored_metrics(cfg, prep, val_rec, rec, y, P, n_boot=200)
     return Fitted(prep, net, {"training": summary, "validation": validation})
 
@@ -198,9 +197,37 @@ def calibrate(net, z: np.ndarray, y: np.ndarray, cfg: Config) -> dict:
     return {"temperature": t, "logit_bias": [float(v) for v in b]}
 
 
+def calibrated(net, z: np.ndarray, task: str) -> np.ndarray:
+    """The hold-out logits calibrated as the network does it (float32): one set of probabilities for the
+    operating point, the conformal cuts and the validation metrics."""
+    z = torch.as_tensor(z, dtype=torch.float32) / net.temperature.cpu() + net.logit_bias.cpu()
+    return probabilities(z, task).double().numpy()
+
+
 def set_thresholds(prep: Preprocessing, cfg: Config, y: np.ndarray, P: np.ndarray) -> dict:
     """The operating point (task.threshold) on calibrated validation probabilities, stored with the labels."""
     if cfg.task.type == "multiclass":
         return {}
     prep.labels.thresholds = thresholds_for(y, P, cfg.task.type, cfg.task.threshold)
     return {"threshold_rule": cfg.task.threshold, "thresholds": prep.labels.thresholds}
+
+
+def set_conformal(prep: Preprocessing, cfg: Config, y: np.ndarray, P: np.ndarray) -> dict:
+    """task.conformal: the prediction-set cuts on the same calibrated hold-out probabilities as the
+    operating point (out-of-fold under crossfit), stored with the labels; {} when it is off."""
+    from multimodal.evaluation.conformal import check_names, fit_cuts, min_records
+
+    coverage = cfg.task.conformal
+    if coverage is None:
+        prep.labels.conformal = None
+        return {}
+    check_names(prep.labels.names)
+    state = fit_cuts(y, P, coverage, cfg.task.conformal_by_class)
+    counts, least = state["n_calibration"], min_records(coverage)
+    few = [n for n, k in zip(prep.labels.names, counts) if k < least] if state["by_class"] else \
+        (list(prep.labels.names) if sum(counts) < least else [])
+    if few:
+        log.warning("task.conformal: fewer than %d calibration records %s; %s always in the prediction set",
+                    least, f"of class {', '.join(few)}" if state["by_class"] else "", ", ".join(few))
+    prep.labels.conformal = state
+    return {"conformal": state}

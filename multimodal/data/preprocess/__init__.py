@@ -59,7 +59,8 @@ class Preprocessing:
 
     @classmethod
     def from_state(cls, cfg: Config, state: dict, tokenizer_json: Optional[str]) -> "Preprocessing":
-        prep = cls(labels=LabelEncoder(cfg.task, state["labels"]["classes"], state["labels"].get("thresholds")))
+        prep = cls(labels=LabelEncoder(cfg.task, state["labels"]["classes"], state["labels"].get("thresholds"),
+                                       state["labels"].get("conformal")))
         if "image" in cfg.modalities:
             prep.image = ImagePreprocessor(cfg.image, state["image"]["mean"], state["image"]["std"],
                                            confine=cfg.data.confine_images)

@@ -24,14 +24,22 @@ def _sort_key(s: str):
 
 class LabelEncoder:
     """`classes` are label values (what the records hold); `names` what outputs and reports show.
-    `thresholds`: the operating point per binary/multilabel output, chosen on validation at fit time."""
+    `thresholds`: the operating point per binary/multilabel output, chosen on validation at fit time.
+    `conformal`: task.conformal's fitted cuts, one probability per class, beside the operating point
+    (see multimodal.evaluation.conformal)."""
 
-    def __init__(self, task: TaskConfig, classes: list[str] | None = None, thresholds: list[float] | None = None):
+    def __init__(self, task: TaskConfig, classes: list[str] | None = None, thresholds: list[float] | None = None,
+                 conformal: dict | None = None):
         self.task = task
         self.classes = list(classes or task.classes or (["0", "1"] if task.positive else []))
         self.thresholds = [float(t) for t in thresholds] if thresholds else None
         if self.thresholds and (len(self.thresholds) != self.num_outputs or not all(0 <= t <= 1 for t in self.thresholds)):
             raise ValueError(f"thresholds {self.thresholds} do not fit {self.num_outputs} outputs")
+        self.conformal = conformal
+        cuts = conformal.get("cuts") if isinstance(conformal, dict) else None
+        if conformal is not None and not (isinstance(cuts, list) and len(cuts) == len(self.classes) and all(
+                isinstance(c, (int, float)) and 0 <= c <= 1 for c in cuts)):
+            raise ValueError(f"conformal cuts {cuts!r} do not fit {len(self.classes)} classes")
 
     @property
     def names(self) -> list[str]:
@@ -114,4 +122,5 @@ class LabelEncoder:
                             f"not among the model's classes {self.classes}")
 
     def state(self) -> dict:
-        return {"classes": self.classes, "thresholds": self.thresholds}
+        state = {"classes": self.classes, "thresholds": self.thresholds}
+        return state | ({"conformal": self.conformal} if self.conformal is not None else {})
