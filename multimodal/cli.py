@@ -1,4 +1,5 @@
-"""`mmdx` command line: train, cv, predict, export, evaluate, explain, compare, baselines, synth, demo. User mistakes exit 2 with one line.
+"""`mmdx` command line: train, cv, federate, predict, export, evaluate, explain, compare, baselines, synth,
+demo. User mistakes exit 2 with one line.
 
 The parser, logging and the exit path; what each command does is in multimodal.commands."""
 from __future__ import annotations
@@ -59,6 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=5 modalities=image,text")
     t.set_defaults(fn=commands.train)
+
+    fe = sub.add_parser("federate", help="train one model across sites whose records stay apart (Flower, "
+                                         "simulated on this machine; pip install 'mmdx[federated]')")
+    fe.add_argument("--config", required=True)
+    fe.add_argument("--site", action="append", required=True, metavar="NAME=RECORDS",
+                    help="one site and its records file (give --site once per site, at least 2)")
+    fe.add_argument("--rounds", type=int, default=3, help="federated rounds")
+    fe.add_argument("--local-epochs", type=int, default=1, help="epochs each site trains per round")
+    fe.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
+    fe.add_argument("--proximal-mu", type=float, default=0.01, help="--strategy fedprox: the proximal term's weight")
+    fe.add_argument("--dp-clip", type=float, default=None,
+                    help="clip each site's update to this L2 norm and add Gaussian noise (server-side DP)")
+    fe.add_argument("--dp-noise", type=float, default=0.0, help="--dp-clip: noise multiplier")
+    fe.add_argument("--out", required=True, help="model directory to write (a new or empty folder)")
+    fe.add_argument("--overwrite", action="store_true", help="replace an earlier model directory at --out")
+    fe.add_argument("--quiet", action="store_true")
+    fe.add_argument("overrides", nargs="*", help="key=value config overrides")
+    fe.set_defaults(fn=commands.federate)
 
     pr = sub.add_parser("predict", help="batch predictions, one output row per input row")
     common(pr)

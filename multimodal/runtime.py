@@ -39,6 +39,7 @@ TELEMETRY_OFF = {"ORT_DISABLE_TELEMETRY": "1",  # ONNX Runtime (predict --onnx, 
                  "HF_XET_TELEMETRY_ENABLED": "0",  # hf_xet's transfer reports, when the hub downloads a model
                  "RAY_USAGE_STATS_ENABLED": "0",  # Ray's usage reports (predict --engine ray's local cluster)
                  "RAY_USAGE_STATS_PROMPT_ENABLED": "0",  # and its prompt asking to turn them on
+                 "FLWR_TELEMETRY_ENABLED": "0",  # Flower's usage events (mmdx federate), read when flwr loads
                  "DO_NOT_TRACK": "1"}
 # Where a dependency would write under $HOME → a folder of mmdx's cache. The variable is set only if
 # neither it nor a variable the library prefers (the names after it) is set by the user.
@@ -49,7 +50,8 @@ CACHES = (("MPLCONFIGDIR", "matplotlib", ()),  # matplotlib's font cache (evalua
           ("HF_HUB_CACHE", "huggingface/hub", ("HF_HOME", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE")),
           ("HF_ASSETS_CACHE", "huggingface/assets", ("HF_HOME", "HUGGINGFACE_ASSETS_CACHE")),
           ("HF_XET_CACHE", "huggingface/xet", ("HF_HOME",)),
-          ("HF_MODULES_CACHE", "huggingface/modules", ("HF_HOME",)))
+          ("HF_MODULES_CACHE", "huggingface/modules", ("HF_HOME",)),
+          ("FLWR_HOME", "flwr", ()))  # Flower's folder (mmdx federate makes ~/.flwr/source otherwise)
 
 
 def cache_root() -> Path:

@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-HEAVY = ["torch", "timm", "transformers", "sklearn", "captum", "matplotlib", "scipy", "pydicom", "jinja2", "ray"]
+HEAVY = ["torch", "timm", "transformers", "sklearn", "captum", "matplotlib", "scipy", "pydicom", "jinja2", "ray", "flwr"]
 
 
 def _loaded_after(code: str) -> list[str]:

@@ -91,6 +91,15 @@ class LabelEncoder:
             raise UserError(f"{source}: no label values found in '{self.columns[0]}'")
         return self
 
+    def values(self, df: pd.DataFrame) -> list[str]:
+        """The distinct label values of `df` as `fit` reads them (each label of a ';'-joined multilabel
+        cell). A federated site sends these, and the classes are fitted on every site's together: one
+        site may lack a class."""
+        split = self._multilabel_split(df) if self.task.type == "multilabel" else None
+        if split is not None:
+            return sorted({x for xs in split for x in xs})
+        return sorted({_as_str(v) for v in df[self.columns[0]].dropna()})
+
     def encode(self, df: pd.DataFrame) -> np.ndarray:
         """Binary/multiclass: class index per row (-1 where unlabeled). Multilabel: multi-hot (NaN row where unlabeled)."""
         if self.task.type == "multilabel":

@@ -39,6 +39,18 @@ def _category(v) -> str | None:
     return s or None
 
 
+def _finite(df: pd.DataFrame, col: str) -> np.ndarray:
+    """A numeric column's finite values (what the scaler statistics are computed on)."""
+    x = pd.to_numeric(df[col], errors="coerce").to_numpy(np.float64)
+    return x[np.isfinite(x)]
+
+
+def _patient_counts(df: pd.DataFrame, col: str, patients) -> Counter:
+    """How many patients have each value of a categorical column (a patient's repeats count once)."""
+    return Counter(s for _, s in {(p, s) for p, s in zip(patients, map(_category, df[col]), strict=True)
+                                  if s is not None})
+
+
 class TabularPreprocessor:
     def __init__(self, cfg: TabularConfig, mean=None, std=None, vocab=None):
         self.numeric, self.categorical = list(cfg.numeric), list(cfg.categorical)
@@ -65,16 +77,45 @@ class TabularPreprocessor:
         (`patients`: whose record each row is; default: each row its own patient)."""
         patients = range(len(df)) if patients is None else patients
         for i, c in enumerate(self.numeric):
-            x = pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64)
-            x = x[np.isfinite(x)]
+            x = _finite(df, c)
             self.mean[i] = float(x.mean()) if len(x) else 0.0
             self.std[i] = float(x.std()) if len(x) > 1 and x.std() > 0 else 1.0
         for c in self.categorical:
-            pairs = {(p, s) for p, s in zip(patients, map(_category, df[c]), strict=True) if s is not None}
-            counts = Counter(s for _, s in pairs)
+            counts = _patient_counts(df, c, patients)
             self.vocab[c] = sorted(v for v, n in counts.items() if n >= self.min_count)
         self._reindex()
         return self
+
+    def site_statistics(self, df: pd.DataFrame, patients=None) -> dict:
+        """What `fit` needs from one site's records, as counts that can leave the site (federated
+        training): per numeric column n, sum and sum of squares of the finite values, and per
+        categorical column the patient count of each value that already reaches min_category_count
+        patients at this site (a value rarer than that here never leaves it)."""
+        patients = range(len(df)) if patients is None else patients
+        numeric = {c: [len(x), float(x.sum()), float((x * x).sum())] for c in self.numeric for x in [_finite(df, c)]}
+        categories = {c: {v: n for v, n in sorted(_patient_counts(df, c, patients).items()) if n >= self.min_count}
+                      for c in self.categorical}
+        return {"numeric": numeric, "categorical": categories}
+
+    @classmethod
+    def from_site_statistics(cls, cfg: TabularConfig, sites: list[dict]) -> "TabularPreprocessor":
+        """The preprocessor `fit` would give on the sites' records pooled, from their site_statistics:
+        the same means and (population) spreads; the categories kept are those every site's counts
+        together reach min_category_count with, among the values each site let out."""
+        prep = cls(cfg)
+        for i, c in enumerate(prep.numeric):
+            n, s, ss = (sum(site["numeric"][c][k] for site in sites) for k in range(3))
+            mean = s / n if n else 0.0
+            var = max(ss / n - mean * mean, 0.0) if n else 0.0
+            prep.mean[i] = float(mean)
+            prep.std[i] = float(math.sqrt(var)) if n > 1 and var > 0 else 1.0
+        for c in prep.categorical:
+            counts = Counter()
+            for site in sites:
+                counts.update(site["categorical"][c])
+            prep.vocab[c] = sorted(v for v, n in counts.items() if n >= prep.min_count)
+        prep._reindex()
+        return prep
 
     def transform(self, row) -> dict[str, np.ndarray]:
         """One record → standardised numbers (0 where missing), missing flags, category indices."""

@@ -134,6 +134,19 @@ def _tokenizer_failures(error: type, what: str):
         raise error(f"{what} (the tokenizer crashed)") from None
 
 
+def _reports(texts: Iterable[str], cfg: TextConfig, patients: Optional[Iterable]) -> tuple:
+    """The non-empty reports, cleaned, with the tokenizer that splits them into words and the words kept
+    out of any vocabulary (_private_words). `patients`: whose report each is (default: its own)."""
+    from tokenizers import Tokenizer, models
+
+    tok = _bert_style(Tokenizer(models.WordPiece(unk_token="[UNK]")), cfg.lowercase)
+    texts = [clean(t, cfg.max_chars) for t in texts]
+    patients = range(len(texts)) if patients is None else list(patients)
+    kept = [(t, p) for t, p in zip(texts, patients, strict=True) if t]
+    texts = [t for t, _ in kept]
+    return tok, texts, _private_words(tok, texts, [p for _, p in kept], cfg.min_doc_freq, cfg.scrub)
+
+
 class TextPreprocessor:
     def __init__(self, tokenizer, max_length: int, max_chars: int = MAX_CHARS):
         self.tokenizer = tokenizer
@@ -151,21 +164,45 @@ class TextPreprocessor:
     def train(cls, texts: Iterable[str], cfg: TextConfig, patients: Optional[Iterable] = None) -> "TextPreprocessor":
         """A WordPiece vocabulary of these reports; `patients`: whose report each is (default: each report
         its own patient), what text.min_doc_freq counts."""
+        tok, texts, private = _reports(texts, cfg, patients)
+        vocab = _learn_wordpieces(tok, [_without(tok, t, private) for t in texts] or ["empty"], cfg.vocab_size)
+        return cls._of_pieces(vocab, private, cfg)
+
+    @classmethod
+    def _of_pieces(cls, vocab: list[str], private: set[str], cfg: TextConfig) -> "TextPreprocessor":
+        """The tokenizer of the learnt pieces, less `private` ones, renumbered in sorted order: the same
+        reports give the same ids, and so the same model."""
         from tokenizers import Tokenizer, models
 
-        tok = _bert_style(Tokenizer(models.WordPiece(unk_token="[UNK]")), cfg.lowercase)
-        texts = [clean(t, cfg.max_chars) for t in texts]
-        patients = range(len(texts)) if patients is None else list(patients)
-        kept = [(t, p) for t, p in zip(texts, patients, strict=True) if t]
-        texts, patients = [t for t, _ in kept], [p for _, p in kept]
-        private = _private_words(tok, texts, patients, cfg.min_doc_freq, cfg.scrub)
-        vocab = _learn_wordpieces(tok, [_without(tok, t, private) for t in texts] or ["empty"], cfg.vocab_size)
-        # Renumbered in sorted order: the same reports give the same ids, and so the same model.
         ordered = SPECIALS + sorted(t for t in vocab if t not in SPECIALS and t not in private)
         final = _bert_style(Tokenizer(models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")),
                             cfg.lowercase)
         final.add_special_tokens(SPECIALS)
         return cls(final, cfg.max_length, cfg.max_chars)
+
+    @staticmethod
+    def site_word_counts(texts: Iterable[str], cfg: TextConfig, patients: Optional[Iterable] = None) -> dict[str, int]:
+        """What `train` learns from, as counts that can leave a site (federated training): how often
+        each word occurs in these reports, normalised as the vocabulary sees it, without the words
+        `train` keeps out (fewer than text.min_doc_freq of this site's patients; with text.scrub,
+        identifiers and names). No report leaves the site, only these counts."""
+        tok, texts, private = _reports(texts, cfg, patients)
+        counts = Counter(w for t in texts for w in _words(tok, t) if w not in private)
+        return dict(sorted(counts.items()))
+
+    @classmethod
+    def from_word_counts(cls, counts: dict[str, int], cfg: TextConfig) -> "TextPreprocessor":
+        """The WordPiece vocabulary of word counts (several sites' site_word_counts, summed): the
+        trainer counts words, not reports, so these counts give it what the reports behind them would."""
+        from tokenizers import Tokenizer, models
+
+        def texts():  # each word repeated as often as it was counted, in strings of bounded length
+            for w, n in sorted(counts.items()):
+                for start in range(0, n, 1000):
+                    yield " ".join([w] * min(1000, n - start))
+
+        tok = _bert_style(Tokenizer(models.WordPiece(unk_token="[UNK]")), cfg.lowercase)
+        return cls._of_pieces(_learn_wordpieces(tok, list(texts()) or ["empty"], cfg.vocab_size), set(), cfg)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, cfg: TextConfig) -> "TextPreprocessor":
