@@ -1,14 +1,19 @@
 """Shared fixtures: a tiny synthetic cohort and one tiny trained model per test session."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# Feature caches and converted weights go to a throwaway folder, never the user's ~/.cache/mmdx.
-os.environ.setdefault("MMDX_CACHE", tempfile.mkdtemp(prefix="mmdx-test-cache-"))
+# Feature caches and converted weights go to a throwaway folder, never the user's ~/.cache/mmdx, and the
+# folder goes when the session ends.
+if "MMDX_CACHE" not in os.environ:
+    os.environ["MMDX_CACHE"] = tempfile.mkdtemp(prefix="mmdx-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MMDX_CACHE"], ignore_errors=True)
 
 from multimodal.runtime import tune_malloc  # noqa: E402
 
@@ -32,6 +37,18 @@ def shared(*parts) -> Path:
     if not p.exists():
         pytest.skip(f"../shared/data/{'/'.join(parts)} not present")
     return p
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module of Integrated Gradients passes (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    on 2 shared cores, intra-op threads that spin against other processes make them 10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -38,13 +38,7 @@ def data(tmp_path_factory):
     return make_cohort(tmp_path_factory.mktemp("attr_cohort"), n=300, seed=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: intra-op threads that spin against other processes make this 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixed_vocabulary(texts, cfg):

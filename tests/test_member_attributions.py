@@ -22,12 +22,7 @@ SPLIT_TOLERANCE = 1e-5
 integral, only summed in another order, so float32 rounding, relative to the largest attribution."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
