@@ -236,6 +236,7 @@ def cluster(address: Optional[str] = None, num_cpus: Optional[int] = None):
 
 
 _AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+_TOKEN: list[str] = []  # this process's token for the local clusters it starts (_contained)
 
 
 @contextlib.contextmanager
@@ -247,6 +248,8 @@ def _contained(ray):
       for this process and in the environment for the cluster's; `cluster` checks the address it got.
     - it authenticates its processes with a token that it generates into ~/.ray/auth_token; the cluster
       lives for one job, so its token is made here and reaches its processes through their environment.
+      One token per process: Ray keeps the first token it reads for the life of the process, so a later
+      cluster with a new one would refuse this process's calls (predict --engine ray after federate).
       Authentication settings of the user's own are left alone.
     - its session folder (logs, sockets, spilled blocks) would stay in /tmp/ray; it is a fresh temporary
       folder instead (→ yielded), removed with everything in it once the cluster has stopped."""
@@ -254,7 +257,8 @@ def _contained(ray):
 
     env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     if not any(v in os.environ for v in _AUTH):
-        env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        _TOKEN[:] = _TOKEN or [secrets.token_hex(32)]
+        env["RAY_AUTH_TOKEN"] = _TOKEN[0]
     saved, clusters = {k: os.environ.get(k) for k in (*env, *_AUTH)}, ray_constants.ENABLE_RAY_CLUSTER
     os.environ.update(env)
     ray_constants.ENABLE_RAY_CLUSTER = False

@@ -4,6 +4,7 @@ local Ray listens on loopback only, keeps usage stats off and writes nothing und
 import ipaddress
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -13,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from conftest import one_line_error, run_cli
+from conftest import REPO, one_line_error, run_cli
 from test_batch import model_dir  # noqa: F401  (a fixture: the tiny model, saved)
 
 ray = pytest.importorskip("ray")
@@ -140,6 +141,32 @@ def test_local_ray_listens_on_loopback_only_with_usage_stats_off(local_ray):
         return os.environ.get("RAY_USAGE_STATS_ENABLED"), os.environ.get("RAY_USAGE_STATS_PROMPT_ENABLED")
 
     assert ray.get(settings.remote()) == ("0", "0")  # what Ray's own processes were started with
+
+
+SECOND_CLUSTER = """
+import os, sys
+from multimodal import raydata
+def pid():
+    return os.getpid()
+
+pids = []
+for _ in range(2):
+    with raydata.cluster(num_cpus=1) as ray:
+        pids.append(ray.get(ray.remote(num_cpus=0)(pid).remote()))
+print(pids[0] != pids[1])
+"""
+
+
+def test_a_second_local_cluster_in_one_process_answers(tmp_path):
+    """Ray keeps the first auth token it reads for the life of the process: a later local cluster (predict
+    --engine ray after federate, in one session) must come up with the same one, or its calls are refused."""
+    env = {**os.environ, "HOME": str(tmp_path)}
+    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(k, None)
+    run = subprocess.run([sys.executable, "-c", SECOND_CLUSTER], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "True"
 
 
 def test_blocks_out_of_order_or_repeated_write_nothing(tmp_path):
