@@ -68,6 +68,20 @@ def difference(value: float, samples_a, samples_b) -> dict:
     return {"value": float(value), "ci95": ci95(d), "p_le_0": float((d <= 0).mean()) if len(d) else np.nan}
 
 
+def point_and_resamples(statistic: Callable[[np.ndarray], dict], n: int, n_boot: int, seed: int = 0,
+                        groups: Optional[Sequence] = None) -> tuple[dict, dict]:
+    """`statistic(idx) -> {key: value}` on all n rows and on each of `resamples`: → (point, {key: the
+    resamples' finite values}). A resample where a key is undefined (NaN) is skipped for that key
+    alone; ci95 of the values is its interval."""
+    point = statistic(np.arange(n))
+    boots: dict = {k: [] for k in point}
+    for idx in resamples(n, n_boot, seed, groups):
+        for k, v in statistic(idx).items():
+            if np.isfinite(v):
+                boots[k].append(v)
+    return point, boots
+
+
 def resamples(n: int, n_boot: int, seed: int = 0, groups: Optional[Sequence] = None) -> Iterator[np.ndarray]:
     """The row indices of `n_boot` seeded resamples (see resampler)."""
     draw, rng = resampler(n, groups), np.random.default_rng(seed)

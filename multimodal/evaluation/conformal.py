@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from multimodal.errors import UserError
-from multimodal.evaluation.bootstrap import ci95, resamples
+from multimodal.evaluation.bootstrap import ci95, point_and_resamples
 from multimodal.evaluation.metrics import prob_matrix
 
 JOIN = "|"  # between the class names of one prediction set; the empty set is ""
@@ -134,12 +134,7 @@ def set_metrics(y: np.ndarray, sets: np.ndarray, classes: Sequence[str], n_boot:
     share of empty sets, overall and within each true class, with 95% percentile CIs from the one
     bootstrap (patients resampled whole with `groups`). `state`: the fitted cuts (target, by_class)."""
     y = np.asarray(y).astype(int)
-    point = _point(y, sets)
-    boots = {k: [] for k in point}
-    for idx in resamples(len(y), n_boot, seed, groups):
-        for k, v in _point(y[idx], sets[idx]).items():
-            if np.isfinite(v):
-                boots[k].append(v)
+    point, boots = point_and_resamples(lambda idx: _point(y[idx], sets[idx]), len(y), n_boot, seed, groups)
 
     def stat(k):
         return {"value": float(point[k]), "ci95": ci95(boots[k])}

@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 
-from multimodal.evaluation.bootstrap import ci95, resamples, shifted_ci95
+from multimodal.evaluation.bootstrap import ci95, point_and_resamples, shifted_ci95
 from multimodal.evaluation.calibration import expected_calibration_error
 
 
@@ -74,12 +74,8 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, task: str, classes: list[s
     Y = onehot(np.asarray(y), task, P.shape[1])
     T = None if task == "multiclass" else cuts(thresholds, task, P.shape[1])
     per_row = T is not None and T.ndim == 2
-    point = point_metrics(Y, P, task, T)
-    boots = {k: [] for k in point}
-    for idx in resamples(len(Y), n_boot, seed, groups):
-        for k, v in point_metrics(Y[idx], P[idx], task, T[idx] if per_row else T).items():
-            if np.isfinite(v):
-                boots[k].append(v)
+    point, boots = point_and_resamples(lambda idx: point_metrics(Y[idx], P[idx], task, T[idx] if per_row else T),
+                                       len(Y), n_boot, seed, groups)
 
     def stat(k):
         interval = shifted_ci95(point[k], boots[k]) if k == "ece" else ci95(boots[k])

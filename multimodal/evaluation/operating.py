@@ -66,15 +66,11 @@ def at_threshold(y: np.ndarray, p: np.ndarray, t, n_boot: int = 1000, seed: int 
                  groups: np.ndarray | None = None) -> dict:
     """Sensitivity, specificity, PPV, NPV and F1 at the cut, with 95% percentile bootstrap CIs over
     patients (`groups`: resample patients, keeping their records together)."""
-    from multimodal.evaluation.bootstrap import ci95, resamples
+    from multimodal.evaluation.bootstrap import ci95, point_and_resamples
 
     t = np.asarray(t, dtype=float)  # or one cut per record (out-of-fold: each fold's own)
     per_row = t.ndim > 0
-    point = confusion_metrics(y, p, t)
-    boots = {k: [] for k in point}
-    for idx in resamples(len(y), n_boot, seed, groups):
-        for k, v in confusion_metrics(y[idx], p[idx], t[idx] if per_row else t).items():
-            if np.isfinite(v):
-                boots[k].append(v)
+    point, boots = point_and_resamples(lambda idx: confusion_metrics(y[idx], p[idx], t[idx] if per_row else t),
+                                       len(y), n_boot, seed, groups)
     shown = sorted(set(t.tolist())) if per_row else float(t)
     return {"threshold": shown} | {k: {"value": float(v), "ci95": ci95(boots[k])} for k, v in point.items()}
