@@ -90,22 +90,35 @@ def from_main(obj: Any) -> Any:
     import torch.distributed as dist
 
     data = json.dumps(obj).encode() if is_main() else b""
-    size = torch.tensor([len(data)], dtype=torch.long)
+    size = _wire(torch.tensor([len(data)], dtype=torch.long))
     dist.broadcast(size, src=0)
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if is_main() else torch.empty(int(size), dtype=torch.uint8)
+    n = int(size.item())
+    buf = _wire(torch.frombuffer(bytearray(data), dtype=torch.uint8) if is_main() else torch.empty(n, dtype=torch.uint8))
     dist.broadcast(buf, src=0)
-    return json.loads(bytes(buf.tolist()).decode())
+    return json.loads(bytes(buf.cpu().tolist()).decode())
 
 
 def total(n: int) -> int:
     """The sum of `n` over ranks."""
+    return int(summed(torch.tensor([n], dtype=torch.long)).item())
+
+
+def summed(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of `t` over ranks, returned on the CPU."""
     if not active():
-        return n
+        return t
     import torch.distributed as dist
 
-    t = torch.tensor([n], dtype=torch.long)
-    dist.all_reduce(t)
-    return int(t.item())
+    w = _wire(t.clone())
+    dist.all_reduce(w)
+    return w.cpu()
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """`t` where the process group's collectives can take it: NCCL moves CUDA tensors only, gloo CPU ones."""
+    import torch.distributed as dist
+
+    return t.to(torch.device("cuda", torch.cuda.current_device())) if dist.get_backend() == "nccl" else t
 
 
 def wrap(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
