@@ -145,6 +145,14 @@ class FusionConfig(_Strict):
     the joint network then trains with each modality's auxiliary head pulled towards that modality's
     network (mean squared difference of logits, times this weight), so every encoder learns what it
     would learn alone. 0: the joint network trains by itself."""
+    balance: Literal["none", "ogm_ge"] = "none"
+    """ogm_ge: on-the-fly gradient modulation (Peng et al. 2022) while the joint network trains: on each
+    batch, the encoders of modalities whose auxiliary head predicts the label better than the
+    modalities' mean are slowed, by 1 - tanh(balance_alpha x (their score / the mean - 1)), and
+    Gaussian noise of each weight gradient's own spread is added (generalisation enhancement). Needs
+    aux_weight > 0 (the heads that score each modality); a network of one modality trains without it."""
+    balance_alpha: float = Field(0.5, gt=0)
+    """How hard ogm_ge slows a modality that is ahead."""
 
     @model_validator(mode="after")
     def _heads(self):
@@ -286,6 +294,9 @@ class Config(_Strict):
         if self.fusion.teacher_weight > 0 and (self.fusion.strategy != "auto" or len(self.modalities) < 2):
             raise ValueError("fusion.teacher_weight needs fusion.strategy: auto and two or more modalities (the "
                              "per-modality networks it trains are the teachers)")
+        if self.fusion.balance != "none" and self.fusion.aux_weight <= 0:
+            raise ValueError("fusion.balance: ogm_ge needs fusion.aux_weight > 0: each modality's own head is what "
+                             "scores it")
         keys = {self.data.id, self.data.group} - {None}
         clash = sorted(keys & set(self.columns()) | keys & set(self.label_columns()))
         if clash:

@@ -23,6 +23,7 @@ from multimodal.evaluation.metrics import onehot, point_metrics, prob_matrix
 from multimodal.data.preprocess import Preprocessing
 from multimodal.progress import bar as progress_bar
 from multimodal.progress import say
+from multimodal.training.balance import GradientModulation
 from multimodal.data.records import Records
 from multimodal.data.splits import labelled
 
@@ -252,7 +253,7 @@ def datasets(net, prep: Preprocessing, cfg: Config, train: tuple, val: tuple, ma
 
 class Stepper:
     """One optimisation step at a time: AdamW over the parameter groups, warmup + cosine, gradient
-    clipping, AMP loss scaling, the auxiliary and uni-modal teacher terms."""
+    clipping, AMP loss scaling, the auxiliary and uni-modal teacher terms, gradient modulation."""
 
     def __init__(self, net, cfg: Config, device: torch.device, amp, loss_fn: Loss, total_steps: int,
                  teachers: Optional[dict] = None):
@@ -267,6 +268,9 @@ class Stepper:
         self.step_net = distributed.wrap(net, device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(total_steps, tc.warmup))
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        self.balance = None
+        if cfg.fusion.balance == "ogm_ge" and len(getattr(net, "encoders", {})) > 1:
+            self.balance = GradientModulation(net, cfg.fusion.balance_alpha, cfg.task.type, tc.seed)
 
     def epoch(self, batches, bad_rows: dict) -> tuple[int, float]:
         """One pass over `batches`; failed rows go to `bad_rows`. → (patients seen, summed loss)."""
@@ -307,6 +311,8 @@ class Stepper:
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
+        if self.balance is not None:
+            self.balance.scale(aux, b["y"])
         torch.nn.utils.clip_grad_norm_(self.trainable, cfg.train.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
