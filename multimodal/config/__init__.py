@@ -150,7 +150,8 @@ class FusionConfig(_Strict):
     batch, the encoders of modalities whose auxiliary head predicts the label better than the
     modalities' mean are slowed, by 1 - tanh(balance_alpha x (their score / the mean - 1)), and
     Gaussian noise of each weight gradient's own spread is added (generalisation enhancement). Needs
-    aux_weight > 0 (the heads that score each modality); a network of one modality trains without it."""
+    aux_weight > 0 (the heads that score each modality); a network of one modality trains without it, and
+    a fully frozen encoder has no gradients to slow."""
     balance_alpha: float = Field(0.5, gt=0)
     """How hard ogm_ge slows a modality that is ahead."""
 
