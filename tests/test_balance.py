@@ -122,13 +122,18 @@ def test_ogm_ge_needs_the_auxiliary_heads():
 
 RANKS = """
 import json, sys, torch
+import torch.distributed as dist
+from pathlib import Path
 from multimodal import distributed
 from multimodal.training.balance import GradientModulation
 sys.path.insert(0, sys.argv[1])
 from test_balance import _Net, _aux, _batch
 distributed.init(torch.device("cpu"))
 aux, y = _batch(distributed.rank())
-print(json.dumps(GradientModulation(_Net(), 1.0, "binary", 0).coefficients(aux, y)))
+k = GradientModulation(_Net(), 1.0, "binary", 0).coefficients(aux, y)
+Path(sys.argv[2], f"rank{distributed.rank()}.json").write_text(json.dumps(k))
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
@@ -154,10 +159,10 @@ def test_ranks_agree_on_the_coefficients_of_the_whole_batch(tmp_path):
 
     (tmp_path / "ranks.py").write_text(RANKS)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(tmp_path / "ranks.py"), str(Path(__file__).parent)],
+                        str(tmp_path / "ranks.py"), str(Path(__file__).parent), str(tmp_path)],
                        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    per_rank = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    per_rank = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     (a0, y0), (a1, y1) = _batch(0), _batch(1)
     whole = {m: (torch.cat([a0[m][0], a1[m][0]]), torch.cat([a0[m][1], a1[m][1]])) for m in a0}
     expected = GradientModulation(_Net(), 1.0, "binary", 0).coefficients(whole, torch.cat([y0, y1]))
