@@ -13,8 +13,8 @@ gradients are multiplied by
 so a modality ahead of the others learns more slowly, by more the further ahead. The ratio to the
 mean of all modalities, and the "- 1" that makes k continuous at the mean, generalise the paper's two-
 modality ratio to three. Generalisation enhancement then adds Gaussian noise, with the standard
-deviation of each weight matrix's own gradient, to every modulated encoder weight gradient, as the
-authors' code does, to restore the gradient noise that the scaling took away.
+deviation of each weight matrix's own gradient, to the weight gradients of every encoder (slowed or
+not), as the authors' code does, to restore the gradient noise that the scaling took away.
 
 Under torchrun the scores are summed over ranks before the coefficients are taken, and the noise comes
 from a generator seeded by train.seed, so every rank applies the same update.
@@ -27,13 +27,12 @@ from multimodal import distributed
 
 
 class GradientModulation:
-    """`scale(aux, y)` after backward (and AMP unscaling), before clipping; `coefficients` for tests."""
+    """`scale(aux, y)` after backward (and AMP unscaling), before clipping."""
 
     def __init__(self, net, alpha: float, task: str, seed: int, noise: bool = True):
         self.alpha, self.task, self.noise = alpha, task, noise
         self.params = {m: [p for p in enc.parameters() if p.requires_grad] for m, enc in net.encoders.items()}
         self.generator = torch.Generator(device=next(net.parameters()).device).manual_seed(seed)
-        self.last: dict[str, float] = {}
 
     def true_class_prob(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[n] the probability each record's head gives its true label (multilabel: mean over labels)."""
@@ -65,8 +64,8 @@ class GradientModulation:
     @torch.no_grad()
     def scale(self, aux: dict, y: torch.Tensor) -> dict[str, float]:
         """Multiply each modality's encoder gradients by its k_m, add the GE noise; → the coefficients."""
-        self.last = self.coefficients(aux, y)
-        for m, k in self.last.items():
+        coefficients = self.coefficients(aux, y)
+        for m, k in coefficients.items():
             for p in self.params.get(m, []):
                 if p.grad is None:
                     continue
@@ -75,4 +74,4 @@ class GradientModulation:
                 if std is not None and torch.isfinite(std):
                     noise = torch.randn(p.grad.shape, generator=self.generator, device=p.grad.device)
                     p.grad.add_(noise.to(p.grad.dtype) * std.to(p.grad.dtype))
-        return self.last
+        return coefficients
