@@ -161,7 +161,7 @@ def test_a_second_local_cluster_in_one_process_answers(tmp_path):
     """Ray keeps the first auth token it reads for the life of the process: a later local cluster (predict
     --engine ray after federate, in one session) must come up with the same one, or its calls are refused."""
     env = {**os.environ, "HOME": str(tmp_path)}
-    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+    for k in raydata._AUTH:
         env.pop(k, None)
     run = subprocess.run([sys.executable, "-c", SECOND_CLUSTER], capture_output=True, text=True, env=env,
                          cwd=REPO, timeout=300)
